@@ -1,0 +1,107 @@
+"""The method contract: one adapter of one method on one layer, peft-free and testable on bare tensors.
+
+A method supplies a `MethodAdapter` subclass (its tensors and math) and a config class; the generic peft bridge
+(`bridge.py`) does the rest: injection, named adapters, merge/unmerge, save/load.
+
+Conventions every method follows (design.md §4):
+    * trainable tensors are `nn.Parameter`s kept in fp32; frozen tensors are buffers (persistent unless shared);
+    * `delta_weight()` is the single primitive behind merge, unmerge, export and inspect;
+    * at init the layer output equals the base output.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .geometry import LayerGeometry, forward_with_weight
+
+
+class FrozenBase:
+    """The frozen base layer as an adapter sees it: its output, its weight, and its forward with a delta added.
+
+    Args:
+        module: the base layer (nn.Linear, nn.ConvNd, transformers Conv1D or a bnb quantized Linear).
+        geometry: its geometry (`LayerGeometry.of(module)`).
+        quantization_backend: peft's backend for quantized bases (dequantizes the weight), or None.
+    """
+
+    def __init__(self, module: nn.Module, geometry: LayerGeometry | None = None, quantization_backend: Any = None):
+        self.module = module
+        self.geometry = geometry or LayerGeometry.of(module)
+        self.quantization_backend = quantization_backend
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self.module(x, *args, **kwargs)
+
+    def weight(self) -> Tensor:
+        """The base weight in normalized layout `(out, in/groups, *kernel)`, dequantized if needed."""
+        if self.quantization_backend is not None:
+            return self.quantization_backend.get_base_weight(self.module)
+        return self.geometry.from_storage(self.module.weight)
+
+    def forward_with_delta(self, x: Tensor, delta: Tensor) -> Tensor:
+        """Output of the layer with weight W + delta: one op on the merged weight, or base + delta op if quantized."""
+        if self.geometry.quantized:
+            return self(x) + self.geometry.apply(x, delta.to(x.dtype))
+        weight = self.weight()
+        return forward_with_weight(self.module, self.geometry, x, weight + delta.to(weight.dtype))
+
+
+class MethodAdapter(nn.Module):
+    """Base class of a method's per-layer adapter.
+
+    Subclasses implement `create`, `record` and `delta_weight`, and override `forward` / `delta_forward` with the
+    efficient form of their spec.
+
+    Class attributes:
+        supported_kinds: geometry kinds the method adapts ("linear", "conv1d", "conv2d", "conv3d").
+        expensive_init: the init runs a decomposition (an SVD); the bridge shows a progress bar over layers.
+    """
+
+    supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "conv2d", "conv3d")
+    expensive_init: ClassVar[bool] = False
+
+    def __init__(self, geometry: LayerGeometry) -> None:
+        super().__init__()
+        self.geometry = geometry
+
+    @classmethod
+    def create(
+        cls, geometry: LayerGeometry, config: Any, weight: Tensor | None, record: dict | None, name: str = ""
+    ) -> MethodAdapter:
+        """Build the adapter for one layer.
+
+        Args:
+            geometry: the wrapped layer's geometry.
+            config: the method's config.
+            weight: the base weight in normalized layout (any dtype, dequantized), or None when the tensors will be
+                loaded from a checkpoint or live on the meta device: then build from `record` with zero tensors and
+                run no decomposition.
+            record: this layer's saved decisions (`record()` of an earlier run), or None on a fresh init.
+            name: the module's name, for error messages and per-module options.
+        """
+        raise NotImplementedError(f"{cls.__name__} must implement create()")
+
+    def record(self) -> dict:
+        """JSON-serializable per-layer decisions (ranks, shapes, seeds) that `create` needs without `weight`."""
+        return {}
+
+    def delta_weight(self) -> Tensor:
+        """ΔW in normalized layout `(out, in/groups, *kernel)`, fp32, differentiable in the trainables."""
+        raise NotImplementedError(f"{type(self).__name__} must implement delta_weight()")
+
+    def delta_forward(self, x: Tensor, base: FrozenBase) -> Tensor:
+        """The adapter's additive output term, `op(x, ΔW)`; used when several adapters are active."""
+        return self.geometry.apply(x, self.delta_weight().to(x.dtype))
+
+    def forward(self, x: Tensor, base: FrozenBase) -> Tensor:
+        """Full layer output `op(x, W + ΔW) (+ bias)`; the default adds the delta term to the base output."""
+        return base(x) + self.delta_forward(x, base)
+
+
+def zeros_like_shape(shape: tuple[int, ...], device: torch.device | str | None = None) -> Tensor:
+    """fp32 zeros used for tensors that a checkpoint will overwrite (never uninitialized memory)."""
+    return torch.zeros(shape, dtype=torch.float32, device=device)

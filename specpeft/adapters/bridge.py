@@ -1,0 +1,211 @@
+"""The generic peft bridge: one BaseTunerLayer and one BaseTuner that any `MethodAdapter` plugs into.
+
+peft supplies target matching, named adapters, set/disable/delete, merge_and_unload, modules_to_save and the
+file format; this module adapts a method's math to it once. Merge, unmerge and safe-merge live here, written
+once from `delta_weight`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .._peft_compat import (
+    BaseTuner,
+    BaseTunerLayer,
+    check_adapters_to_merge,
+    gather_params_ctx,
+    resolve_quantization_backend,
+)
+from .base import FrozenBase, MethodAdapter
+from .config import SpecPeftConfig
+from .geometry import LayerGeometry
+
+
+class AdapterLayer(nn.Module, BaseTunerLayer):
+    """A base layer wrapped with named adapters of one method (`adapter_cls`), stored in `<prefix>adapter`."""
+
+    adapter_cls: ClassVar[type[MethodAdapter]]
+    container: ClassVar[str]
+    adapter_layer_names: ClassVar[tuple[str, ...]] = ()
+    other_param_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SpecPeftConfig, key: str = "") -> None:
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        self.key = key
+        self.geometry = LayerGeometry.of(base_layer, key)
+        self.quantization_backend = resolve_quantization_backend(base_layer)
+        self.frozen_base = FrozenBase(base_layer, self.geometry, self.quantization_backend)
+        self.in_features, self.out_features = self.geometry.in_features, self.geometry.out_features
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        setattr(self, self.container, nn.ModuleDict())
+        self.update_layer(adapter_name, config)
+
+    @property
+    def adapters(self) -> nn.ModuleDict:
+        return getattr(self, self.container)
+
+    def update_layer(self, adapter_name: str, config: SpecPeftConfig) -> None:
+        """Create adapter `adapter_name` from the base weight, or from the saved record when loading."""
+        if self.geometry.kind not in self.adapter_cls.supported_kinds:
+            raise TypeError(
+                f"{type(config).__name__} does not support {self.geometry.kind} layers, but target '{self.key}' is "
+                f"one ({type(self.base_layer).__name__}). Supported: {', '.join(self.adapter_cls.supported_kinds)}. "
+                "Exclude it with `exclude_modules`."
+            )
+        record = config.layer_records.get(self.key)
+        base_weight = getattr(self.base_layer, "weight", None)
+        on_meta = base_weight is not None and base_weight.device.type == "meta"
+        weight = None
+        ctx = contextlib.nullcontext() if base_weight is None else gather_params_ctx(base_weight)
+        with ctx:
+            if not (getattr(config, "_loading_checkpoint", False) or on_meta):
+                weight = self.frozen_base.weight()
+            adapter = self.adapter_cls.create(self.geometry, config, weight, record, name=self.key)
+        layer_record = adapter.record()
+        if layer_record:
+            config.layer_records[self.key] = layer_record
+        if base_weight is not None and not on_meta:
+            adapter.to(base_weight.device)  # device only: trainables stay fp32 whatever the base dtype
+        self.adapters[adapter_name] = adapter
+        self.set_adapter(self.active_adapters)
+
+    # -- forward ------------------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.adapters]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        if len(active) == 1:
+            return self.adapters[active[0]](x, self.frozen_base)
+        out = self.base_layer(x, *args, **kwargs)
+        for name in active:
+            out = out + self.adapters[name].delta_forward(x, self.frozen_base)
+        return out
+
+    # -- merge --------------------------------------------------------------------------------------------------
+
+    def get_delta_weight(self, adapter_name: str) -> Tensor:
+        """ΔW of one adapter in the base layer's stored layout (fp32)."""
+        return self.geometry.to_storage(self.adapters[adapter_name].delta_weight())
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """W ← W + ΔW for each adapter (fp32 arithmetic, cast back); `safe_merge` raises on NaN/Inf first."""
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.adapters:
+                continue
+            with torch.no_grad():
+                weight = self.get_base_weight()
+                merged = (weight.float() + self.get_delta_weight(name).to(weight.device)).to(weight.dtype)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(
+                        f"NaN or Inf in the merged weight of layer '{self.key}' for adapter '{name}'; the adapter "
+                        "is broken (check the learning rate). Nothing was merged into this layer."
+                    )
+                self.set_base_weight(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """W ← W − ΔW for the merged adapters, last merged first."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.adapters:
+                continue
+            with torch.no_grad():
+                weight = self.get_base_weight()
+                delta = self.get_delta_weight(name).to(weight.device)
+                self.set_base_weight((weight.float() - delta).to(weight.dtype))
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return self.geometry.kind == "linear"
+
+    def extra_repr(self) -> str:
+        return f"method={self.container.removesuffix('_adapter')}, geometry={self.geometry.kind}{self.geometry.weight_shape}"
+
+
+class AdapterModel(BaseTuner):
+    """peft tuner for one specpeft method; a subclass per method is made by `make_tuner`."""
+
+    prefix: str
+    tuner_layer_cls: type[AdapterLayer]
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: SpecPeftConfig, model_config: dict) -> SpecPeftConfig:
+        if peft_config.target_modules is None:
+            raise ValueError(
+                f"{type(peft_config).__name__}.target_modules is not set. Name the layers to adapt, e.g. "
+                "target_modules='all-linear' or target_modules=['q_proj', 'v_proj']."
+            )
+        return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """peft's injection, on a private copy of the config so the user's object never changes.
+
+        The copy receives the per-layer records; it is what `save_pretrained` writes.
+        """
+        config = copy.deepcopy(self.peft_config[adapter_name])
+        self.peft_config[adapter_name] = config
+        if self.prefix.rstrip("_") in adapter_name:
+            raise ValueError(
+                f"Adapter name '{adapter_name}' contains the method prefix '{self.prefix}', which peft uses to find "
+                "adapter keys in checkpoints. Choose another name."
+            )
+        loading = getattr(config, "_loading_checkpoint", False)
+        show = self.tuner_layer_cls.adapter_cls.expensive_init and not loading
+        self._progress = tqdm(desc=f"{type(config).__name__} init", unit="layer", disable=not show, leave=False)
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            self._progress.close()
+            # Loading is finished; adapters later built from this config initialize normally.
+            config._loading_checkpoint = False
+
+    def _create_and_replace(
+        self,
+        peft_config: SpecPeftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        if isinstance(target, AdapterLayer):
+            target.update_layer(adapter_name, peft_config)
+        else:
+            new_module = self.tuner_layer_cls(target, adapter_name, peft_config, key=current_key)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)  # an added, inactive adapter is not trained
+            self._replace_module(parent, target_name, new_module, target)
+        self._progress.update(1)
+
+
+def make_tuner(name: str, adapter_cls: type[MethodAdapter]) -> type[AdapterModel]:
+    """The peft tuner class (and its layer class) for method `name`, e.g. "svfit" → prefix "svfit_"."""
+    prefix = f"{name}_"
+    container = f"{prefix}adapter"
+    camel = "".join(part.capitalize() for part in name.split("_"))
+    layer_cls = type(
+        f"{camel}Layer",
+        (AdapterLayer,),
+        {"adapter_cls": adapter_cls, "container": container, "adapter_layer_names": (container,),
+         "__module__": adapter_cls.__module__},
+    )
+    return type(
+        f"{camel}Model",
+        (AdapterModel,),
+        {"prefix": prefix, "tuner_layer_cls": layer_cls, "__module__": adapter_cls.__module__},
+    )

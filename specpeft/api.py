@@ -1,0 +1,100 @@
+"""Public entry points: wrap a model with an adapter, load a saved adapter, read a config file."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from typing import Any, Union
+
+from torch import nn
+
+from ._peft_compat import PeftModel, get_peft_model
+from .adapters.config import CONFIG_NAME
+from .registry import get_method
+
+ConfigLike = Union[Any, str, os.PathLike]
+
+
+def load_config(path: str | os.PathLike) -> Any:
+    """Read an adapter config from an `adapter_config.json` file or the directory holding one."""
+    path = os.fspath(path)
+    file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"No adapter config at '{path}': pass an adapter_config.json or its directory.")
+    with open(file) as fh:
+        peft_type = json.load(fh).get("peft_type")
+    if peft_type is None:
+        raise ValueError(f"{file} has no 'peft_type' key; it is not a peft/specpeft adapter config.")
+    return get_method(peft_type).config_cls.from_json_file(file)
+
+
+def get_adapter_model(model: nn.Module, config: ConfigLike, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+    """Wrap `model` with a new, trainable adapter.
+
+    Args:
+        model: any torch / transformers model.
+        config: a specpeft config (e.g. `SVFitConfig(target_modules="all-linear")`), or the path of an
+            `adapter_config.json` (or its directory) to train a fresh adapter with saved settings.
+        adapter_name: name of the adapter inside the model.
+        **kwargs: forwarded to `peft.get_peft_model` (e.g. `low_cpu_mem_usage`).
+
+    Returns:
+        A `peft.PeftModel`: `print_trainable_parameters`, `save_pretrained`, `set_adapter`, `disable_adapter()`,
+        `merge_and_unload`, ... all work as for LoRA.
+    """
+    if isinstance(config, (str, os.PathLike)):
+        config = load_config(config)
+    spec = get_method(config)
+    if spec.builder is not None:
+        return spec.builder(model, config, adapter_name, **kwargs)
+    try:
+        return get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    except ValueError as exc:
+        if "not found in the base model" in str(exc) or "No modules were targeted" in str(exc):
+            raise ValueError(_no_match_message(model, config)) from exc
+        raise
+
+
+def load_adapter_model(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
+) -> PeftModel:
+    """Load an adapter saved by `save_pretrained` onto `model` (a fresh copy of the base model).
+
+    No initializer (SVD, KPSVD) runs: layer shapes come from the saved config, tensors from the checkpoint.
+
+    Args:
+        model: the base model the adapter was trained on.
+        path: the adapter directory (adapter_config.json + adapter_model.safetensors).
+        adapter_name: name to give the adapter.
+        is_trainable: keep training it (otherwise the adapter is frozen for inference).
+        **kwargs: forwarded to `peft.PeftModel.from_pretrained`.
+    """
+    path = os.fspath(path)
+    spec = get_method(load_config(path).peft_type)
+    if spec.builder is not None and hasattr(spec.config_cls, "load_model"):
+        return spec.config_cls.load_model(model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+    try:
+        return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+    except RuntimeError as exc:
+        if "size mismatch" in str(exc):
+            raise RuntimeError(
+                f"The adapter in '{path}' does not fit this model: {exc}\nLoad it onto the base model (and config) "
+                "it was trained on."
+            ) from exc
+        raise
+
+
+def _no_match_message(model: nn.Module, config: Any) -> str:
+    targets = config.target_modules
+    wanted = [targets] if isinstance(targets, str) else list(targets or [])
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
+    hints = sorted({m for t in wanted for m in difflib.get_close_matches(t.rsplit(".", 1)[-1], leaf_names, n=3)})
+    supported = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
+    )
+    text = f"{type(config).__name__}.target_modules={targets!r} matched no module of {type(model).__name__}."
+    if hints:
+        text += f" Close module names: {', '.join(hints)}."
+    text += f" Adaptable layers here are named: {', '.join(supported[:20]) or '(none)'}."
+    return text + " Fix target_modules (names, suffixes, a regex, or 'all-linear')."

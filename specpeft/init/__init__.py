@@ -1,0 +1,1 @@
+"""Initializers: truncated/randomized SVD, Kronecker (KPSVD) and Tucker decompositions."""
