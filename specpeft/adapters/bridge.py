@@ -69,9 +69,8 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
             if not (getattr(config, "_loading_checkpoint", False) or on_meta):
                 weight = self.frozen_base.weight()
             adapter = self.adapter_cls.create(self.geometry, config, weight, record, name=self.key)
-        layer_record = adapter.record()
-        if layer_record:
-            config.layer_records[self.key] = layer_record
+        # The geometry rides along so exporters can rebuild ΔW from the files alone (merge/state_dict.py).
+        config.layer_records[self.key] = {**adapter.record(), "layer": self.geometry.to_record()}
         if base_weight is not None and not on_meta:
             adapter.to(base_weight.device)  # device only: trainables stay fp32 whatever the base dtype
         self.adapters[adapter_name] = adapter

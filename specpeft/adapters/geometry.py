@@ -91,6 +91,14 @@ class LayerGeometry:
         """The base layer's stored layout → normalized layout."""
         return weight.T if self.fan_in_fan_out else weight
 
+    def to_record(self) -> dict:
+        """JSON form, saved with each layer's record so exporters rebuild ΔW without the model."""
+        return {f: (list(v) if isinstance(v, tuple) else v) for f, v in self.__dict__.items()}
+
+    @classmethod
+    def from_record(cls, record: dict) -> LayerGeometry:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
+
     @classmethod
     def of(cls, base: nn.Module, name: str = "") -> LayerGeometry:
         """Geometry of a supported base layer; raises naming the module and the supported types otherwise."""
