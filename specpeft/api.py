@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
@@ -46,6 +47,9 @@ def get_adapter_model(model: nn.Module, config: ConfigLike, adapter_name: str = 
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
     spec = get_method(config)
+    if getattr(config, "_loading_checkpoint", False):
+        config = copy.copy(config)  # a config read for loading: here it seeds a fresh, initialized adapter
+        config._loading_checkpoint = False
     if spec.builder is not None:
         return spec.builder(model, config, adapter_name, **kwargs)
     try:

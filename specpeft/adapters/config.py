@@ -102,7 +102,12 @@ class SpecPeftConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
-        """Read `adapter_config.json` from a local directory (also used by `PeftModel.from_pretrained`)."""
+        """Read `adapter_config.json` from a local directory (also used by `PeftModel.from_pretrained`).
+
+        The result describes a saved checkpoint: adapters injected from it skip their initializer (the checkpoint
+        supplies the tensors). `get_adapter_model` lifts that mark and initializes normally; to add a fresh adapter
+        with `PeftModel.add_adapter`, read the settings with `from_json_file` instead.
+        """
         path = pretrained_model_name_or_path if subfolder is None else os.path.join(pretrained_model_name_or_path, subfolder)
         config_file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(config_file):

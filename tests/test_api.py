@@ -1,0 +1,232 @@
+"""Public API behaviour: config files, errors that name the problem, third-party methods, Trainer integration."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import specpeft
+from adapter_matrix import MLP, MODEL_CASES
+from specpeft import FrozenBase, LayerGeometry, MethodAdapter, SpecPeftConfig, SVFitConfig
+
+
+def _mlp() -> nn.Module:
+    return MODEL_CASES["mlp"].model()
+
+
+def test_list_methods_includes_svfit() -> None:
+    assert "svfit" in specpeft.list_methods()
+    assert "svfit" in specpeft.list_methods(details=True)
+
+
+def test_config_json_round_trip_and_path_input(tmp_path) -> None:
+    config = SVFitConfig(target_modules=["lin0"], r=3, svd=specpeft.SVDInit(kind="randomized", niter=2))
+    config.save_pretrained(tmp_path)
+    loaded = SVFitConfig.from_pretrained(tmp_path)
+    assert loaded.svd == config.svd and loaded.r == 3 and loaded.peft_type == "SVFIT"
+    from_file = SVFitConfig.from_json_file(os.path.join(tmp_path, "adapter_config.json"))
+    assert from_file.target_modules == ["lin0"]
+    model = specpeft.get_adapter_model(_mlp(), os.path.join(tmp_path, "adapter_config.json"))
+    assert model.base_model.model.lin0.svfit_adapter["default"].rank == 3
+    # from_pretrained marks a config as describing a checkpoint; get_adapter_model still trains a fresh adapter
+    fresh = specpeft.get_adapter_model(_mlp(), loaded).base_model.model.lin0.svfit_adapter["default"]
+    assert fresh.U.abs().sum() > 0 and fresh.rank == 3
+    assert config.layer_records == {}, "get_adapter_model must not write into the user's config"
+
+
+def test_user_config_is_never_mutated() -> None:
+    config = SVFitConfig(target_modules=["lin0", "lin1"])
+    before = copy.deepcopy(config.__dict__)
+    model = specpeft.get_adapter_model(_mlp(), config)
+    model.add_adapter("second", config)
+    assert config.__dict__ == before
+    saved = model.peft_config["default"].layer_records
+    assert set(saved) == {"lin0", "lin1"} and all("r" in rec and "layer" in rec for rec in saved.values())
+
+
+def test_unknown_json_key_warns_and_wrong_type_fails(tmp_path) -> None:
+    config = SVFitConfig(target_modules=["lin0"])
+    config.save_pretrained(tmp_path)
+    path = os.path.join(tmp_path, "adapter_config.json")
+    data = json.load(open(path))
+    data["option_from_the_future"] = 1
+    json.dump(data, open(path, "w"))
+    with pytest.warns(UserWarning, match="option_from_the_future"):
+        SVFitConfig.from_json_file(path)
+    data["energy_threshold"] = "high"
+    json.dump(data, open(path, "w"))
+    with pytest.raises(TypeError, match="energy_threshold"):
+        SVFitConfig.from_json_file(path)
+
+
+def test_unknown_option_in_constructor_names_it() -> None:
+    with pytest.raises(TypeError, match="rank_threshold"):
+        SVFitConfig(target_modules=["lin0"], rank_threshold=0.9)
+
+
+def test_target_matching_nothing_lists_close_names() -> None:
+    with pytest.raises(ValueError, match=r"lin0.*Fix target_modules"):
+        specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin_0"]))
+
+
+def test_missing_targets_explains_fix() -> None:
+    with pytest.raises(ValueError, match="target_modules is not set"):
+        specpeft.get_adapter_model(_mlp(), SVFitConfig())
+
+
+def test_unsupported_layer_type_names_module() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="Module '0' is a Embedding"):
+        specpeft.get_adapter_model(model, SVFitConfig(target_modules=["0"]))
+
+
+def test_adapter_name_with_prefix_is_rejected() -> None:
+    with pytest.raises(ValueError, match="contains the method prefix"):
+        specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"]), adapter_name="svfit_run")
+
+
+def test_wrong_shaped_checkpoint_names_key(tmp_path) -> None:
+    model = specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"], r=4))
+    model.save_pretrained(tmp_path)
+    path = os.path.join(tmp_path, "adapter_config.json")
+    data = json.load(open(path))
+    data["layer_records"]["lin0"]["r"] = 5  # config and tensors disagree, as with a file for another model
+    json.dump(data, open(path, "w"))
+    with pytest.raises(RuntimeError, match=r"(?s)does not fit this model.*lin0\.svfit_adapter\.default\.s"):
+        specpeft.load_adapter_model(_mlp(), tmp_path)
+
+
+def test_safe_merge_raises_on_nan() -> None:
+    model = specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"]))
+    with torch.no_grad():
+        model.base_model.model.lin0.svfit_adapter["default"].s[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf.*lin0"):
+        model.merge_and_unload(safe_merge=True)
+
+
+def test_saved_layout_is_peft_layout(tmp_path) -> None:
+    from safetensors import safe_open
+
+    model = specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"], r=4))
+    model.save_pretrained(tmp_path)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path))
+    with safe_open(os.path.join(tmp_path, "adapter_model.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+    assert keys == {f"base_model.model.lin0.svfit_adapter.{t}" for t in ("U", "V", "sigma0", "s")}
+
+
+def test_stock_peft_loads_in_fresh_process(tmp_path) -> None:
+    """A new interpreter: `import specpeft` then plain `peft.PeftModel.from_pretrained` reproduces the outputs."""
+    model = specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0", "lin1"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(1.3)
+    x = MODEL_CASES["mlp"].inputs()["x"]
+    torch.save(model(x).detach(), tmp_path / "expected.pt")
+    model.save_pretrained(tmp_path / "adapter")
+    script = f"""
+import sys, torch
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+import specpeft
+from peft import PeftModel
+from adapter_matrix import MODEL_CASES
+case = MODEL_CASES["mlp"]
+model = PeftModel.from_pretrained(case.model(), {str(tmp_path / "adapter")!r})
+assert torch.equal(model(case.inputs()["x"]), torch.load({str(tmp_path / "expected.pt")!r})), "outputs differ"
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+# -- a third-party method through register_method ----------------------------------------------------------------
+
+
+@dataclass
+class RowScaleConfig(SpecPeftConfig):
+    """Toy method: ΔW = diag(g) W, g trainable and zero at init."""
+
+    METHOD = "ROWSCALE"
+
+
+class RowScaleAdapter(MethodAdapter):
+    supported_kinds = ("linear",)
+
+    def __init__(self, geometry: LayerGeometry, weight: Tensor) -> None:
+        super().__init__(geometry)
+        self.register_buffer("w0", weight.float().clone())
+        self.g = nn.Parameter(torch.zeros(geometry.out_features))
+
+    @classmethod
+    def create(cls, geometry, config, weight, record, name=""):
+        return cls(geometry, weight if weight is not None else torch.zeros(geometry.weight_shape))
+
+    def delta_weight(self) -> Tensor:
+        return self.g[:, None] * self.w0  # (out, 1) * (out, in)
+
+
+def test_register_third_party_method(tmp_path) -> None:
+    if "rowscale" not in specpeft.list_methods():
+        specpeft.register_method("rowscale", RowScaleConfig, RowScaleAdapter, description="toy")
+    with pytest.raises(ValueError, match="already registered"):
+        specpeft.register_method("rowscale", RowScaleConfig, RowScaleAdapter)
+    with pytest.raises(ValueError, match="clashes with peft"):
+        specpeft.register_method("lora", RowScaleConfig, RowScaleAdapter)
+    model = specpeft.get_adapter_model(_mlp(), RowScaleConfig(target_modules=["lin0", "lin1"]))
+    x = MODEL_CASES["mlp"].inputs()["x"]
+    torch.testing.assert_close(model(x), _mlp()(x), atol=0, rtol=0)
+    with torch.no_grad():
+        model.base_model.model.lin0.rowscale_adapter["default"].g.fill_(0.5)
+    expected = model(x)
+    ref = _mlp()
+    with torch.no_grad():
+        ref.lin0.weight.mul_(1.5)
+    torch.testing.assert_close(expected, ref(x), atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = specpeft.load_adapter_model(_mlp(), tmp_path)
+    torch.testing.assert_close(reloaded(x), expected, atol=0, rtol=0)
+
+
+def test_frozen_base_forward_with_delta_matches_dense() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
+    delta = torch.randn_like(conv.weight) * 0.1
+    x = torch.randn(2, 4, 9, 9)
+    expected = nn.functional.conv2d(x, conv.weight + delta, conv.bias, 2, 1, 1, 2)
+    torch.testing.assert_close(FrozenBase(conv).forward_with_delta(x, delta), expected, atol=1e-5, rtol=1e-5)
+
+
+# -- transformers.Trainer --------------------------------------------------------------------------------------
+
+
+def test_trainer_lowers_loss_with_svfit(tmp_path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    case = MODEL_CASES["llama"]
+    model = specpeft.get_adapter_model(case.model(), SVFitConfig(target_modules=["q_proj", "v_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    pattern = torch.arange(16) % 7  # a learnable repeating sequence
+    data = [{"input_ids": (pattern + int(torch.randint(0, 5, (1,), generator=gen))) % 96} for _ in range(32)]
+    data = [{**d, "labels": d["input_ids"].clone()} for d in data]
+
+    def loss_on(m) -> float:
+        with torch.no_grad():
+            batch = torch.stack([d["input_ids"] for d in data])
+            return float(m(input_ids=batch, labels=batch).loss)
+
+    before = loss_on(model)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=3,
+                             learning_rate=5e-2, weight_decay=0.0, report_to=[], logging_steps=100,
+                             save_strategy="no", use_cpu=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    after = loss_on(model)
+    assert after < before - 0.05, (before, after)
