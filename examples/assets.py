@@ -34,7 +34,9 @@ def minilm_dir() -> str:
 def minilm_classifier(num_labels: int = 2, seed: int = 0):
     """(model, tokenizer): MiniLM with a fresh sequence-classification head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
 
+    logging.set_verbosity_error()  # the "classifier.* newly initialized" report is expected: the head is new
     torch.manual_seed(seed)
     path = minilm_dir()
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
