@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..init.svd import SVDInit, svd_by_energy, truncated_svd
+from .. import kernels
 from .base import FrozenBase, MethodAdapter, zeros_like_shape
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
@@ -140,8 +141,24 @@ class SVFitAdapter(MethodAdapter):
 
     def forward(self, x: Tensor, base: FrozenBase) -> Tensor:
         if self._use_factored(x):
+            fused = self._fused_factored(x, base)
+            if fused is not None:
+                return fused
             return base(x) + self._factored_delta(x)
         return base.forward_with_delta(x, self.delta_weight())
+
+    # -- fused kernel path (specpeft.kernels, issue 9) ------------------------------------------------------------
+
+    def _fused_factored(self, x: Tensor, base: FrozenBase) -> Optional[Tensor]:
+        """x Wᵀ + b + ((x V) ⊙ (s − σ⁰)) Uᵀ in one fused Triton GEMM (`lowrank_linear`) when the kernels dispatch
+        to Triton (CUDA tensors) and the base is a plain nn.Linear; None otherwise (then the eager path runs)."""
+        geometry = self.geometry
+        if geometry.kind != "linear" or geometry.quantized or not geometry.standard_forward or geometry.fan_in_fan_out:
+            return None
+        module = base.module
+        if kernels.kernel_backend(x, module.weight) != "triton":
+            return None
+        return kernels.lowrank_linear(x, self.V, self.s - self.sigma0, self.U, weight=module.weight, bias=module.bias)
 
     def extra_repr(self) -> str:
         return f"r={self.rank}, forward_mode={self.forward_mode}"

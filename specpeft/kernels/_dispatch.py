@@ -1,0 +1,136 @@
+"""Which implementation a kernel op runs: the Triton kernel or the torch reference.
+
+Resolution, first match wins:
+
+1. the op's `backend=` argument;
+2. the process-wide setting of `set_kernel_backend` / `use_kernel_backend` (what a config flag sets);
+3. the environment variable `SPECPEFT_KERNELS` ∈ {auto, triton, torch};
+4. "auto": Triton for CUDA tensors when `triton` imports, the torch reference otherwise.
+
+Forcing "triton" on CPU tensors is allowed only under the Triton interpreter (`TRITON_INTERPRET=1` set before
+`triton` is first imported), which is how the kernels are tested on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator, Literal, Optional
+
+import torch
+from torch import Tensor
+
+try:  # Triton is optional: every op has a torch reference
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+
+Backend = Literal["triton", "torch"]
+BackendChoice = Literal["auto", "triton", "torch"]
+ENV_VAR = "SPECPEFT_KERNELS"
+_CHOICES = ("auto", "triton", "torch")
+_process_choice: Optional[str] = None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the Triton interpreter (CPU, numpy) instead of being compiled."""
+    if not HAS_TRITON:
+        return False
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _check_choice(choice: str, source: str) -> str:
+    if choice not in _CHOICES:
+        raise ValueError(f"{source}={choice!r}: expected one of {', '.join(_CHOICES)}.")
+    return choice
+
+
+def set_kernel_backend(choice: Optional[BackendChoice]) -> None:
+    """Force every kernel op to "triton" or "torch" ("auto" or None: back to the env var / automatic choice)."""
+    global _process_choice
+    _process_choice = None if choice is None else _check_choice(choice, "set_kernel_backend(choice)")
+
+
+@contextmanager
+def use_kernel_backend(choice: Optional[BackendChoice]) -> Iterator[None]:
+    """Context manager form of `set_kernel_backend`; restores the previous setting on exit."""
+    global _process_choice
+    previous = _process_choice
+    set_kernel_backend(choice)
+    try:
+        yield
+    finally:
+        _process_choice = previous
+
+
+def requested_backend(backend: Optional[BackendChoice] = None) -> str:
+    """The choice in force (argument, process setting, env var, "auto"), validated."""
+    if backend is not None:
+        return _check_choice(backend, "backend")
+    if _process_choice is not None:
+        return _process_choice
+    return _check_choice(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+def kernel_backend(*tensors: Optional[Tensor], backend: Optional[BackendChoice] = None) -> Backend:
+    """The implementation an op runs for these input tensors.
+
+    Args:
+        tensors: the op's inputs (None entries are ignored); their device decides "auto".
+        backend: per-call override.
+
+    Raises:
+        RuntimeError: "triton" is forced but Triton cannot run on these tensors (not installed, or CPU tensors
+            outside the interpreter); the message names the fix.
+    """
+    choice = requested_backend(backend)
+    if choice == "torch":
+        return "torch"
+    present = [t for t in tensors if t is not None]
+    on_cuda = bool(present) and all(t.is_cuda for t in present)
+    if choice == "auto":
+        return "triton" if HAS_TRITON and on_cuda and not interpreting() else "torch"
+    if not HAS_TRITON:
+        raise RuntimeError(
+            f"specpeft kernels: backend 'triton' was forced ({ENV_VAR} / set_kernel_backend / backend=) but triton "
+            f"does not import. Install it (`pip install specpeft[triton]`) or use {ENV_VAR}=torch."
+        )
+    if not on_cuda and not interpreting():
+        devices = sorted({str(t.device) for t in present})
+        raise RuntimeError(
+            f"specpeft kernels: backend 'triton' was forced for tensors on {devices}; compiled Triton kernels need "
+            "CUDA tensors. Move the tensors to a GPU, set TRITON_INTERPRET=1 before triton is imported (testing), "
+            f"or use {ENV_VAR}=torch."
+        )
+    return "triton"
+
+
+def next_power_of_2(value: int) -> int:
+    """Smallest power of two ≥ value (≥ 1)."""
+    return 1 << max(0, int(value) - 1).bit_length()
+
+
+def as_rows(x: Tensor, features: int, name: str) -> Tensor:
+    """View x (..., features) as a (T, features) matrix with unit stride along features (copies only if needed)."""
+    if x.shape[-1] != features:
+        raise ValueError(f"{name}: the input's last dim is {x.shape[-1]}, expected {features} features.")
+    rows = x.reshape(-1, features)  # (..., features) -> (T, features)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: exact fp32 products for fp32 data (torch's matmul default), native for 16-bit."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def matmul_fp32_out(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with an fp32 result: cuBLAS with 16-bit inputs and fp32 output on CUDA, fp32 copies elsewhere.
+
+    Used for weight-shaped gradients (dΔ = dYᵀ x) that are reduced further: rounding them to bf16 first costs
+    ~1-2 % relative accuracy in gradients where the reduction cancels (SNELLA's ∂s = ⟨dΔ, K_eff⟩).
+    """
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()

@@ -1,0 +1,407 @@
+"""Kernels (specpeft/kernels): every Triton op against its torch reference, forward and every input gradient.
+
+Without a GPU the Triton kernels run in the Triton interpreter on CPU tensors; on a CUDA machine the same tests run
+the compiled kernels on CUDA tensors. The interpreter needs TRITON_INTERPRET=1 before triton is first imported
+(triton's own library functions are created in that mode), hence the top of this module. When an earlier test module
+already imported triton in compiled mode (a full-suite run: `import specpeft` pulls triton in through peft), these
+tests are re-run in a child pytest process that sets the variable first (`test_interpreter_tests_in_child_process`)
+and skipped here, saying so.
+
+The oracle is the op's `*_reference` evaluated in float64 on the same input values (itself checked against
+independent dense formulas below). Tolerances are the relative-norm bounds of performance.md (M8):
+‖kernel − reference‖ / ‖reference‖ ≤ 1e-5 in fp32, ≤ 1e-2 in bf16. Shapes are tiny and deliberately not multiples
+of the block sizes (16 in the interpreter).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton` (compiled kernels need a GPU)
+
+import specpeft.kernels as K  # noqa: E402
+from specpeft.kernels import _dispatch  # noqa: E402
+
+
+def _kernels_runnable_here() -> bool:
+    """Compiled kernels on CUDA, or an interpreter whose triton library was imported in interpreter mode."""
+    if not K.HAS_TRITON or CUDA:
+        return K.HAS_TRITON
+    import triton.language.standard as triton_standard
+
+    return type(triton_standard.sum).__name__ == "InterpretedFunction" and \
+        type(K.lowrank._main_kernel).__name__ == "InterpretedFunction"
+
+
+RUNNABLE = _kernels_runnable_here()
+if not RUNNABLE and not CUDA:  # too late for this process: leave the environment as other test modules found it
+    if _PREVIOUS_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+CHILD_FLAG = "SPECPEFT_KERNEL_TESTS_CHILD"
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # performance.md, M8
+needs_triton = pytest.mark.skipif(
+    not RUNNABLE, reason="needs triton" if not K.HAS_TRITON else
+    "triton was imported before TRITON_INTERPRET=1 in this process: run by test_interpreter_tests_in_child_process")
+needs_cuda = pytest.mark.skipif(not (CUDA and K.HAS_TRITON), reason="needs CUDA")
+
+
+@pytest.mark.skipif(RUNNABLE or not K.HAS_TRITON, reason="the Triton tests run in this process")
+def test_interpreter_tests_in_child_process() -> None:
+    """Re-run this file in a fresh interpreter-mode process; its failures are this test's failures."""
+    assert not os.environ.get(CHILD_FLAG), "the child process could not use the Triton interpreter either"
+    env = {**os.environ, "TRITON_INTERPRET": "1", CHILD_FLAG: "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-rs", "-p", "no:cacheprovider"], env=env,
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    other_skips = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")
+                   and "needs CUDA" not in line and "run in this process" not in line]
+    assert " passed" in proc.stdout and not other_skips, proc.stdout[-3000:]
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def compare(kernel_fn, reference_fn, inputs: dict, dtype: torch.dtype) -> None:
+    """Kernel on `inputs` vs the reference on float64 copies: output and the gradient of every input needing one."""
+    wants = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    y = kernel_fn(**inputs)
+    assert y.dtype == inputs["x"].dtype
+    oracle_inputs = {k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+                     for k, v in inputs.items()}
+    y_ref = reference_fn(**oracle_inputs)
+    assert rel_err(y, y_ref) <= TOL[dtype], f"forward: {rel_err(y, y_ref):.2e}"
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device, y.dtype)
+    grads = torch.autograd.grad(y, [inputs[k] for k in wants], grad_out)
+    grads_ref = torch.autograd.grad(y_ref, [oracle_inputs[k] for k in wants], grad_out.double())
+    for name, g, g_ref in zip(wants, grads, grads_ref):
+        assert g.dtype == inputs[name].dtype and g.shape == inputs[name].shape, name
+        assert g_ref.norm() > 0, name
+        assert rel_err(g, g_ref) <= TOL[dtype], f"grad {name}: {rel_err(g, g_ref):.2e}"
+
+
+def tensor(*shape: int, dtype=torch.float32, grad: bool = True, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    return t.to(device=DEVICE, dtype=dtype).requires_grad_(grad)
+
+
+# -- low-rank ---------------------------------------------------------------------------------------------------
+
+
+def cases(shapes: list, bf16: list) -> list:
+    """Every shape in fp32, the listed ones also in bf16 (the interpreter is slow: the bf16 path shares its code)."""
+    return [pytest.param(s, torch.float32, id=f"{s}-fp32") for s in shapes] + \
+        [pytest.param(s, torch.bfloat16, id=f"{s}-bf16") for s in bf16]
+
+
+@needs_triton
+@pytest.mark.parametrize("shape, dtype", cases([(17, 20, 29, 5), (9, 16, 24, 17)], bf16=[(17, 20, 29, 5)]))
+def test_lowrank_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    T, k, n, r = shape
+    inputs = dict(x=tensor(1, T, k, dtype=dtype, seed=1), down=tensor(k, r, seed=2, scale=0.3),
+                  scale=tensor(r, seed=3), up=tensor(n, r, seed=4, scale=0.3),
+                  weight=tensor(n, k, dtype=dtype, seed=5, scale=0.2, grad=r > 8), bias=tensor(n, dtype=dtype, seed=6))
+    compare(lambda **a: K.lowrank_linear(**a, backend="triton"), K.lowrank_linear_reference, inputs, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lowrank_delta_with_base_out(dtype: torch.dtype) -> None:
+    inputs = dict(x=tensor(10, 18, dtype=dtype, seed=1), down=tensor(18, 3, seed=2), scale=tensor(3, seed=3),
+                  up=tensor(20, 3, seed=4), base_out=tensor(10, 20, dtype=dtype, seed=5))
+    compare(lambda **a: K.lowrank_linear(**a, backend="triton"), K.lowrank_linear_reference, inputs, dtype)
+
+
+@needs_triton
+def test_lowrank_svfit_case_saves_no_activation() -> None:
+    """Frozen W, V, U (SVFit): only the (T, r) projection is saved, not x (T, k); ds is exact at s = 0."""
+    T, k, n, r = 25, 18, 20, 3
+    x = tensor(T, k, seed=1)
+    down, up, weight = tensor(k, r, grad=False, seed=2), tensor(n, r, grad=False, seed=3), tensor(n, k, grad=False)
+    scale = torch.zeros(r, device=DEVICE, requires_grad=True)  # SVFit at init: s − σ⁰ = 0
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = K.lowrank_linear(x, down, scale, up, weight=weight, backend="triton")
+    shapes = [tuple(t.shape) for t in saved]
+    assert (T, k) not in shapes and (T, r) in shapes, shapes
+    grad_s, = torch.autograd.grad(y.sum(), scale)
+    ones = torch.ones(T, n, device=DEVICE, dtype=torch.float64)
+    expected = ((x.double() @ down.double()) * (ones @ up.double())).sum(0)  # Σ_t (xV)_t ⊙ (1 U)_t
+    assert rel_err(grad_s, expected) <= 1e-5
+
+
+@needs_triton
+def test_svfit_factored_forward_runs_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SVFit's factored path calls `lowrank_linear` when the kernels dispatch to Triton, with the eager outputs."""
+    from specpeft import FrozenBase, LayerGeometry, SVFitConfig
+    from specpeft.adapters.svfit import SVFitAdapter
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(20, 18).to(DEVICE).requires_grad_(False)
+    config = SVFitConfig(target_modules=["x"], r=4, forward_mode="factored")
+    adapter = SVFitAdapter.create(LayerGeometry.of(base), config, base.weight, None).to(DEVICE)
+    with torch.no_grad():
+        adapter.s.mul_(1.3)
+    x = tensor(5, 20)
+    calls = []
+    monkeypatch.setattr(K, "lowrank_linear", lambda *a, **kw: calls.append(1) or K.lowrank.lowrank_linear(*a, **kw))
+    outputs = {}
+    for backend in ("torch", "triton"):
+        with K.use_kernel_backend(backend):
+            y = adapter(x, FrozenBase(base))
+            outputs[backend] = (y, *torch.autograd.grad(y.square().sum(), (x, adapter.s)))
+    assert calls == [1]
+    for fused, eager in zip(outputs["triton"], outputs["torch"]):
+        assert rel_err(fused, eager) <= TOL[torch.float32]
+
+
+# -- Kronecker --------------------------------------------------------------------------------------------------
+
+KRON_SHAPES = [  # (R, m1, n1, m2, n2, d_in, d_out): B-first, A-first, and SoKA-style zero padding
+    (2, 3, 4, 5, 3, 12, 15),
+    (3, 5, 2, 3, 7, 14, 15),
+    (1, 17, 3, 2, 18, 50, 33),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("shape, dtype", cases(KRON_SHAPES, bf16=KRON_SHAPES[2:]))
+def test_kronecker_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    R, m1, n1, m2, n2, d_in, d_out = shape
+    inputs = dict(x=tensor(3, d_in, dtype=dtype, seed=1), A=tensor(R, m1, n1, seed=2), B=tensor(R, m2, n2, seed=3),
+                  base_out=tensor(3, d_out, dtype=dtype, seed=4), out_features=d_out)
+    compare(lambda **a: K.kronecker_linear(**a, backend="triton"), K.kronecker_linear_reference, inputs, dtype)
+
+
+# -- Tucker / TeRA ----------------------------------------------------------------------------------------------
+
+TUCKER_SHAPES = [((2, 3, 2), (3, 2, 2), (2, 3, 2)), ((5, 3), (2, 7), (3, 4))]  # (out_modes, in_modes, ranks)
+
+
+def _tucker_inputs(out_modes, in_modes, ranks, dtype, with_weight: bool) -> dict:
+    m, n = math.prod(out_modes), math.prod(in_modes)
+    factors = [tensor(a * b, r, seed=10 + i) for i, (a, b, r) in enumerate(zip(out_modes, in_modes, ranks))]
+    return dict(x=tensor(2, 2, n, dtype=dtype, seed=1), core=tensor(*ranks, seed=2), factors=factors,
+                out_modes=out_modes, in_modes=in_modes,
+                weight=tensor(m, n, dtype=dtype, seed=3, grad=False) if with_weight else None,
+                bias=tensor(m, dtype=dtype, seed=4) if with_weight else None)
+
+
+TUCKER_CASES = [  # the factored mode runs the Kronecker kernel, whose bf16 path is tested above
+    pytest.param(TUCKER_SHAPES[0], "materialized", torch.float32, id="order3-materialized-fp32"),
+    pytest.param(TUCKER_SHAPES[1], "materialized", torch.float32, id="order2-materialized-fp32"),
+    pytest.param(TUCKER_SHAPES[0], "factored", torch.float32, id="order3-factored-fp32"),
+    pytest.param(TUCKER_SHAPES[1], "factored", torch.float32, id="order2-factored-fp32"),
+    pytest.param(TUCKER_SHAPES[0], "materialized", torch.bfloat16, id="order3-materialized-bf16"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("shape, mode, dtype", TUCKER_CASES)
+def test_tucker_matches_reference(shape, mode: str, dtype: torch.dtype) -> None:
+    inputs = _tucker_inputs(*shape, dtype, with_weight=shape[0] == (2, 3, 2))
+
+    def kernel(factors, **a):
+        return K.tucker_linear(factors=factors, **a, mode=mode, backend="triton")
+
+    def reference(factors, **a):
+        return K.tucker_linear_reference(factors=factors, **a)
+
+    # the factor list is flattened so that `compare` sees (and differentiates) every factor
+    flat = {k: v for k, v in inputs.items() if k != "factors"}
+    flat.update({f"factor{i}": f for i, f in enumerate(inputs["factors"])})
+    order = len(inputs["factors"])
+    unpack = lambda f: lambda **a: f(factors=[a.pop(f"factor{i}") for i in range(order)], **a)  # noqa: E731
+    compare(unpack(kernel), unpack(reference), flat, dtype)
+
+
+@needs_triton
+def test_tucker_materialized_saves_no_weight_sized_tensor() -> None:
+    """W + Δ is rebuilt in backward: autograd keeps no new (m, n) tensor (the base weight itself is only referenced)."""
+    inputs = _tucker_inputs((2, 3, 2), (3, 2, 2), (2, 3, 2), torch.float32, with_weight=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        K.tucker_linear(**inputs, mode="materialized", backend="triton")
+    weight = inputs["weight"]
+    big = [t for t in saved if t.numel() >= weight.numel() and t.data_ptr() != weight.data_ptr()]
+    assert not big, [tuple(t.shape) for t in big]
+
+
+def test_tucker_break_even_rule() -> None:
+    """Spec §1.6: with R = 16 on 4096² materializing wins at training batch sizes; tiny ranks and T = 1 factor."""
+    modes = ((16, 16, 16), (16, 16, 16))
+    assert not K.tucker_prefers_factored(4096, (16, 16, 16), *modes, has_weight=True, training=True)
+    assert K.tucker_prefers_factored(1, (2, 2, 2), *modes, has_weight=True, training=False)
+
+
+# -- SNELLA -----------------------------------------------------------------------------------------------------
+
+
+def _robust_tau(kernel: torch.Tensor, fraction: float) -> float:
+    """A threshold near the `fraction` quantile of |K| in the middle of its widest local gap, so that fp32 rounding
+    differences between kernel and reference cannot flip an entry of the mask."""
+    values = kernel.detach().abs().flatten().sort().values
+    k = int(fraction * values.numel())
+    window = values[k - 4:k + 5]
+    i = int((window[1:] - window[:-1]).argmax())
+    return float((window[i] + window[i + 1]) / 2)
+
+
+SNELLA_CASES = [  # (kernel, mask_mode, materialize, with_weight, dΔ from a dense GEMM rather than in-kernel)
+    ("snella", "code", False, True, False),
+    ("snell", "binary", False, False, False),
+    ("snella", "binary", True, True, True),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case, dtype", cases(SNELLA_CASES, bf16=SNELLA_CASES[::2]))
+def test_snella_matches_reference(case, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel, mask_mode, materialize, with_weight, dense_grad = case
+    monkeypatch.setattr(K.snella, "DENSE_GRAD_MIN_TOKENS", 0 if dense_grad else 1 << 30)
+    H, n, m, r, T = 2, 18, 21, 3, 7
+    uniform = lambda *s, seed: (torch.rand(*s, generator=torch.Generator().manual_seed(seed)) - 0.5).to(DEVICE)  # noqa
+    inputs = dict(x=tensor(T, n, dtype=dtype, seed=1), in_qs=uniform(H, n, r, seed=2).requires_grad_(),
+                  out_qs=uniform(H, m, r, seed=3).requires_grad_(), scale=tensor(seed=4),
+                  weight=tensor(m, n, dtype=dtype, seed=5, grad=with_weight) if with_weight else None,
+                  bias=tensor(m, dtype=dtype, seed=6) if with_weight else None, kernel=kernel, mask_mode=mask_mode)
+    if kernel == "snella":
+        inputs.update(alpha=torch.tensor(0.7, device=DEVICE, requires_grad=True),
+                      gamma=torch.tensor(0.3, device=DEVICE, requires_grad=True),
+                      beta=torch.tensor(0.05, device=DEVICE, requires_grad=True))
+    scalars = {k: inputs.get(k) for k in ("alpha", "gamma", "beta")}
+    full = K.snella_kernel_matrix(inputs["in_qs"].double(), inputs["out_qs"].double(),
+                                  *[None if v is None else v.double() for v in scalars.values()], kernel=kernel)
+    inputs["tau"] = _robust_tau(full, 0.4)
+    compare(lambda **a: K.snella_linear(**a, materialize=materialize, backend="triton"), K.snella_linear_reference,
+            inputs, dtype)
+
+
+@needs_triton
+def test_snella_saves_no_kernel_matrix() -> None:
+    """Backward recomputes K: autograd keeps only x, the factors, the scalars and 2n column statistics."""
+    H, n, m, r = 2, 18, 21, 3
+    inputs = dict(x=tensor(7, n), in_qs=tensor(H, n, r, scale=0.3), out_qs=tensor(H, m, r, scale=0.3),
+                  scale=tensor(), alpha=tensor(), gamma=tensor().detach().abs().requires_grad_(), beta=tensor())
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        K.snella_linear(**inputs, tau=0.1, backend="triton")
+    assert max(t.numel() for t in saved) < m * n
+
+
+# -- references against independent dense formulas (float64, no Triton) ----------------------------------------
+
+
+def test_lowrank_reference_is_dense_update() -> None:
+    x, W, b = tensor(6, 9, dtype=torch.float64), tensor(7, 9, dtype=torch.float64), tensor(7, dtype=torch.float64)
+    V, s, U = tensor(9, 3, dtype=torch.float64), tensor(3, dtype=torch.float64), tensor(7, 3, dtype=torch.float64)
+    y = K.lowrank_linear_reference(x, V, s, U, weight=W, bias=b)
+    torch.testing.assert_close(y, x @ (W + U @ torch.diag(s) @ V.T).T + b)
+
+
+def test_kronecker_reference_is_dense_kron() -> None:
+    R, m1, n1, m2, n2, d_in, d_out = KRON_SHAPES[2]
+    A, B = tensor(R, m1, n1, dtype=torch.float64), tensor(R, m2, n2, dtype=torch.float64)
+    x = tensor(4, d_in, dtype=torch.float64)
+    dense = sum(torch.kron(A[k], B[k]) for k in range(R))[:d_out, :d_in]
+    torch.testing.assert_close(K.kronecker_linear_reference(x, A, B, out_features=d_out), x @ dense.T)
+
+
+def test_tucker_reference_is_entrywise_index_map() -> None:
+    """Δ[a, b] = 𝒳[j] with j_k = a_k·n_k + b_k for row-major multi-indices a, b (spec §1.2)."""
+    out_modes, in_modes, ranks = TUCKER_SHAPES[0]
+    core = tensor(*ranks, dtype=torch.float64, grad=False)
+    factors = [tensor(a * b, r, dtype=torch.float64, grad=False) for a, b, r in zip(out_modes, in_modes, ranks)]
+    full = torch.einsum("abc,ia,jb,kc->ijk", core, *factors)
+    delta = K.tucker_delta(core, factors, out_modes, in_modes)
+    for a in itertools.product(*map(range, out_modes)):
+        for b in itertools.product(*map(range, in_modes)):
+            row = (a[0] * out_modes[1] + a[1]) * out_modes[2] + a[2]
+            col = (b[0] * in_modes[1] + b[1]) * in_modes[2] + b[2]
+            j = [ak * nk + bk for ak, nk, bk in zip(a, in_modes, b)]
+            assert abs(float(delta[row, col] - full[j[0], j[1], j[2]])) <= 1e-12
+
+
+def test_snella_reference_matches_cdist_formula() -> None:
+    H, n, m, r = 2, 6, 5, 3
+    A, B = tensor(H, n, r, dtype=torch.float64, seed=1), tensor(H, m, r, dtype=torch.float64, seed=2)
+    alpha, gamma, beta = (torch.tensor(v, dtype=torch.float64, device=DEVICE) for v in (0.7, 0.3, 0.05))
+    D = 0.1 * torch.cdist(B[0], A[0]) - 0.1 * torch.cdist(B[1], A[1])
+    expected = D + alpha * torch.softmax(D / gamma, dim=0) + beta
+    torch.testing.assert_close(K.snella_kernel_matrix(A, B, alpha, gamma, beta), expected)
+    x, scale = tensor(4, n, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64, device=DEVICE)
+    tau = float(expected.detach().abs().flatten().sort().values[10:12].mean())
+    masked = torch.where(expected.abs() > tau, expected * expected.abs(), 0.0)
+    y = K.snella_linear_reference(x, A, B, scale, tau, alpha=alpha, gamma=gamma, beta=beta)
+    torch.testing.assert_close(y, x @ (scale * masked).T)
+
+
+# -- dispatch ---------------------------------------------------------------------------------------------------
+
+
+def test_dispatch_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.zeros(2)
+    monkeypatch.setenv(K.ENV_VAR, "torch")
+    assert K.kernel_backend(cpu) == "torch"
+    if K.HAS_TRITON and (CUDA or K.interpreting()):
+        on_device = cpu.to(DEVICE)
+        assert K.kernel_backend(on_device, backend="triton") == "triton"  # argument beats env
+        with K.use_kernel_backend("triton"):  # process flag beats env
+            assert K.kernel_backend(on_device) == "triton"
+            assert K.kernel_backend(on_device, backend="torch") == "torch"
+        assert K.kernel_backend(on_device) == "torch"  # context restored
+    monkeypatch.setenv(K.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=K.ENV_VAR):
+        K.kernel_backend(cpu)
+    monkeypatch.setenv(K.ENV_VAR, "auto")
+    assert K.kernel_backend(cpu) == "torch"  # auto never runs Triton on CPU tensors
+
+
+def test_forced_triton_without_a_way_to_run_it_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_dispatch, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        K.kernel_backend(torch.zeros(2), backend="triton")
+    monkeypatch.setattr(_dispatch, "HAS_TRITON", False)
+    with pytest.raises(RuntimeError, match="does not import"):
+        K.kernel_backend(torch.zeros(2), backend="triton")
+    assert K.kernel_backend(torch.zeros(2), backend="auto") == "torch"
+
+
+def test_torch_backend_is_the_reference() -> None:
+    x, V, s, U = tensor(5, 8), tensor(8, 2), tensor(2), tensor(6, 2)
+    assert torch.equal(K.lowrank_linear(x, V, s, U, backend="torch"), K.lowrank_linear_reference(x, V, s, U))
+
+
+# -- CUDA only: the compiled kernels at realistic sizes ---------------------------------------------------------
+
+
+@needs_cuda
+def test_cuda_auto_dispatch_runs_triton() -> None:
+    assert K.kernel_backend(torch.zeros(2, device="cuda")) == "triton"
+
+
+@needs_cuda
+def test_cuda_realistic_shapes_bf16() -> None:
+    torch.manual_seed(0)
+    dt, T, k, n, r = torch.bfloat16, 1000, 1024, 1536, 16
+    inputs = dict(x=tensor(T, k, dtype=dt), down=tensor(k, r, scale=0.05), scale=tensor(r),
+                  up=tensor(n, r, scale=0.05), weight=tensor(n, k, dtype=dt, grad=False, scale=0.03))
+    compare(lambda **a: K.lowrank_linear(**a, backend="triton"), K.lowrank_linear_reference, inputs, dt)
+    inputs = dict(x=tensor(T, 4096, dtype=dt), A=tensor(4, 64, 64, scale=0.1), B=tensor(4, 64, 64, scale=0.1))
+    compare(lambda **a: K.kronecker_linear(**a, backend="triton"), K.kronecker_linear_reference, inputs, dt)
