@@ -1,0 +1,352 @@
+"""TeRA: a Tucker tensor network with frozen shared random factors and trainable diagonal scalings (arXiv 2509.03234).
+
+    Δ = α · unfold(𝒢 ×_1 Ũ_1 ×_2 … ×_N Ũ_N),   Ũ_k = diag(λ_k) U_k diag(μ_k),   W' = W + Δ,
+
+with the d_out×d_in weight tensorized into N modes J_k = m_k n_k (init/tucker.py). The core 𝒢 and factors U_k are
+frozen random tensors shared by every layer with the same mode structure (one tuner-level buffer per bucket,
+regenerated from the seed on load unless `save_shared_factors`); only λ_k (J_k) and μ_k (R_k) are trained. rank(Δ)
+reaches min(d_out, d_in) with Σ J_k + Σ R_k trainables. Parameterization, init and sizes are the PROPOSED
+reconstruction of spec tera_fedsvd_snella.md §1.2–1.7 (the paper's code was not retrievable).
+
+Init: λ_1 = 0, every other vector 1, so Δ = 0 exactly while ∂L/∂λ_1 ≠ 0 (Δ is multilinear; all-zero would freeze it).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .._peft_compat import BufferDict
+from ..init.tucker import (
+    TuckerShape,
+    apply_macs,
+    apply_traffic,
+    best_mode,
+    build_macs,
+    shared_random_factors,
+    split_shared,
+    tucker_apply,
+    tucker_to_tensor,
+    unfold_view,
+)
+from .base import FrozenBase, MethodAdapter
+from .config import SpecPeftConfig
+from .geometry import LayerGeometry, forward_with_weight
+
+ForwardMode = Literal["auto", "factored", "materialized"]
+ScaleSides = Literal["mode", "rank", "both"]
+_SHAPE_KEY = re.compile(r"^(\d+)x(\d+)$")
+# One element pass of a memory-bound op (copy, add, permute) costs about this many GEMM MACs: measured 25-85 on the
+# 2-core dev box (fp32 GEMM 10-25 GMAC/s vs 0.1-1 G elements/s); 40 picks the faster path in every case of
+# benchmarks/results/tera_speed.md.
+_MEMORY_MACS = 40
+
+
+@dataclass
+class TeRAConfig(SpecPeftConfig):
+    """TeRA options (spec §1.2–1.6; every default is PROPOSED there).
+
+    Attributes:
+        tensor_order: N, the number of modes each weight is tensorized into (≥ 2).
+        rank: Tucker ranks: an int r gives R_k = min(r, J_k); a list gives R_k per mode (clipped to J_k).
+        mode_sizes: per weight shape "{d_out}x{d_in}" → [[m_1..m_N], [n_1..n_N]], overriding the balanced default.
+        scale_sides: trainable diagonals on the "mode" side (λ_k, length J_k), the "rank" side (μ_k, length R_k), or
+            "both" (VeRA's output-side + rank-side pattern).
+        alpha: scalar s in W + s·Δ.
+        projection_seed: seed of the shared random factors; a bucket's generator seed is
+            sha256(f"{projection_seed}|{bucket}").
+        save_shared_factors: write the shared factors into the adapter file. False (default): the file holds only the
+            vectors and loading regenerates the factors from the seed, bit-identically on any machine running the same
+            torch random-integer generator (init/tucker.py).
+        forward_mode: "materialized" runs the base op on W + Δ (Δ rebuilt in backward, never saved); "factored"
+            contracts x mode by mode without forming Δ; "auto" picks the cheaper by the batch's token count.
+    """
+
+    METHOD = "TERA"
+
+    tensor_order: int = 3
+    rank: Union[int, list[int]] = 16
+    mode_sizes: dict[str, list[list[int]]] = field(default_factory=dict)
+    scale_sides: ScaleSides = "both"
+    alpha: float = 1.0
+    projection_seed: int = 0
+    save_shared_factors: bool = False
+    forward_mode: ForwardMode = "auto"
+
+    def validate(self) -> None:
+        if self.tensor_order < 2:
+            raise ValueError(f"TeRAConfig.tensor_order={self.tensor_order}: must be ≥ 2 (3 is the spec default).")
+        ranks = [self.rank] if isinstance(self.rank, int) else list(self.rank)
+        if isinstance(self.rank, list) and len(ranks) != self.tensor_order:
+            raise ValueError(
+                f"TeRAConfig.rank={self.rank}: a per-mode list needs tensor_order={self.tensor_order} entries; "
+                "pass one int for all modes or fix the list."
+            )
+        if min(ranks) < 1:
+            raise ValueError(f"TeRAConfig.rank={self.rank}: ranks must be ≥ 1.")
+        for key, modes in self.mode_sizes.items():
+            match = _SHAPE_KEY.match(key)
+            if match is None:
+                raise ValueError(f"TeRAConfig.mode_sizes key {key!r}: write the weight shape as '<d_out>x<d_in>'.")
+            if len(modes) != 2 or len(modes[0]) != self.tensor_order or len(modes[1]) != self.tensor_order:
+                raise ValueError(
+                    f"TeRAConfig.mode_sizes[{key!r}]={modes}: give [[m_1..m_N], [n_1..n_N]] with N = tensor_order = "
+                    f"{self.tensor_order}."
+                )
+            for side, dim in zip(modes, map(int, match.groups())):
+                if min(side) < 1 or math.prod(side) != dim:
+                    raise ValueError(f"TeRAConfig.mode_sizes[{key!r}]: {side} must be ≥ 1 with product {dim}.")
+
+    def shape_for(self, d_out: int, d_in: int) -> TuckerShape:
+        """Mode structure of a d_out×d_in weight: `mode_sizes` override or balanced factors, ranks clipped to J_k."""
+        override = self.mode_sizes.get(f"{d_out}x{d_in}")
+        if override is None:
+            return TuckerShape.for_matrix(d_out, d_in, self.tensor_order, self.rank)
+        sizes = [m * n for m, n in zip(*override)]
+        ranks = [self.rank] * self.tensor_order if isinstance(self.rank, int) else self.rank
+        return TuckerShape(tuple(override[0]), tuple(override[1]), tuple(min(r, j) for r, j in zip(ranks, sizes)))
+
+
+def _weight_plus(base: FrozenBase, delta: Tensor) -> Tensor:
+    """W₀ + Δ in the base weight's dtype, (out, in); Δ is the strided (m_1..m_N, n_1..n_N) view (one fused pass)."""
+    weight = base.weight()
+    return (weight.reshape(delta.shape) + delta.to(weight.dtype)).reshape(weight.shape)
+
+
+class _RebuiltDeltaLinear(torch.autograd.Function):
+    """y = x (W₀ + Δ)ᵀ + b (`merge_base`) or y = x Δᵀ, with Δ = build(*vectors) recomputed in backward.
+
+    `build` returns Δ as the (m_1..m_N, n_1..n_N) view of `unfold_view`. Saves only x and the vectors. Backward:
+    dX = dY (W₀ + Δ), dΔ = dYᵀ X (one GEMM), and the vector gradients by back-propagating dΔ through a rebuilt Δ.
+    The forward runs the base's own op (`forward_with_weight`), so an exact zero Δ gives the base output bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, base: FrozenBase, build: Callable[..., Tensor], merge_base: bool, *vectors: Tensor):
+        with torch.no_grad():
+            delta = build(*vectors)
+            if merge_base:
+                out = forward_with_weight(base.module, base.geometry, x, _weight_plus(base, delta))
+            else:
+                out = torch.nn.functional.linear(x, delta.reshape(base.geometry.matrix_shape).to(x.dtype))
+        ctx.base, ctx.build, ctx.merge_base = base, build, merge_base
+        ctx.save_for_backward(x, *vectors)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, *vectors = ctx.saved_tensors
+        leaves = [v.detach().requires_grad_(True) for v in vectors]
+        with torch.enable_grad():
+            delta = ctx.build(*leaves)  # (m_1..m_N, n_1..n_N) view, differentiable in the leaves
+        grad_x = None
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (..., out) -> (T, out)
+        if ctx.needs_input_grad[0]:
+            if ctx.merge_base:
+                weight = _weight_plus(ctx.base, delta.detach())
+            else:
+                weight = delta.detach().reshape(ctx.base.geometry.matrix_shape)
+            grad_x = (g2 @ weight.to(g2.dtype)).reshape(x.shape)  # (T, out)·(out, in) -> (..., in)
+        grads: tuple[Optional[Tensor], ...] = (None,) * len(vectors)
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
+        if wanted:
+            x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)  # (..., in) -> (T, in)
+            grad_delta = (g2.T @ x2).to(delta.dtype).view(delta.shape)  # (out, T)·(T, in) -> (m_1.., n_1..)
+            found = torch.autograd.grad(delta, [leaves[i] for i in wanted], grad_delta)
+            grads = tuple(found[wanted.index(i)] if i in wanted else None for i in range(len(vectors)))
+        return (grad_x, None, None, None, *grads)
+
+
+class TeRAAdapter(MethodAdapter):
+    """Per-layer TeRA adapter: trainable diagonals `mode_scale_k` (J_k) / `rank_scale_k` (R_k), fp32.
+
+    The shared core and factors live in one flat buffer per bucket of the tuner's store (`tera_shared.<adapter>`);
+    the adapter keeps a plain reference to the store (not a submodule) and reads its bucket on every call, so the
+    state dict and `.to()` see each bucket exactly once and every layer of a bucket reads the same tensor.
+    """
+
+    uses_shared_state = True
+
+    def __init__(
+        self,
+        geometry: LayerGeometry,
+        shape: TuckerShape,
+        shared: Optional[BufferDict],
+        seed: int,
+        scale_sides: ScaleSides = "both",
+        alpha: float = 1.0,
+        forward_mode: ForwardMode = "auto",
+    ) -> None:
+        super().__init__(geometry)
+        if shape.out_features * shape.in_features != math.prod(geometry.weight_shape):
+            raise ValueError(
+                f"TeRA: modes {shape.out_modes}×{shape.in_modes} do not tile the {geometry.matrix_shape[0]}×"
+                f"{geometry.matrix_shape[1]} weight; fix TeRAConfig.mode_sizes for this shape."
+            )
+        self.shape, self.alpha, self.forward_mode, self.scale_sides = shape, float(alpha), forward_mode, scale_sides
+        self.bucket = shape.key
+        if shared is None:  # standalone use (no tuner): own the store, registered so it moves with the adapter
+            shared = BufferDict(persistent=False)
+            self.private_shared = shared
+        object.__setattr__(self, "_shared", shared)  # a reference, not a submodule: no duplicate keys, one .to()
+        if self.bucket not in shared:
+            shared[self.bucket] = shared_random_factors(seed, shape)
+        self.unmerged_mode = best_mode(shape)  # the factored path's plan (init/tucker.py `tucker_apply`)
+        if scale_sides in ("mode", "both"):
+            for k, size in enumerate(shape.mode_sizes):
+                self.register_parameter(f"mode_scale_{k}", nn.Parameter(torch.ones(size)))
+        if scale_sides in ("rank", "both"):
+            for k, rank in enumerate(shape.ranks):
+                self.register_parameter(f"rank_scale_{k}", nn.Parameter(torch.ones(rank)))
+        with torch.no_grad():
+            self.vectors()[0].zero_()  # λ_1 = 0 (μ_1 if only rank-side): Δ = 0 with a non-zero gradient
+
+    @classmethod
+    def saves_shared_state(cls, config: TeRAConfig) -> bool:
+        return config.save_shared_factors
+
+    @classmethod
+    def create(
+        cls,
+        geometry: LayerGeometry,
+        config: TeRAConfig,
+        weight: Tensor | None,
+        record: dict | None,
+        name: str = "",
+        shared: Optional[BufferDict] = None,
+    ) -> TeRAAdapter:
+        # The init never reads the weight: the same construction serves a fresh init, a load and the meta device.
+        if record and "out_modes" in record:
+            shape = TuckerShape(tuple(record["out_modes"]), tuple(record["in_modes"]), tuple(record["ranks"]))
+        else:
+            try:
+                shape = config.shape_for(*geometry.matrix_shape)
+            except ValueError as exc:
+                raise ValueError(f"TeRA layer '{name}': {exc}") from exc
+        return cls(geometry, shape, shared, config.projection_seed, config.scale_sides, config.alpha,
+                   config.forward_mode)
+
+    def record(self) -> dict:
+        return {"out_modes": list(self.shape.out_modes), "in_modes": list(self.shape.in_modes),
+                "ranks": list(self.shape.ranks)}
+
+    # -- factors ------------------------------------------------------------------------------------------------
+
+    @property
+    def shared_buffer(self) -> Tensor:
+        """This layer's bucket: the one flat [vec(𝒢) | vec(U_1) | … | vec(U_N)] tensor every same-shape layer reads."""
+        return self._shared[self.bucket]
+
+    def vectors(self) -> list[nn.Parameter]:
+        """The trainables in a fixed order: mode scales λ_1..λ_N, then rank scales μ_1..μ_N (those that exist)."""
+        order = range(self.shape.order)
+        names = [f"mode_scale_{k}" for k in order] + [f"rank_scale_{k}" for k in order]
+        return [self._parameters[n] for n in names if n in self._parameters]
+
+    def _scaled(self, vectors: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+        """α·𝒢 and Ũ_k = diag(λ_k) U_k diag(μ_k) in `dtype`."""
+        core, factors = split_shared(self.shared_buffer, self.shape)
+        order = self.shape.order
+        lams = vectors[:order] if self.scale_sides != "rank" else [None] * order
+        mus = vectors[-order:] if self.scale_sides != "mode" else [None] * order
+        scaled = []
+        for factor, lam, mu in zip(factors, lams, mus):
+            factor = factor.to(dtype)
+            if lam is not None:
+                factor = lam.to(dtype)[:, None] * factor  # (J_k, 1) ⊙ (J_k, R_k)
+            if mu is not None:
+                factor = factor * mu.to(dtype)[None, :]  # (J_k, R_k) ⊙ (1, R_k)
+            scaled.append(factor)
+        core = core.to(dtype)
+        return (core * self.alpha if self.alpha != 1.0 else core), scaled
+
+    def _network(self, *vectors: Tensor) -> Tensor:
+        """α·Δ from the given vectors in their dtype (fp32), as the strided (m_1..m_N, n_1..n_N) view."""
+        core, factors = self._scaled(vectors, vectors[0].dtype)
+        return unfold_view(tucker_to_tensor(core, factors), self.shape)  # (J_1..J_N) -> (m_1..m_N, n_1..n_N)
+
+    def _build(self, *vectors: Tensor) -> Tensor:
+        """α·Δ from the given vectors, in the vectors' dtype (fp32), normalized layout `(out, in/groups, *k)`."""
+        return self._network(*vectors).reshape(self.geometry.weight_shape)  # (m_1.., n_1..) -> (out, in/g, *k)
+
+    def delta_weight(self) -> Tensor:
+        return self._build(*self.vectors())
+
+    # -- forward ------------------------------------------------------------------------------------------------
+
+    def use_factored(self, tokens: int) -> bool:
+        """Factored contraction iff its estimated training-step cost is below materializing Δ for `tokens` tokens.
+
+        Cost in GEMM-MAC equivalents, each element pass of a memory-bound op counted as `_MEMORY_MACS` MACs.
+        Factored: 3·(pre + T·c) MACs + 3·T·traffic (forward + backward, `apply_macs` / `apply_traffic`).
+        Materialized: 4·build (build, rebuild and its backward) + T·m·n (dΔ = dYᵀX) MACs + ~12 passes over m·n
+        (Δ written, merged into W₀, twice; dΔ written, folded, read). The choice depends on T only, never on grad
+        mode, so a model runs the same path (and bits) in training, eval and after reload.
+        """
+        if self.geometry.kind != "linear" or self.forward_mode == "materialized":
+            return False
+        if self.forward_mode == "factored":
+            return True
+        pre, per_token = apply_macs(self.shape, self.unmerged_mode)
+        traffic = apply_traffic(self.shape, self.unmerged_mode)
+        dense = self.shape.out_features * self.shape.in_features
+        factored = 3 * (pre + tokens * per_token) + 3 * _MEMORY_MACS * tokens * traffic
+        materialized = 4 * build_macs(self.shape) + tokens * dense + 12 * _MEMORY_MACS * dense
+        return factored < materialized
+
+    def _factored_delta(self, x: Tensor) -> Tensor:
+        core, factors = self._scaled(tuple(self.vectors()), x.dtype)
+        flat = x.reshape(-1, self.shape.in_features)  # (..., n) -> (T, n)
+        out = tucker_apply(flat, core, factors, self.shape, self.unmerged_mode)  # (T, m)
+        return out.reshape(*x.shape[:-1], self.shape.out_features)
+
+    def _explicit_backward_ok(self, base: FrozenBase) -> bool:
+        """The closed-form linear backward applies: a linear base whose frozen weight and bias take no gradient."""
+        module = base.module
+        frozen = not any(p.requires_grad for p in (getattr(module, "weight", None), getattr(module, "bias", None))
+                         if isinstance(p, Tensor))
+        linear_op = base.geometry.quantized or base.geometry.standard_forward or base.geometry.fan_in_fan_out
+        return base.geometry.kind == "linear" and linear_op and frozen
+
+    def forward(self, x: Tensor, base: FrozenBase) -> Tensor:
+        tokens = x.numel() // self.shape.in_features
+        if self.use_factored(tokens):
+            return base(x) + self._factored_delta(x)
+        if self._explicit_backward_ok(base):
+            if base.geometry.quantized:  # the weight can only be read, not substituted: add x Δᵀ to the base output
+                return base(x) + _RebuiltDeltaLinear.apply(x, base, self._network, False, *self.vectors())
+            return _RebuiltDeltaLinear.apply(x, base, self._network, True, *self.vectors())
+        # Convolutions and custom linear subclasses: autograd through the base op, with Δ recomputed in backward.
+        run = lambda inp, *vecs: base.forward_with_delta(inp, self._build(*vecs))  # noqa: E731
+        return checkpoint(run, x, *self.vectors(), use_reentrant=False)
+
+    def delta_forward(self, x: Tensor, base: FrozenBase) -> Tensor:
+        tokens = x.numel() // self.shape.in_features
+        if self.use_factored(tokens):
+            return self._factored_delta(x)
+        if self.geometry.kind == "linear":
+            return _RebuiltDeltaLinear.apply(x, base, self._network, False, *self.vectors())
+        run = lambda inp, *vecs: self.geometry.apply(inp, self._build(*vecs).to(inp.dtype))  # noqa: E731
+        return checkpoint(run, x, *self.vectors(), use_reentrant=False)
+
+    def num_trainable(self) -> int:
+        return sum(v.numel() for v in self.vectors())
+
+    def extra_repr(self) -> str:
+        s = self.shape
+        return (f"out_modes={s.out_modes}, in_modes={s.in_modes}, ranks={s.ranks}, sides={self.scale_sides}, "
+                f"alpha={self.alpha}, forward_mode={self.forward_mode}")
+
+
+REGISTRATION = dict(
+    name="tera",
+    config_cls=TeRAConfig,
+    adapter_cls=TeRAAdapter,
+    description="TeRA: Tucker network with frozen shared random factors; trains per-layer diagonal scalings.",
+)

@@ -1,0 +1,381 @@
+"""Tucker tensor networks over weight matrices: tensorization into modes, HOSVD, seeded shared random factors.
+
+A d_out×d_in matrix Δ is viewed as an order-N tensor 𝒳 whose k-th mode pairs the k-th out-factor with the k-th
+in-factor (MPO-style interleaving, spec tera_fedsvd_snella.md §1.2). With m = ∏ m_k, n = ∏ n_k and row-major
+multi-indices a = (a_1..a_N), b = (b_1..b_N):
+
+    Δ[a, b] = 𝒳[j_1, …, j_N],   j_k = a_k·n_k + b_k ∈ [0, J_k),   J_k = m_k·n_k.
+
+A Tucker network 𝒳 = 𝒢 ×_1 U_1 ×_2 … ×_N U_N (core 𝒢: R_1×…×R_N, U_k: J_k×R_k) parameterizes Δ. Equivalently
+Δ = Σ_r 𝒢[r] · M_1^{(r_1)} ⊗ … ⊗ M_N^{(r_N)} with M_k^{(r)} = reshape(U_k[:, r], (m_k, n_k)), so one Kronecker term
+already has rank ∏ min(m_k, n_k): rank(Δ) is not bounded by the number of parameters.
+
+Shared random factors are generated on the CPU from `(seed, mode sizes, ranks)` with integer draws and exact
+arithmetic only (no transcendental function), so the same config regenerates bit-identical factors on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import string
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .svd import SVDInit, truncated_svd
+
+__all__ = [
+    "TuckerShape",
+    "apply_macs",
+    "apply_traffic",
+    "balanced_factors",
+    "best_mode",
+    "bucket_seed",
+    "build_macs",
+    "fold",
+    "is_kronecker",
+    "hosvd",
+    "mode_product",
+    "prime_factors",
+    "shared_random_factors",
+    "split_shared",
+    "tucker_apply",
+    "tucker_to_tensor",
+    "unfold",
+    "unfold_view",
+]
+
+_UNIFORM_BITS = 24  # each uniform draw is (k + 1/2)/2^24, k a 24-bit integer: exact in float64
+_IRWIN_HALL_TERMS = 12  # Σ of 12 U(0,1) − 6 has mean 0 and variance 1 (Irwin–Hall)
+
+
+# -- mode sizes -------------------------------------------------------------------------------------------------
+
+
+def prime_factors(value: int) -> list[int]:
+    """Prime factors of `value` ≥ 1 with multiplicity, ascending (1 → [])."""
+    if value < 1:
+        raise ValueError(f"prime_factors: value must be ≥ 1, got {value}.")
+    factors, p = [], 2
+    while p * p <= value:
+        while value % p == 0:
+            factors.append(p)
+            value //= p
+        p += 1
+    if value > 1:
+        factors.append(value)
+    return factors
+
+
+def balanced_factors(dim: int, order: int) -> tuple[int, ...]:
+    """`order` integers ≥ 1 with product `dim`, as equal as its prime factors allow, in descending order.
+
+    Primes are assigned largest first to the currently smallest bin (spec §1.3): 4096 → (16, 16, 16),
+    11008 = 2⁸·43 → (43, 16, 16), 3072 → (16, 16, 12), a prime p → (p, 1, 1).
+    """
+    if order < 1:
+        raise ValueError(f"balanced_factors: order must be ≥ 1, got {order}.")
+    bins = [1] * order
+    for prime in sorted(prime_factors(dim), reverse=True):
+        bins[bins.index(min(bins))] *= prime
+    return tuple(sorted(bins, reverse=True))
+
+
+@dataclass(frozen=True)
+class TuckerShape:
+    """Mode structure of a Tucker-parameterized d_out×d_in matrix.
+
+    Attributes:
+        out_modes: (m_1..m_N), product d_out.
+        in_modes: (n_1..n_N), product d_in.
+        ranks: (R_1..R_N), each 1 ≤ R_k ≤ J_k = m_k·n_k.
+    """
+
+    out_modes: tuple[int, ...]
+    in_modes: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_modes", tuple(int(v) for v in self.out_modes))
+        object.__setattr__(self, "in_modes", tuple(int(v) for v in self.in_modes))
+        object.__setattr__(self, "ranks", tuple(int(v) for v in self.ranks))
+        if not len(self.out_modes) == len(self.in_modes) == len(self.ranks) >= 1:
+            raise ValueError(
+                f"TuckerShape: out_modes {self.out_modes}, in_modes {self.in_modes} and ranks {self.ranks} must have "
+                "the same length N ≥ 1 (the tensor order)."
+            )
+        if min(self.out_modes + self.in_modes) < 1:
+            raise ValueError(f"TuckerShape: mode sizes must be ≥ 1, got {self.out_modes} × {self.in_modes}.")
+        for k, (rank, size) in enumerate(zip(self.ranks, self.mode_sizes)):
+            if not 1 <= rank <= size:
+                raise ValueError(f"TuckerShape: rank R_{k + 1}={rank} must be in [1, J_{k + 1}={size}].")
+
+    @classmethod
+    def for_matrix(cls, d_out: int, d_in: int, order: int, ranks: int | tuple[int, ...] | list[int]) -> TuckerShape:
+        """Balanced modes for a d_out×d_in matrix; an int rank r gives R_k = min(r, J_k), a list is clipped to J_k."""
+        out_modes, in_modes = balanced_factors(d_out, order), balanced_factors(d_in, order)
+        sizes = [m * n for m, n in zip(out_modes, in_modes)]
+        wanted = [ranks] * order if isinstance(ranks, int) else list(ranks)
+        if len(wanted) != order:
+            raise ValueError(f"TuckerShape.for_matrix: {len(wanted)} ranks given for tensor order {order}.")
+        return cls(out_modes, in_modes, tuple(min(r, j) for r, j in zip(wanted, sizes)))
+
+    @property
+    def order(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def mode_sizes(self) -> tuple[int, ...]:
+        """J_k = m_k·n_k."""
+        return tuple(m * n for m, n in zip(self.out_modes, self.in_modes))
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.out_modes)
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.in_modes)
+
+    @property
+    def key(self) -> str:
+        """Bucket name, e.g. 'o43x16x16_i16x16x16_r16x16x16' (a valid buffer name: no dots)."""
+        join = lambda values: "x".join(map(str, values))  # noqa: E731
+        return f"o{join(self.out_modes)}_i{join(self.in_modes)}_r{join(self.ranks)}"
+
+    @property
+    def num_shared(self) -> int:
+        """Floats in the frozen core plus factors: ∏ R_k + Σ J_k R_k."""
+        return math.prod(self.ranks) + sum(j * r for j, r in zip(self.mode_sizes, self.ranks))
+
+
+# -- index maps -------------------------------------------------------------------------------------------------
+
+
+def fold(matrix: Tensor, shape: TuckerShape) -> Tensor:
+    """(m, n) matrix → (J_1, …, J_N) tensor with Δ[a, b] = 𝒳[j], j_k = a_k·n_k + b_k."""
+    order = shape.order
+    # (m, n) -> (m_1..m_N, n_1..n_N) -> (m_1, n_1, …, m_N, n_N) -> (J_1..J_N)
+    split = matrix.reshape(*shape.out_modes, *shape.in_modes)
+    interleaved = split.permute(*[axis for k in range(order) for axis in (k, order + k)])
+    return interleaved.reshape(shape.mode_sizes)
+
+
+def unfold_view(tensor: Tensor, shape: TuckerShape) -> Tensor:
+    """(J_1, …, J_N) tensor → the unfolded matrix as a strided (m_1..m_N, n_1..n_N) view, without copying.
+
+    Adding it to `W.view(m_1..m_N, n_1..n_N)` fuses the unfold permutation into the add (one pass over m·n).
+    """
+    order = shape.order
+    # (J_1..J_N) -> (m_1, n_1, …, m_N, n_N) -> (m_1..m_N, n_1..n_N)
+    pairs = tensor.reshape([size for m, n in zip(shape.out_modes, shape.in_modes) for size in (m, n)])
+    return pairs.permute(*range(0, 2 * order, 2), *range(1, 2 * order, 2))
+
+
+def unfold(tensor: Tensor, shape: TuckerShape) -> Tensor:
+    """(J_1, …, J_N) tensor → (m, n) matrix; the inverse of `fold`."""
+    return unfold_view(tensor, shape).reshape(shape.out_features, shape.in_features)  # (m_1..m_N, n_1..n_N) -> (m, n)
+
+
+# -- Tucker algebra ---------------------------------------------------------------------------------------------
+
+
+def mode_product(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
+    """𝒯 ×_mode A: contracts axis `mode` (size R) of `tensor` with the columns of `matrix` (J, R)."""
+    # (…, R at `mode`, …) · (J, R)ᵀ -> (…, J at the end) -> (…, J at `mode`, …)
+    return torch.tensordot(tensor, matrix, dims=([mode], [1])).movedim(-1, mode)
+
+
+def tucker_to_tensor(core: Tensor, factors: list[Tensor]) -> Tensor:
+    """𝒢 ×_1 U_1 ×_2 … ×_N U_N, contracted in mode order (cost Σ_k ∏_{l≤k} J_l ∏_{l≥k} R_l MACs)."""
+    out = core
+    for mode, factor in enumerate(factors):
+        out = mode_product(out, factor, mode)
+    return out
+
+
+def hosvd(tensor: Tensor, ranks: tuple[int, ...] | list[int], init: SVDInit = SVDInit()) -> tuple[Tensor, list[Tensor]]:
+    """Truncated higher-order SVD (De Lathauwer et al., 2000): 𝒳 ≈ 𝒢 ×_k U_k.
+
+    U_k = top-R_k left singular vectors of the mode-k unfolding X_(k) (J_k × ∏_{l≠k} J_l), 𝒢 = 𝒳 ×_k U_kᵀ.
+    Exact when the multilinear rank of 𝒳 is at most `ranks`. Runs in fp32 (`truncated_svd`).
+
+    Returns:
+        core (R_1..R_N) and factors [U_k (J_k × R_k)] with orthonormal columns, fp32.
+    """
+    if len(ranks) != tensor.dim():
+        raise ValueError(
+            f"hosvd: {len(ranks)} ranks for an order-{tensor.dim()} tensor of shape {tuple(tensor.shape)}; "
+            "give one rank per mode."
+        )
+    work = tensor.float()
+    factors = []
+    for mode, rank in enumerate(ranks):
+        unfolding = work.movedim(mode, 0).reshape(work.shape[mode], -1)  # (J_k, ∏_{l≠k} J_l)
+        U, _, _ = truncated_svd(unfolding, rank, init)
+        factors.append(U)
+    core = work
+    for mode, factor in enumerate(factors):
+        core = mode_product(core, factor.T, mode)
+    return core, factors
+
+
+def build_macs(shape: TuckerShape) -> int:
+    """MACs of `tucker_to_tensor` in mode order (spec §1.6)."""
+    sizes, ranks = shape.mode_sizes, shape.ranks
+    return sum(math.prod(sizes[: k + 1]) * math.prod(ranks[k:]) for k in range(shape.order))
+
+
+def is_kronecker(shape: TuckerShape) -> bool:
+    """At most one R_k > 1: then Δ = M_1 ⊗ … ⊗ M̄_k ⊗ … ⊗ M_N is one Kronecker product (M̄_k = Σ_r 𝒢[r]·M_k^{(r)})."""
+    return sum(rank > 1 for rank in shape.ranks) <= 1
+
+
+def apply_macs(shape: TuckerShape, mode: int | None = None) -> tuple[int, int]:
+    """(pre, per-token) MACs of `tucker_apply` (the Kronecker chain when `is_kronecker`, else with `mode` unmerged).
+
+    Kronecker chain: Σ_k (∏_{l≤k} n_l)(∏_{l≥k} m_l) per token. Unmerged mode k: pre = P = 𝒢 ×_{l≠k} U_l;
+    per token n·m_k·R_k (x against U_k) + (n/n_k)·R_k·m (against P).
+    """
+    m_modes, n_modes = shape.out_modes, shape.in_modes
+    if is_kronecker(shape):
+        per_token = sum(math.prod(n_modes[: k + 1]) * math.prod(m_modes[k:]) for k in range(shape.order))
+        return sum(j * r for j, r in zip(shape.mode_sizes, shape.ranks)), per_token
+    k = best_mode(shape) if mode is None else mode
+    sizes, ranks = shape.mode_sizes, shape.ranks
+    pre, current = 0, list(ranks)
+    for l in (l for l in range(shape.order) if l != k):  # mode products in order; each replaces R_l by J_l
+        pre += math.prod(current) * sizes[l]
+        current[l] = sizes[l]
+    n, m = shape.in_features, shape.out_features
+    return pre, n * m_modes[k] * ranks[k] + (n // n_modes[k]) * ranks[k] * m
+
+
+def apply_traffic(shape: TuckerShape, mode: int | None = None) -> int:
+    """Elements written per token by `tucker_apply`'s forward (GEMM outputs plus layout copies).
+
+    Kronecker chain: 2·Σ_k (∏_{l<k} n_l)(∏_{l≥k} m_l). Unmerged mode k: 3·z + 3·m + n with z = n·m_k·R_k/n_k
+    (Z written, permuted, read; the output likewise; the input reshaped).
+    """
+    m_modes, n_modes = shape.out_modes, shape.in_modes
+    if is_kronecker(shape):
+        return 2 * sum(math.prod(n_modes[:k]) * math.prod(m_modes[k:]) for k in range(shape.order))
+    k = best_mode(shape) if mode is None else mode
+    z = shape.in_features // n_modes[k] * m_modes[k] * shape.ranks[k]
+    return 3 * z + 3 * shape.out_features + shape.in_features
+
+
+def best_mode(shape: TuckerShape) -> int:
+    """The mode to leave unmerged in `tucker_apply` that minimizes its per-token MACs (first on ties)."""
+    return min(range(shape.order), key=lambda k: (apply_macs(shape, k)[1] if not is_kronecker(shape) else 0, k))
+
+
+def _kronecker_chain(x: Tensor, mats: list[Tensor]) -> Tensor:
+    """x (M_1 ⊗ … ⊗ M_N)ᵀ for x (T, n_1..n_N) and M_k (m_k, n_k): one GEMM per mode, last mode first."""
+    cur = x
+    for k in reversed(range(len(mats))):
+        cur = cur @ mats[k].T  # (T, m_{>k}, n_{≤k}) · (n_k, m_k) -> (T, m_{>k}, n_{<k}, m_k)
+        cur = cur.movedim(-1, 1)  # -> (T, m_{≥k}, n_{<k}); after the last step (T, m_1..m_N)
+    return cur
+
+
+def tucker_apply(x: Tensor, core: Tensor, factors: list[Tensor], shape: TuckerShape, mode: int | None = None) -> Tensor:
+    """x Δᵀ for Δ = unfold(𝒢 ×_l U_l), without forming Δ.
+
+    Two plans, both GEMM-shaped (sweeping the modes one at a time keeps every rank index alive: fewer MACs for
+    R ≥ 2 but R_k R_l-times larger, badly laid-out intermediates, 2-10x slower on CPU, measured):
+
+    * `is_kronecker(shape)`: Δ = ⊗_l M_l exactly, applied as a chain of N small GEMMs, intermediates no larger
+      than the input or output.
+    * otherwise all modes but k are merged into the core once, P = 𝒢 ×_{l≠k} U_l (size m·n·R_k/J_k, independent of
+      the tokens); Z = x ×_{n_k} U_k swaps in-mode k for (out-mode k, rank k), and
+      y[t, a] = Σ_{b_{l≠k}, r_k} P[(a_l, b_l)_{l≠k}, r_k] · Z[t, b_{l≠k}, a_k, r_k].
+
+    Cost: `apply_macs(shape, k)`.
+
+    Args:
+        x: (T, n) inputs.
+        core: (R_1..R_N); factors: [U_k (J_k × R_k)], any float dtype matching x.
+        shape: the mode structure; mode: the unmerged mode k, default `best_mode(shape)` (ignored for Kronecker).
+
+    Returns:
+        (T, m) outputs.
+    """
+    order, tokens = shape.order, x.shape[0]
+    cubes = [f.reshape(m, n, r) for f, m, n, r in zip(factors, shape.out_modes, shape.in_modes, shape.ranks)]
+    if is_kronecker(shape):
+        k = max(range(order), key=lambda l: shape.ranks[l])  # the one mode that may have R_k > 1
+        weights = core.reshape(shape.ranks[k])  # (1..R_k..1) -> (R_k,)
+        mats = [cube[..., 0] if l != k else cube @ weights for l, cube in enumerate(cubes)]  # each (m_l, n_l)
+        out = _kronecker_chain(x.reshape(tokens, *shape.in_modes), mats)  # (T, n) -> (T, n_1..n_N) -> (T, m_1..)
+        return out.reshape(tokens, shape.out_features)
+    k = best_mode(shape) if mode is None else mode
+    letters = iter(string.ascii_letters.replace("t", ""))
+    a = [next(letters) for _ in range(order)]  # out-mode indices
+    b = [next(letters) for _ in range(order)]  # in-mode indices
+    r = next(letters)  # rank index of mode k
+    merged = core
+    for l in range(order):
+        if l != k:
+            merged = mode_product(merged, factors[l], l)  # R_l -> J_l: (J_1.., R_k, ..J_N)
+    others = [l for l in range(order) if l != k]
+    # (J_1.., R_k, ..J_N) -> (m_l, n_l for l≠k; R_k at position k)
+    pairs = [size for l in range(order)
+             for size in ((shape.out_modes[l], shape.in_modes[l]) if l != k else (shape.ranks[k],))]
+    p_idx = "".join(a[l] + b[l] if l != k else r for l in range(order))
+    z = torch.einsum(f"t{''.join(b)},{a[k]}{b[k]}{r}->t{''.join(b[l] for l in others)}{a[k]}{r}",
+                     x.reshape(tokens, *shape.in_modes), cubes[k])  # (T, n_1..n_N) -> (T, n_{l≠k}, m_k, R_k)
+    out = torch.einsum(f"t{''.join(b[l] for l in others)}{a[k]}{r},{p_idx}->t{''.join(a)}", z, merged.reshape(pairs))
+    return out.reshape(tokens, shape.out_features)  # (T, m_1..m_N) -> (T, m)
+
+
+# -- seeded shared factors --------------------------------------------------------------------------------------
+
+
+def bucket_seed(seed: int, shape: TuckerShape) -> int:
+    """63-bit generator seed: the first 8 bytes of sha256(f"{seed}|{shape.key}")."""
+    digest = hashlib.sha256(f"{seed}|{shape.key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def _standard_normal_approx(numel: int, generator: torch.Generator) -> Tensor:
+    """`numel` draws of Σ_{i=1..12} u_i − 6 (Irwin–Hall: mean 0, variance 1, bounded by ±6), float64 on CPU.
+
+    u_i = (k_i + 1/2)/2^24 from 24-bit integer draws of a CPU torch.Generator (mt19937, integer arithmetic). Every
+    step is exact in float64 (the sum has at most 28 significant bits), so unlike torch.randn, whose fp32 kernel
+    differs between AVX2 and scalar builds and whose fp64 kernel calls libm, the result is identical on every
+    machine for a given torch generator algorithm.
+    """
+    draws = torch.randint(0, 2**_UNIFORM_BITS, (_IRWIN_HALL_TERMS, numel), generator=generator, dtype=torch.int64)
+    total = draws.sum(dim=0) + _IRWIN_HALL_TERMS // 2  # Σ_i (k_i + 1/2) = Σ_i k_i + 12/2, an exact integer
+    return total.double() / 2.0**_UNIFORM_BITS - _IRWIN_HALL_TERMS / 2
+
+
+def shared_random_factors(seed: int, shape: TuckerShape) -> Tensor:
+    """The frozen core and factors of one bucket, packed into one flat fp32 CPU buffer.
+
+    Layout: [vec(𝒢) | vec(U_1) | … | vec(U_N)] (row-major), drawn in that order from
+    `torch.Generator().manual_seed(bucket_seed(seed, shape))`. Variances (spec §1.4): 𝒢 ~ 1/n, U_k ~ 1/R_k, so with
+    unit scaling vectors every entry of Δ has variance 1/n whatever the bucket.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(bucket_seed(seed, shape))
+    stds = [1.0 / math.sqrt(shape.in_features)] + [1.0 / math.sqrt(r) for r in shape.ranks]
+    sizes = [math.prod(shape.ranks)] + [j * r for j, r in zip(shape.mode_sizes, shape.ranks)]
+    parts = [_standard_normal_approx(size, generator) * std for size, std in zip(sizes, stds)]
+    return torch.cat(parts).float()
+
+
+def split_shared(flat: Tensor, shape: TuckerShape) -> tuple[Tensor, list[Tensor]]:
+    """Views of the core (R_1..R_N) and factors [U_k (J_k × R_k)] inside a flat buffer (no copy)."""
+    if flat.numel() != shape.num_shared:
+        raise ValueError(
+            f"Shared factor buffer of bucket '{shape.key}' has {flat.numel()} entries, expected {shape.num_shared}. "
+            "It was saved for another mode shape; regenerate it (save_shared_factors=False) or fix the config."
+        )
+    sizes = [math.prod(shape.ranks)] + [j * r for j, r in zip(shape.mode_sizes, shape.ranks)]
+    pieces = torch.split(flat, sizes)
+    core = pieces[0].view(shape.ranks)  # (∏R,) -> (R_1..R_N)
+    factors = [piece.view(j, r) for piece, j, r in zip(pieces[1:], shape.mode_sizes, shape.ranks)]  # -> (J_k, R_k)
+    return core, factors

@@ -1,0 +1,299 @@
+"""TeRA: spec self-checks (§1.9) against float64 references, sharing/regeneration, and the foundation matrix."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import specpeft
+from adapter_matrix import CHECKS, MODEL_CASES, MethodCase, adapted, perturb, run_check
+from specpeft import FrozenBase, LayerGeometry, TeRAConfig
+from specpeft.adapters.tera import TeRAAdapter
+from specpeft.init.tucker import TuckerShape, shared_random_factors, split_shared
+
+TRAINABLE = {f"{side}_scale_{k}" for side in ("mode", "rank") for k in range(3)}
+CASE = MethodCase(make_config=lambda targets: TeRAConfig(target_modules=targets), trainable=TRAINABLE)
+TARGETS = ["0", "2", "4", "5", "6"]  # three weight shapes: 40×24 (×2), 40×40 (×2), 24×40
+
+
+@pytest.mark.parametrize("model_name", list(MODEL_CASES))
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_matrix(check: str, model_name: str) -> None:
+    run_check(check, CASE, model_name)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+
+
+def several_shapes_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 40),
+                         nn.Linear(40, 24), nn.Linear(24, 40)).eval()
+
+
+def model_input() -> torch.Tensor:
+    return torch.randn(6, 24, generator=torch.Generator().manual_seed(5))
+
+
+def _adapter(d_out: int, d_in: int, dtype=torch.float64, seed: int = 11, **cfg) -> TeRAAdapter:
+    """A standalone adapter with random (non-init) vectors, in `dtype`."""
+    config = TeRAConfig(target_modules=["x"], **cfg)
+    adapter = TeRAAdapter.create(LayerGeometry("linear", (d_out, d_in)), config, None, None, name="x").to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for vector in adapter.vectors():
+            vector.copy_(1 + 0.5 * torch.randn(vector.shape, generator=gen, dtype=dtype))
+    return adapter
+
+
+def _reference_delta(adapter: TeRAAdapter) -> torch.Tensor:
+    """α Σ_r 𝒢[r] ⊗_k reshape(λ_k ⊙ U_k[:, r_k] μ_k[r_k], (m_k, n_k)) from the raw buffer, in float64 (spec §1.2)."""
+    shape = adapter.shape
+    core, factors = split_shared(adapter.shared_buffer.double(), shape)
+    named = dict(adapter.named_parameters())
+    delta = torch.zeros(shape.out_features, shape.in_features, dtype=torch.float64)
+    for r in itertools.product(*(range(rank) for rank in shape.ranks)):
+        term = torch.ones(1, 1, dtype=torch.float64)
+        for k in range(shape.order):
+            column = factors[k][:, r[k]].clone()
+            if f"mode_scale_{k}" in named:
+                column = column * named[f"mode_scale_{k}"].double()
+            if f"rank_scale_{k}" in named:
+                column = column * named[f"rank_scale_{k}"].double()[r[k]]
+            term = torch.kron(term, column.reshape(shape.out_modes[k], shape.in_modes[k]))
+        delta += core[r] * term
+    return adapter.alpha * delta
+
+
+def _store(model: nn.Module, adapter_name: str = "default"):
+    return model.base_model.tera_shared[adapter_name]
+
+
+# -- math -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sides", ["both", "mode", "rank"])
+def test_delta_equals_float64_reference(sides: str) -> None:
+    adapter = _adapter(12, 20, scale_sides=sides, alpha=0.7, rank=[3, 2, 2])
+    torch.testing.assert_close(adapter.delta_weight(), _reference_delta(adapter), atol=1e-12, rtol=0)
+
+
+def test_closed_form_with_unit_rank_scales() -> None:
+    """Spec §1.9 check 3: with μ ≡ 1, Δ = F ⊙ (L_1 ⊗ L_2 ⊗ L_3), F the frozen unfolded network."""
+    adapter = _adapter(12, 20, scale_sides="mode", rank=[3, 2, 2])
+    shape = adapter.shape
+    lams = [v.detach() for v in adapter.vectors()]
+    with torch.no_grad():
+        for vector in adapter.vectors():
+            vector.fill_(1.0)
+        frozen = adapter.delta_weight()
+        for vector, lam in zip(adapter.vectors(), lams):
+            vector.copy_(lam)
+    mask = torch.ones(1, 1, dtype=torch.float64)
+    for lam, m_k, n_k in zip(lams, shape.out_modes, shape.in_modes):
+        mask = torch.kron(mask, lam.reshape(m_k, n_k))
+    torch.testing.assert_close(adapter.delta_weight(), frozen * mask, atol=1e-12, rtol=0)
+
+
+def test_rank_exceeds_trainable_count() -> None:
+    """Spec §1.2/§1.9 check 4: rank(Δ) = min(m, n) with far fewer trainables; R = 1 gives ∏ min(m_k, n_k)."""
+    adapter = _adapter(256, 256)
+    assert adapter.shape.ranks == (16, 16, 16) and adapter.num_trainable() == 144 + 48
+    assert torch.linalg.matrix_rank(adapter.delta_weight()).item() == 256 > adapter.num_trainable()
+    wide = _adapter(192, 480, rank=4)  # modes (8, 6, 4) × (10, 8, 6): 152 + 12 trainables
+    assert torch.linalg.matrix_rank(wide.delta_weight()).item() == 192 > wide.num_trainable() == 164
+    single = _adapter(60, 24, rank=1, mode_sizes={"60x24": [[4, 3, 5], [2, 4, 3]]})
+    assert torch.linalg.matrix_rank(single.delta_weight()).item() == 2 * 3 * 3 == 18
+
+
+def test_trainable_count_matches_spec_table() -> None:
+    """Spec §1.9 check 9: Σ J_k + Σ R_k per layer (816 for 4096² at the defaults, 1,248 for 11008×4096)."""
+    assert _adapter(4096, 4096, dtype=torch.float32).num_trainable() == 816
+    assert _adapter(11008, 4096, dtype=torch.float32).num_trainable() == 1248
+    assert _adapter(4096, 4096, dtype=torch.float32, scale_sides="mode").num_trainable() == 768
+
+
+@pytest.mark.parametrize("mode", ["factored", "materialized"])
+def test_forward_and_gradients_equal_dense(mode: str) -> None:
+    base = nn.Linear(20, 12).double().requires_grad_(False)
+    adapter = _adapter(12, 20, forward_mode=mode, rank=[3, 2, 2], alpha=1.3)
+    x = torch.randn(2, 5, 20, dtype=torch.float64, requires_grad=True)
+    out = adapter(x, FrozenBase(base))
+    torch.testing.assert_close(out, nn.functional.linear(x, base.weight + _reference_delta(adapter), base.bias),
+                               atol=1e-12, rtol=0)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *adapter.vectors()], upstream)
+    x_ref = x.detach().clone().requires_grad_(True)
+    reference = nn.functional.linear(x_ref, base.weight + adapter._build(*adapter.vectors()), base.bias)
+    expected = torch.autograd.grad(reference, [x_ref, *adapter.vectors()], upstream)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
+    delta_term = adapter.delta_forward(x, FrozenBase(base))
+    torch.testing.assert_close(delta_term, x @ _reference_delta(adapter).T, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["factored", "materialized"])
+def test_gradcheck(mode: str) -> None:
+    """Spec §1.9 check 10 on λ, μ and x, through the forward the model runs (custom backward when materialized)."""
+    base = nn.Linear(6, 4).double().requires_grad_(False)
+    adapter = _adapter(4, 6, forward_mode=mode, rank=2)
+    names = [name for name, _ in adapter.named_parameters()]
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    vectors = tuple(v.detach().clone().requires_grad_(True) for v in adapter.vectors())
+
+    def run(inp: torch.Tensor, *vecs: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(adapter, dict(zip(names, vecs)), (inp, FrozenBase(base)))
+
+    assert torch.autograd.gradcheck(run, (x, *vectors))
+    assert torch.autograd.gradgradcheck(lambda *vecs: adapter._build(*vecs), vectors)
+
+
+def test_init_is_exactly_zero_with_nonzero_gradient() -> None:
+    """Spec §1.5 / §1.9 check 5: Δ = 0 exactly, ∂L/∂λ_1 ≠ 0, and one step later every vector gets gradient."""
+    base = nn.Linear(24, 40).requires_grad_(False)
+    adapter = TeRAAdapter.create(LayerGeometry.of(base), TeRAConfig(target_modules=["x"]), base.weight, None)
+    assert torch.equal(adapter.delta_weight(), torch.zeros(40, 24))
+    x = torch.randn(5, 24)
+    assert torch.equal(adapter(x, FrozenBase(base)), base(x))
+    adapter(x, FrozenBase(base)).pow(2).sum().backward()
+    grads = [v.grad for v in adapter.vectors()]
+    assert grads[0].abs().sum() > 0 and all(g.abs().sum() == 0 for g in grads[1:])
+    with torch.no_grad():
+        adapter.vectors()[0].sub_(0.1 * grads[0])
+    adapter.zero_grad()
+    adapter(x, FrozenBase(base)).pow(2).sum().backward()
+    assert all(v.grad.abs().sum() > 0 for v in adapter.vectors())
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_materialized_forward_saves_no_dense_delta(quantized: bool) -> None:
+    """Autograd must not keep an m×n tensor alive between forward and backward (ΔW is rebuilt in backward)."""
+    d_out, d_in = 64, 96
+    base = nn.Linear(d_in, d_out).requires_grad_(False)
+    adapter = _adapter(d_out, d_in, dtype=torch.float32, forward_mode="materialized")
+    frozen = FrozenBase(base)
+    if quantized:
+        frozen.geometry = LayerGeometry("linear", (d_out, d_in), quantized=True, standard_forward=False)
+    saved: list[tuple[int, int]] = []
+    x = torch.randn(4, d_in, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.numel(), t.data_ptr())) or t, lambda t: t):
+        out = adapter(x, frozen)
+    # The base's own frozen weight may be saved by the base op (no new memory); nothing else of size m·n.
+    new_tensors = [numel for numel, ptr in saved if ptr != base.weight.data_ptr()]
+    assert new_tensors and max(new_tensors) < d_out * d_in, saved
+    out.sum().backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in adapter.vectors())
+
+
+def test_auto_mode_picks_by_token_count() -> None:
+    """The winners measured in benchmarks/results/tera_speed.md: factored for few tokens or a Kronecker Δ at 4096²."""
+    adapter = _adapter(4096, 4096, dtype=torch.float32)
+    assert adapter.use_factored(1) and adapter.use_factored(8)
+    assert not adapter.use_factored(512) and not adapter.use_factored(4096)
+    assert _adapter(4096, 4096, dtype=torch.float32, rank=1).use_factored(512)
+    assert not _adapter(384, 384, dtype=torch.float32, rank=1).use_factored(2048)
+
+
+def test_bad_options_name_the_field() -> None:
+    with pytest.raises(ValueError, match="tensor_order"):
+        TeRAConfig(target_modules=["x"], tensor_order=1)
+    with pytest.raises(ValueError, match="TeRAConfig.rank"):
+        TeRAConfig(target_modules=["x"], rank=[4, 4])
+    with pytest.raises(ValueError, match="mode_sizes"):
+        TeRAConfig(target_modules=["x"], mode_sizes={"12x20": [[3, 2, 2], [5, 2, 3]]})
+    with pytest.raises(TypeError, match="TeRAConfig.scale_sides"):
+        TeRAConfig(target_modules=["x"], scale_sides="left")
+
+
+# -- sharing, saving, regeneration ------------------------------------------------------------------------------
+
+
+def test_one_shared_buffer_per_shape_and_no_shared_parameters() -> None:
+    model = specpeft.get_adapter_model(several_shapes_model(), TeRAConfig(target_modules=TARGETS))
+    store = _store(model)
+    layers = {name.rsplit(".", 1)[-1]: layer.adapters["default"] for name, layer in adapted(model)}
+    assert len(list(store.buffers())) == 3  # 40×24, 40×40, 24×40
+    assert layers["0"].shared_buffer.data_ptr() == layers["6"].shared_buffer.data_ptr()
+    assert layers["2"].shared_buffer.data_ptr() == layers["4"].shared_buffer.data_ptr()
+    assert len({layers[k].shared_buffer.data_ptr() for k in ("0", "2", "5")}) == 3
+    # FSDP-relevant: every nn.Parameter belongs to exactly one module, and the shared tensors are buffers only.
+    owners = [id(p) for m in model.modules() for p in m.parameters(recurse=False)]
+    assert len(owners) == len(set(owners))
+    assert not any(isinstance(b, nn.Parameter) for b in store.buffers())
+    assert not any(p.data_ptr() == b.data_ptr() for p in model.parameters() for b in store.buffers())
+    model.to(torch.float64)
+    assert layers["0"].shared_buffer.dtype == torch.float64
+    assert layers["0"].shared_buffer.data_ptr() == layers["6"].shared_buffer.data_ptr()
+
+
+def test_file_holds_only_vectors_unless_factors_are_saved() -> None:
+    x = model_input()
+    for save_factors in (False, True):
+        model = specpeft.get_adapter_model(
+            several_shapes_model(), TeRAConfig(target_modules=TARGETS, save_shared_factors=save_factors)
+        )
+        perturb(model, 0.3)
+        out = model(x)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            keys = set(load_file(os.path.join(tmp, "adapter_model.safetensors")))
+            shared_keys = {k for k in keys if ".tera_shared." in k}
+            assert all(k.rsplit(".", 1)[-1] in TRAINABLE for k in keys - shared_keys)
+            assert len(keys - shared_keys) == 5 * 6
+            assert len(shared_keys) == (3 if save_factors else 0)  # one entry per bucket, never per layer
+            # Change the seed in the saved config: saved factors win; regenerated ones then differ.
+            config_file = os.path.join(tmp, "adapter_config.json")
+            with open(config_file) as fh:
+                config = json.load(fh)
+            config["projection_seed"] = 999
+            with open(config_file, "w") as fh:
+                json.dump(config, fh)
+            reloaded = specpeft.load_adapter_model(several_shapes_model(), tmp)(x)
+            assert torch.equal(reloaded, out) == save_factors
+
+
+def test_delete_adapter_drops_its_store() -> None:
+    model = specpeft.get_adapter_model(several_shapes_model(), TeRAConfig(target_modules=TARGETS))
+    model.add_adapter("other", TeRAConfig(target_modules=TARGETS, projection_seed=3))
+    assert set(model.base_model.tera_shared) == {"default", "other"}
+    model.delete_adapter("other")
+    assert set(model.base_model.tera_shared) == {"default"}
+
+
+_CHILD = """
+import hashlib, sys, torch
+sys.path.insert(0, {tests!r})
+import specpeft
+from specpeft.init.tucker import TuckerShape, shared_random_factors
+from test_tera import model_input, several_shapes_model
+model = specpeft.load_adapter_model(several_shapes_model(), {adapter!r})
+shape = TuckerShape.for_matrix(11008, 4096, 3, 16)
+digest = hashlib.sha256(shared_random_factors(0, shape).numpy().tobytes()).hexdigest()
+torch.save({{"out": model(model_input()), "digest": digest}}, {result!r})
+"""
+
+
+def test_reload_in_a_new_process_is_bit_exact() -> None:
+    """save_shared_factors=False: a fresh interpreter regenerates the factors and reproduces the outputs exactly."""
+    import hashlib
+
+    model = specpeft.get_adapter_model(several_shapes_model(), TeRAConfig(target_modules=TARGETS))
+    perturb(model, 0.3)
+    out = model(model_input())
+    digest = hashlib.sha256(shared_random_factors(0, TuckerShape.for_matrix(11008, 4096, 3, 16)).numpy().tobytes())
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        result = os.path.join(tmp, "child.pt")
+        code = _CHILD.format(tests=os.path.dirname(__file__), adapter=tmp, result=result)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        child = torch.load(result)
+    assert child["digest"] == digest.hexdigest()
+    assert torch.equal(child["out"], out)
