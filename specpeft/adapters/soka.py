@@ -1,0 +1,279 @@
+"""SoKA: Kronecker adapters initialized by the Kronecker-product SVD of the pretrained weight (arXiv 2506.15251).
+
+    R(W) ≈ Σ_{k≤r} σ_k u_k v_kᵀ,   A⁰_k = √σ_k·mat(u_k) (m1×n1),   B⁰_k = √σ_k·mat(v_k) (m2×n2)     (KPSVD, spec §2.2)
+    W' = W − Σ_k A⁰_k⊗B⁰_k + Σ_k A_k⊗B_k,   A ← A⁰, B ← B⁰ at init, only A and B are trained.
+
+This is the paper's residual form W' = W_res + Σ_k A_k⊗B_k with W_res = W − Σ_k A⁰_k⊗B⁰_k (spec §2.3, eq. 2), but
+the base weight is never replaced: A⁰, B⁰ are persistent buffers, so multiple adapters, quantized bases, disabling
+and reloading work unchanged. The adapter adds
+
+    ΔW = Σ_k A_k⊗B_k − A⁰_k⊗B⁰_k = Σ_k (A_k − A⁰_k)⊗B_k + A⁰_k⊗(B_k − B⁰_k),
+
+a sum of 2r Kronecker products whose factors are exactly zero at init. Hence ΔW = 0 and the layer output equals the
+base output bit for bit in every dtype (no bf16 tolerance: no residual is ever rounded), and a trained ΔW is never the
+difference of two large, nearly equal terms. The linear forward applies all 2r components by the reshape identity
+(`kron_matmul`, two GEMMs) and never forms A⊗B or ΔW; conv kernels are viewed as (out, in/groups·prod(k)) matrices
+and run the base conv once on W + ΔW (ΔW is kernel-sized, negligible next to the conv itself). Zero-padded shapes
+(prime dims, spec §2.4) pad x's last dim and crop the output; merge crops Σ kron(A_k, B_k) to (d_out, d_in).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..init.kronecker import (
+    KroneckerShape,
+    RankRule,
+    allocate_budget,
+    choose_factor_shape,
+    kpsvd,
+    kron_matmul,
+    kron_sum,
+    rank_criteria,
+    select_rank,
+)
+from ..init.svd import SVDInit
+from .base import FrozenBase, MethodAdapter, zeros_like_shape
+from .config import SpecPeftConfig
+from .geometry import LayerGeometry
+
+
+@dataclass
+class SoKAConfig(SpecPeftConfig):
+    """SoKA options.
+
+    Attributes:
+        r: fixed number of Kronecker components per layer; None selects it per layer by `rank_rule`.
+        rank_pattern: per-module r, keyed by module-name suffix or regex (full match); wins over `r`.
+        rank_rule: how the energy and elbow ranks combine: "min" (prune a component if either criterion calls it
+            negligible), "max" (only if both do), "energy" or "elbow" alone.
+        energy_threshold: τ of the energy rank, min{k : Σ_{i≤k} σ_i² ≥ τ‖W‖_F²} over the spectrum of R(W).
+        elbow_log: find the elbow on log σ instead of σ.
+        max_rank: clamp on the selected rank (None: `spectrum_size`). Each component adds 2 stacked Kronecker
+            products to the forward, about 2·(n1·m2·(n2 + m1))/(d_out·d_in) of the base layer's FLOPs (6 % for
+            64×64 ⊗ 64×64 on 4096×4096, 21 % for 16×16 ⊗ 24×24 on 384×384), so the default keeps it small.
+        spectrum_size: how many leading σ of R(W) the selection sees (the energy rank is capped by it).
+        param_budget: optional total trainable parameters over all adapted layers; when the selected ranks exceed
+            it, components are dropped globally, lowest captured energy per parameter first (each layer keeps one).
+        svd: how the SVD of R(W) is computed; the randomized default falls back to a full SVD for small matrices.
+
+    Train A and B with weight decay 0: decay pulls the principal components toward zero (spec §2.10).
+    """
+
+    METHOD = "SOKA"
+
+    r: Optional[int] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    rank_rule: RankRule = "min"
+    energy_threshold: float = 0.9
+    elbow_log: bool = False
+    max_rank: Optional[int] = 4
+    spectrum_size: int = 64
+    param_budget: Optional[int] = None
+    svd: SVDInit = field(default_factory=lambda: SVDInit(kind="randomized"))
+
+    def validate(self) -> None:
+        if self.r is not None and self.r < 1:
+            raise ValueError(f"SoKAConfig.r={self.r}: must be ≥ 1 (or None to select the rank per layer).")
+        if not 0.0 < self.energy_threshold <= 1.0:
+            raise ValueError(f"SoKAConfig.energy_threshold={self.energy_threshold}: must be in (0, 1], e.g. 0.9.")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise ValueError(f"SoKAConfig.max_rank={self.max_rank}: must be ≥ 1 or None.")
+        if self.spectrum_size < 1:
+            raise ValueError(f"SoKAConfig.spectrum_size={self.spectrum_size}: must be ≥ 1 (e.g. 64).")
+        if self.param_budget is not None and self.param_budget < 1:
+            raise ValueError(f"SoKAConfig.param_budget={self.param_budget}: must be ≥ 1 or None (no budget).")
+        for key, rank in self.rank_pattern.items():
+            if rank < 1:
+                raise ValueError(f"SoKAConfig.rank_pattern[{key!r}]={rank}: ranks must be ≥ 1.")
+
+    def rank_for(self, name: str) -> Optional[int]:
+        """The fixed rank for module `name` (rank_pattern, then r), or None for per-layer selection."""
+        for key, rank in self.rank_pattern.items():
+            if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+                return rank
+        return self.r
+
+
+class SoKAAdapter(MethodAdapter):
+    """Trainable Kronecker factors A (r, m1, n1), B (r, m2, n2) and their initial values A0, B0 (buffers).
+
+    `shape` holds the factor shapes and the zero-padding of the (d_out, d_in) weight matrix; `sigma` and
+    `captured_energy` (Σ_{k≤r} σ_k² / ‖W‖_F²) describe the KPSVD and are saved in the layer record.
+    """
+
+    expensive_init = True
+
+    def __init__(
+        self,
+        geometry: LayerGeometry,
+        shape: KroneckerShape,
+        A: Tensor,
+        B: Tensor,
+        sigma: Optional[list[float]] = None,
+        total_energy: Optional[float] = None,
+    ) -> None:
+        super().__init__(geometry)
+        self.shape = shape
+        self.A = nn.Parameter(A.float().clone())
+        self.B = nn.Parameter(B.float().clone())
+        self.register_buffer("A0", A.float().clone())
+        self.register_buffer("B0", B.float().clone())
+        self.sigma = sigma
+        self.total_energy = total_energy
+        self.rank_criteria: Optional[tuple[int, int]] = None  # (r_E, r_elbow) when the rank was selected here
+
+    @classmethod
+    def create(
+        cls, geometry: LayerGeometry, config: SoKAConfig, weight: Tensor | None, record: dict | None, name: str = ""
+    ) -> SoKAAdapter:
+        d_out, d_in = geometry.matrix_shape
+        criteria = None  # (r_E, r_elbow) of the selection, kept for the record
+        if record:
+            shape = KroneckerShape.from_record(record, (d_out, d_in))
+            rank = int(record["r"])
+            if "rank_energy" in record:
+                criteria = (int(record["rank_energy"]), int(record["rank_elbow"]))
+        else:
+            shape = choose_factor_shape(d_out, d_in)
+            rank = config.rank_for(name)
+        if rank is not None and rank > shape.max_components:
+            raise ValueError(
+                f"SoKA layer '{name}': r={rank} exceeds the {shape.max_components} Kronecker components of its "
+                f"{d_out}×{d_in} weight with factors {shape.a_shape}⊗{shape.b_shape}. Lower SoKAConfig.r or add a "
+                "rank_pattern entry for this layer."
+            )
+        if weight is None:
+            if rank is None:
+                raise ValueError(
+                    f"SoKA layer '{name}': no saved rank to rebuild from. Load adapters with the adapter_config.json "
+                    "they were saved with (it records each layer's rank and factor shapes), or set SoKAConfig.r."
+                )
+            zeros = zeros_like_shape
+            adapter = cls(geometry, shape, zeros((rank, *shape.a_shape)), zeros((rank, *shape.b_shape)))
+            if record:
+                adapter.sigma, adapter.total_energy = record.get("sigma"), record.get("total_energy")
+                adapter.rank_criteria = criteria
+            return adapter
+        matrix = weight.reshape(d_out, d_in)  # (out, in/groups, *k) -> (out, in/groups·prod(k))
+        if rank is None:
+            factors = kpsvd(matrix, shape, min(config.spectrum_size, shape.max_components), config.svd)
+            rank = select_rank(factors.sigma, factors.total_energy, config.rank_rule, config.energy_threshold,
+                               config.max_rank, config.elbow_log)
+            criteria = rank_criteria(factors.sigma, factors.total_energy, config.energy_threshold, config.elbow_log)
+        else:
+            factors = kpsvd(matrix, shape, rank, config.svd)
+        if not float(factors.sigma[0]) > 0.0:
+            warnings.warn(
+                f"SoKA layer '{name}': its weight is zero, so its Kronecker factors start at zero and get no gradient "
+                "(each factor's gradient is a product with the other). Exclude it with `exclude_modules`."
+            )
+        sigma = [float(s) for s in factors.sigma[:rank]]
+        adapter = cls(geometry, shape, factors.A[:rank], factors.B[:rank], sigma, factors.total_energy)
+        adapter.rank_criteria = criteria
+        return adapter
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def captured_energy(self) -> Optional[float]:
+        """Σ_{k≤r} σ_k² / ‖W‖_F² = 1 − ‖W_res‖²/‖W‖², the fraction of the weight the initial factors hold.
+
+        For a zero-padded layer this is measured on the padded matrix: a lower bound of the cropped fraction.
+        """
+        if self.sigma is None or self.total_energy is None:
+            return None
+        return sum(s * s for s in self.sigma) / self.total_energy if self.total_energy > 0 else 0.0
+
+    def record(self) -> dict:
+        record = {"r": self.rank, **self.shape.to_record()}
+        if self.sigma is not None and self.total_energy is not None:
+            record.update(energy=self.captured_energy, sigma=list(self.sigma), total_energy=self.total_energy)
+        if self.rank_criteria is not None:
+            record.update(rank_energy=self.rank_criteria[0], rank_elbow=self.rank_criteria[1])
+        return record
+
+    def truncate_(self, rank: int) -> None:
+        """Keep the leading `rank` components (they are sorted by σ); used by the global parameter budget."""
+        if rank >= self.rank:
+            return
+        with torch.no_grad():
+            for name in ("A", "B"):
+                old = getattr(self, name)
+                setattr(self, name, nn.Parameter(old[:rank].clone(), requires_grad=old.requires_grad))
+            self.A0 = self.A0[:rank].clone()
+            self.B0 = self.B0[:rank].clone()
+        if self.sigma is not None:
+            self.sigma = self.sigma[:rank]
+
+    def _stacked_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The 2r components of ΔW: [(A − A0); A0] and [B; (B − B0)], all exactly zero at init."""
+        a = torch.cat([self.A - self.A0, self.A0]).to(dtype)  # 2 × (r, m1, n1) -> (2r, m1, n1)
+        b = torch.cat([self.B, self.B - self.B0]).to(dtype)  # 2 × (r, m2, n2) -> (2r, m2, n2)
+        return a, b
+
+    def delta_weight(self) -> Tensor:
+        d_out, d_in = self.geometry.matrix_shape
+        delta = kron_sum(*self._stacked_factors(torch.float32))  # (m1·m2, n1·n2), padded
+        return delta[:d_out, :d_in].reshape(self.geometry.weight_shape)  # crop, then (out, in/groups, *k)
+
+    def _factored(self, x: Tensor, base_out: Tensor | None = None) -> Tensor:
+        """x ΔWᵀ (+ base_out) by the reshape identity over the 2r stacked components; ΔW is never formed."""
+        d_out, d_in = self.geometry.matrix_shape
+        pad_out, pad_in = self.shape.padding
+        tokens = x.reshape(-1, d_in)  # (..., d_in) -> (T, d_in)
+        if pad_in:
+            tokens = F.pad(tokens, (0, pad_in))  # (T, d_in) -> (T, n1·n2): zero columns meet W's zero padding
+        accumulate = None if base_out is None or pad_out else base_out.reshape(-1, d_out)  # (..., d_out) -> (T, d_out)
+        y = kron_matmul(tokens, *self._stacked_factors(x.dtype), accumulate=accumulate)  # (T, n1·n2) -> (T, m1·m2)
+        if pad_out:
+            y = y[:, :d_out]  # (T, m1·m2) -> (T, d_out)
+        y = y.reshape(*x.shape[:-1], d_out)  # (T, d_out) -> (..., d_out)
+        return y if base_out is None or accumulate is not None else base_out + y
+
+    def delta_forward(self, x: Tensor, base: FrozenBase) -> Tensor:
+        if self.geometry.is_conv:
+            return super().delta_forward(x, base)
+        return self._factored(x)
+
+    def forward(self, x: Tensor, base: FrozenBase) -> Tensor:
+        if self.geometry.is_conv:
+            return base.forward_with_delta(x, self.delta_weight())
+        return self._factored(x, base(x))  # the base output is the accumulator of the adapter's last GEMM
+
+    @classmethod
+    def after_injection(cls, adapters: dict[str, MethodAdapter], config: SoKAConfig) -> None:
+        """Apply `param_budget` across all layers just initialized, and save the final ranks in the records."""
+        if config.param_budget is None:
+            return
+        layers = {key: a for key, a in adapters.items() if isinstance(a, SoKAAdapter) and a.sigma is not None}
+        costs = [a.shape.params_per_component for a in layers.values()]
+        if sum(a.rank * c for a, c in zip(layers.values(), costs)) <= config.param_budget:
+            return
+        ranks = allocate_budget([torch.tensor(a.sigma) for a in layers.values()],
+                                [a.total_energy or 0.0 for a in layers.values()], costs, config.param_budget)
+        for (key, adapter), rank in zip(layers.items(), ranks):
+            adapter.truncate_(rank)
+            config.layer_records[key] = {**config.layer_records.get(key, {}), **adapter.record()}
+
+    def extra_repr(self) -> str:
+        energy = self.captured_energy
+        text = f"r={self.rank}, factors={self.shape.a_shape}⊗{self.shape.b_shape}, padding={self.shape.padding}"
+        return text if energy is None else f"{text}, energy={energy:.3f}"
+
+
+REGISTRATION = dict(
+    name="soka",
+    config_cls=SoKAConfig,
+    adapter_cls=SoKAAdapter,
+    description="SoKA: sums of Kronecker products initialized by KPSVD of W (ranks by energy/elbow).",
+)

@@ -1,0 +1,231 @@
+"""SoKA: spec self-checks (§2.11) against float64 dense references, and the foundation parameter matrix."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import specpeft
+from adapter_matrix import CHECKS, MODEL_CASES, MethodCase, ModelCase, adapted, run_check
+from specpeft import FrozenBase, LayerGeometry, SoKAConfig, SVDInit
+from specpeft.adapters.soka import SoKAAdapter
+from specpeft.init.kronecker import allocate_budget
+
+CASE = MethodCase(make_config=lambda targets: SoKAConfig(target_modules=targets), trainable={"A", "B"})
+F64 = torch.float64
+
+
+class PrimeMLP(nn.Module):
+    """Prime dims: W (7×11) and (13×7) have no qualifying split, so both are zero-padded (spec §2.4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p0 = nn.Linear(11, 7)
+        self.p1 = nn.Linear(7, 13)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.p1(torch.tanh(self.p0(x)))
+
+
+PRIME_CASE = ModelCase(PrimeMLP, lambda: {"x": torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(9))},
+                       ["p0", "p1"])
+
+
+@pytest.mark.parametrize("model_name", list(MODEL_CASES))
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_matrix(check: str, model_name: str) -> None:
+    run_check(check, CASE, model_name)
+
+
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_matrix_prime_dims(check: str) -> None:
+    records = specpeft.get_adapter_model(PRIME_CASE.model(), CASE.make_config(["p0", "p1"])).peft_config["default"]
+    assert all(rec["padding"] != [0, 0] for rec in records.layer_records.values())
+    CHECKS[check](PRIME_CASE, CASE)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+
+
+def _linear(d_in: int, d_out: int, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(d_in, d_out)
+
+
+def _adapter(base: nn.Linear, **cfg) -> SoKAAdapter:
+    config = SoKAConfig(target_modules=["x"], **cfg)
+    return SoKAAdapter.create(LayerGeometry.of(base), config, base.weight.detach(), None, name="x")
+
+
+def _perturb(adapter: SoKAAdapter, seed: int = 1, scale: float = 0.1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        adapter.A.add_(scale * torch.randn(adapter.A.shape, generator=g))
+        adapter.B.add_(scale * torch.randn(adapter.B.shape, generator=g))
+
+
+def _dense_delta(adapter: SoKAAdapter) -> torch.Tensor:
+    """Float64 reference: crop(Σ_k A_k⊗B_k − Σ_k A⁰_k⊗B⁰_k) from torch.kron, term by term."""
+    d_out, d_in = adapter.geometry.matrix_shape
+    total = sum(torch.kron(a.double(), b.double()) - torch.kron(a0.double(), b0.double())
+                for a, b, a0, b0 in zip(adapter.A, adapter.B, adapter.A0, adapter.B0))
+    return total[:d_out, :d_in]
+
+
+# -- parameterization -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dims", [(20, 30), (11, 7), (7, 13)])
+def test_init_is_the_papers_residual_form(dims: tuple[int, int]) -> None:
+    base = _linear(*dims)
+    adapter = _adapter(base, r=3)
+    w = base.weight.detach().double()
+    initial = sum(torch.kron(a.double(), b.double()) for a, b in zip(adapter.A0, adapter.B0))
+    w_res = w - initial[: dims[1], : dims[0]]  # (d_out, d_in) crop of the padded Kronecker sum
+    # captured energy = 1 − ‖W_res‖²/‖W‖² (KPSVD optimality makes the residual the tail energy); for a zero-padded
+    # layer the KPSVD also fits the padding, which the crop drops, so the recorded value is a lower bound
+    energy, cropped = adapter.record()["energy"], 1 - float(w_res.pow(2).sum() / w.pow(2).sum())
+    if adapter.shape.padding == (0, 0):
+        assert energy == pytest.approx(cropped, abs=1e-5)
+    else:
+        assert 0 < energy <= cropped + 1e-6
+    assert torch.equal(adapter.delta_weight(), torch.zeros_like(base.weight))
+    _perturb(adapter)
+    paper = w_res + sum(torch.kron(a.double(), b.double()) for a, b in zip(adapter.A, adapter.B))[: dims[1], : dims[0]]
+    torch.testing.assert_close(w + adapter.delta_weight().double(), paper, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dims", [(24, 40), (11, 7), (7, 13)])
+def test_factored_forward_equals_dense_float64(dims: tuple[int, int]) -> None:
+    base = _linear(*dims).double()
+    adapter = _adapter(base, r=4).double()
+    _perturb(adapter)
+    x = torch.randn(3, 5, dims[0], dtype=F64, generator=torch.Generator().manual_seed(2))
+    expected = F.linear(x, base.weight + _dense_delta(adapter), base.bias)
+    torch.testing.assert_close(adapter(x, FrozenBase(base)), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(adapter.delta_forward(x, FrozenBase(base)), x @ _dense_delta(adapter).T,
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(adapter.delta_weight().double(), _dense_delta(adapter), atol=1e-6, rtol=0)
+
+
+def test_gradients_equal_dense_reference() -> None:
+    base = _linear(24, 40).double().requires_grad_(False)
+    adapter = _adapter(base, r=3).double()
+    _perturb(adapter)
+    x = torch.randn(6, 24, dtype=F64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    adapter(x, FrozenBase(base)).sin().sum().backward()
+    got = (adapter.A.grad.clone(), adapter.B.grad.clone(), x.grad.clone())
+    adapter.zero_grad()
+    x.grad = None
+    F.linear(x, base.weight + _dense_delta(adapter), base.bias).sin().sum().backward()
+    for a, b in zip(got, (adapter.A.grad, adapter.B.grad, x.grad)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_prime_4099x4096_layer() -> None:
+    base = _linear(4096, 4099).requires_grad_(False)
+    adapter = _adapter(base, r=1, svd=SVDInit(kind="randomized", niter=1))
+    assert adapter.record()["padding"] == [61, 0] and adapter.record()["b_shape"] == [65, 64]
+    x = torch.randn(4, 4096, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(adapter(x, FrozenBase(base)), base(x))  # exact at init
+    _perturb(adapter, scale=0.01)
+    delta = _dense_delta(adapter)
+    torch.testing.assert_close(adapter.delta_forward(x, FrozenBase(base)).double(), x.double() @ delta.T,
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(adapter.delta_weight().double(), delta, atol=1e-6, rtol=0)
+
+
+# -- rank selection ---------------------------------------------------------------------------------------------
+
+
+def test_rank_selection_finds_planted_components() -> None:
+    g = torch.Generator().manual_seed(5)
+    q_a = torch.linalg.qr(torch.randn(16, 3, generator=g)).Q  # orthonormal vec(A_k): σ(R(W)) = 3, 2, 1.5 exactly
+    q_b = torch.linalg.qr(torch.randn(16, 3, generator=g)).Q
+    w = sum(s * torch.kron(q_a[:, k].reshape(4, 4), q_b[:, k].reshape(4, 4)) for k, s in enumerate((3.0, 2.0, 1.5)))
+    w = w + 1e-4 * torch.randn(16, 16, generator=g)
+    base = nn.Linear(16, 16)
+    with torch.no_grad():
+        base.weight.copy_(w)
+    adapter = _adapter(base)  # default: min(energy 90 %, elbow), max_rank 8
+    record = adapter.record()
+    assert record["r"] == 3 and record["a_shape"] == [4, 4] and record["b_shape"] == [4, 4]
+    assert record["padding"] == [0, 0] and record["energy"] > 0.9999
+    assert (record["rank_energy"], record["rank_elbow"]) == (3, 4)  # τ = 0.9 needs all 3; the knee is the 4th
+    torch.testing.assert_close(torch.tensor(record["sigma"]), torch.tensor([3.0, 2.0, 1.5]), atol=2e-3, rtol=0)
+    assert _adapter(base, rank_rule="elbow").rank == 4  # Kneedle's corner is the first negligible component
+    assert _adapter(base, max_rank=2).rank == 2
+
+
+class ThreeLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 32)
+        self.c = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_global_param_budget() -> None:
+    torch.manual_seed(0)
+    free = specpeft.get_adapter_model(ThreeLayers(), SoKAConfig(target_modules=["a", "b", "c"]))
+    free_records = free.peft_config["default"].layer_records
+    budget = 200
+    torch.manual_seed(0)
+    model = specpeft.get_adapter_model(ThreeLayers(), SoKAConfig(target_modules=["a", "b", "c"], param_budget=budget))
+    records = model.peft_config["default"].layer_records
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable <= budget < sum(r["r"] * _cost(r) for r in free_records.values())
+    # the ranks are the greedy allocation over each layer's rule-selected components
+    keys = ["a", "b", "c"]
+    expected = allocate_budget([torch.tensor(free_records[k]["sigma"]) for k in keys],
+                               [free_records[k]["total_energy"] for k in keys],
+                               [_cost(free_records[k]) for k in keys], budget)
+    assert [records[k]["r"] for k in keys] == expected
+    for name, layer in adapted(model):
+        assert layer.adapters["default"].rank == records[name.removeprefix("base_model.model.")]["r"]
+    x = torch.randn(4, 16)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(x), ThreeLayers()(x), atol=0, rtol=0)  # still exact at init
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    out = model(x)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        torch.manual_seed(0)
+        reloaded = specpeft.load_adapter_model(ThreeLayers(), tmp)
+        torch.testing.assert_close(reloaded(x), out, atol=0, rtol=0)
+
+
+def _cost(record: dict) -> int:
+    (m1, n1), (m2, n2) = record["a_shape"], record["b_shape"]
+    return m1 * n1 + m2 * n2
+
+
+def test_zero_weight_warns() -> None:
+    base = nn.Linear(8, 8)
+    with torch.no_grad():
+        base.weight.zero_()
+    with pytest.warns(UserWarning, match="no gradient"):
+        _adapter(base, r=1)
+
+
+def test_bad_options_name_the_field() -> None:
+    with pytest.raises(ValueError, match="energy_threshold"):
+        SoKAConfig(target_modules=["x"], energy_threshold=0.0)
+    with pytest.raises(ValueError, match="param_budget"):
+        SoKAConfig(target_modules=["x"], param_budget=0)
+    with pytest.raises(TypeError, match="rank_rule"):
+        SoKAConfig(target_modules=["x"], rank_rule="median")
+    with pytest.raises(ValueError, match="exceeds"):
+        _adapter(_linear(4, 4), r=5)
+    with pytest.raises(ValueError, match="param_budget=10"):
+        specpeft.get_adapter_model(ThreeLayers(), SoKAConfig(target_modules=["a", "b", "c"], param_budget=10))
