@@ -38,7 +38,7 @@ def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 def gemm_configs() -> list[triton.Config]:
     """A small autotuning space for Hopper-class GPUs (BM×BN×BK, warps, pipeline stages); every entry compiles for
-    sm_90 without register spills in bf16 (`benchmarks/kernels.py --compile-check`)."""
+    sm_90 without register spills in bf16 (`benchmarks/kernel_speed.py --compile-check`)."""
     shapes = [(128, 128, 64, 8), (128, 256, 64, 8), (64, 128, 64, 4), (128, 64, 64, 4), (64, 64, 64, 4)]
     return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
             for bm, bn, bk, warps in shapes for stages in (3, 4)]

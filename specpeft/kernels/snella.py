@@ -51,7 +51,7 @@ MaskMode = Literal["code", "binary"]
 DIST_EPS = 1e-12  # clamp on squared distances, as adapters/snella_kernel.py (cdist's gradient is NaN at 0)
 GEN_PRECISION = "tf32x3"  # K-generation dots on GPU: ≈ fp32 accuracy on tensor cores (masks must match the reference)
 DENSE_GRAD_MIN_TOKENS = 512  # from here on dΔ = dYᵀx is one library GEMM (see `_Generator.factor_grads`)
-# Compiled launch configs (sm_90 register budgets checked offline with `benchmarks/kernels.py --compile-check`):
+# Compiled launch configs (sm_90 register budgets checked offline with `benchmarks/kernel_speed.py --compile-check`):
 GPU_GEMM = (128, 128, 32, 8)  # BM, BN, BK, warps of the generating GEMM
 GPU_BUILD = (64, 64, 8)  # BJ, BI, warps of the build kernel (`materialize`)
 GPU_TILE = (32, 32, 4)  # BJ, BI, warps of the gradient passes (64×64 spills registers)

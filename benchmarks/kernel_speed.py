@@ -1,11 +1,11 @@
 """Kernel families (specpeft/kernels): fwd and fwd+bwd time ÷ the frozen base GEMM and ÷ the eager torch path.
 
-    python benchmarks/kernels.py            # CUDA: out×in 4096×4096 and 4096×11008, T ∈ {512, 4096, 16384}, bf16
+    python benchmarks/kernel_speed.py            # CUDA: out×in 4096×4096 and 4096×11008, T ∈ {512, 4096, 16384}, bf16
                                             # CPU (no GPU): the torch reference paths on 1024×1024 and 1024×2752,
                                             #   T ∈ {128, 512}, fp32 (~2-4 min on 2 cores)
-    python benchmarks/kernels.py --quick    # first shape, smallest T, fewer rounds
-    python benchmarks/kernels.py --shapes 4096x4096 --tokens 512,4096 --dtype bf16   # any grid
-    python benchmarks/kernels.py --compile-check   # no GPU needed: compile every kernel config for sm_90 (ptxas)
+    python benchmarks/kernel_speed.py --quick    # first shape, smallest T, fewer rounds
+    python benchmarks/kernel_speed.py --shapes 4096x4096 --tokens 512,4096 --dtype bf16   # any grid
+    python benchmarks/kernel_speed.py --compile-check   # no GPU needed: compile every kernel config for sm_90 (ptxas)
                                                    #   and report registers / spill stack / shared memory
 
 Families and settings (issue 9; targets from anchors/performance.md §0, M1-M4, on an H100):
@@ -291,7 +291,7 @@ def main() -> None:
               f"1-min load average at start {load:.1f} on {os.cpu_count()} cores (other jobs share the machine).\n")
     if not on_gpu:
         header += ("\n**No GPU: every row times the torch reference path (eager), not a Triton kernel. The Triton "
-                   "numbers and the H100 targets are pending a GPU run** (`python benchmarks/kernels.py` on CUDA).\n")
+                   "numbers and the H100 targets are pending a GPU run** (`python benchmarks/kernel_speed.py` on CUDA).\n")
     rows, snella_rows, raw = [], [], []
     for m, n in shape_list:
         for T in token_list:
