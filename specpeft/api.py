@@ -10,7 +10,7 @@ from typing import Any, Union
 
 from torch import nn
 
-from ._peft_compat import PeftModel, get_peft_model
+from ._peft_compat import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig, PeftModel, get_peft_model
 from .adapters.config import CONFIG_NAME
 from .registry import get_method
 
@@ -27,7 +27,19 @@ def load_config(path: str | os.PathLike) -> Any:
         peft_type = json.load(fh).get("peft_type")
     if peft_type is None:
         raise ValueError(f"{file} has no 'peft_type' key; it is not a peft/specpeft adapter config.")
+    if _is_stock_peft_type(peft_type) and os.path.basename(file) == CONFIG_NAME:
+        return PeftConfig.from_pretrained(os.path.dirname(file))  # a stock peft adapter, e.g. FedSVD's plain LoRA
     return get_method(peft_type).config_cls.from_json_file(file)
+
+
+def _is_stock_peft_type(peft_type: str) -> bool:
+    """True for peft's own methods (LORA, ...) that no specpeft method registered."""
+    peft_type = getattr(peft_type, "value", peft_type)  # peft's PeftType enum prints as 'PeftType.LORA'
+    try:
+        get_method(str(peft_type))
+    except KeyError:
+        return str(peft_type) in PEFT_TYPE_TO_CONFIG_MAPPING
+    return False
 
 
 def get_adapter_model(model: nn.Module, config: ConfigLike, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
@@ -75,8 +87,9 @@ def load_adapter_model(
         **kwargs: forwarded to `peft.PeftModel.from_pretrained`.
     """
     path = os.fspath(path)
-    spec = get_method(load_config(path).peft_type)
-    if spec.builder is not None and hasattr(spec.config_cls, "load_model"):
+    peft_type = load_config(path).peft_type
+    spec = None if _is_stock_peft_type(peft_type) else get_method(peft_type)  # None: stock peft loads it below
+    if spec is not None and spec.builder is not None and hasattr(spec.config_cls, "load_model"):
         return spec.config_cls.load_model(model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
     try:
         return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)

@@ -31,7 +31,7 @@ from .adapters.bridge import AdapterModel, make_tuner
 from .adapters.config import MethodType, SpecPeftConfig
 
 # Built-in methods: module under specpeft.adapters exposing REGISTRATION = dict(name=..., config_cls=..., ...).
-_BUILTIN_MODULES: tuple[str, ...] = ("svfit",)
+_BUILTIN_MODULES: tuple[str, ...] = ("svfit", "flora", "fedsvd", "soka", "snella", "tera")
 
 
 @dataclass(frozen=True)

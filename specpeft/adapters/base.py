@@ -59,10 +59,19 @@ class MethodAdapter(nn.Module):
     Class attributes:
         supported_kinds: geometry kinds the method adapts ("linear", "conv1d", "conv2d", "conv3d").
         expensive_init: the init runs a decomposition (an SVD); the bridge shows a progress bar over layers.
+        uses_shared_state: the method keeps frozen tensors shared by many layers (peft VeRA's pattern). The tuner
+            then owns one `BufferDict` per adapter (`<prefix>shared.<adapter>`) and passes it to `create` as the
+            keyword `shared=`; adapters keep a reference to it (never a copy, never an nn.Parameter).
     """
 
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "conv2d", "conv3d")
     expensive_init: ClassVar[bool] = False
+    uses_shared_state: ClassVar[bool] = False
+
+    @classmethod
+    def saves_shared_state(cls, config: Any) -> bool:
+        """Whether the shared buffers of `uses_shared_state` go into the saved adapter file (else regenerated)."""
+        return False
 
     def __init__(self, geometry: LayerGeometry) -> None:
         super().__init__()
@@ -84,6 +93,14 @@ class MethodAdapter(nn.Module):
             name: the module's name, for error messages and per-module options.
         """
         raise NotImplementedError(f"{cls.__name__} must implement create()")
+
+    @classmethod
+    def after_injection(cls, adapters: dict[str, MethodAdapter], config: Any) -> None:
+        """Hook run once after a fresh (not loaded) adapter was created in every targeted layer; default: nothing.
+
+        For decisions across layers (e.g. a global parameter budget). `adapters` maps module name → this layer's
+        new adapter; a method that changes a layer must also update `config.layer_records[name]`.
+        """
 
     def record(self) -> dict:
         """JSON-serializable per-layer decisions (ranks, shapes, seeds) that `create` needs without `weight`."""

@@ -1,0 +1,284 @@
+"""`specpeft merge`: write base + ΔW as a model directory that `transformers.AutoModel*.from_pretrained` loads.
+
+    W'_k = cast_dtype( float32(W_k) + ΔW_k )        for every adapted layer k (ΔW from merge/state_dict.py)
+    W'   = saved tensor                              for modules_to_save (and LoRA bias="all")
+    W'   = cast_dtype(W)                             for every other tensor
+
+The output mirrors the base's shard layout and names. Tensors stream one at a time (see checkpoint.py), so peak
+memory is about one layer in fp32 plus its ΔW, whatever the shard size. A bitsandbytes checkpoint as base merges
+into a dequantized copy (merge onto dequant(quant(W)), the weights the adapter was trained against; never
+requantized, anchors/peft.md §3.1), and `quantization_config` is dropped from config.json.
+
+Safety: all output goes to a temporary directory next to `out` and is renamed into place at the end; nothing is
+written into the inputs; a non-empty `out` is replaced only with `overwrite=True`; any error removes the
+temporary directory, leaving `out` as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .checkpoint import (DTYPE_NAMES, FLOAT_NAMES, INDEX_NAME, NAME_DTYPES, BaseCheckpoint, SafetensorsWriter,
+                         match_keys)
+from .state_dict import LayerDelta, SavedAdapter, load_saved_adapter
+
+DTYPES: dict[str, Optional[torch.dtype]] = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,
+                                            "fp16": torch.float16}
+# Weight files of other formats are never copied: they would hold the stale, unmerged weights.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+@dataclass
+class MergeResult:
+    """What `merge_adapter` wrote.
+
+    Attributes:
+        out: the merged model directory.
+        merged: base keys that received a ΔW.
+        replaced: base keys replaced by a saved module (modules_to_save).
+        dequantized: bitsandbytes weights written dequantized.
+        shards: safetensors files written.
+        total_bytes: bytes of tensor data written.
+        dtype: the `--dtype` option.
+        seconds: wall time.
+        notes: warnings worth showing to the user.
+    """
+
+    out: str
+    merged: list[str]
+    replaced: list[str]
+    dequantized: list[str]
+    shards: int
+    total_bytes: int
+    dtype: str
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+# -- safe output ----------------------------------------------------------------------------------------------------
+
+
+def check_output(out: str, overwrite: bool, inputs: Sequence[Optional[str]]) -> None:
+    """Refuse an output that is, holds or sits inside an input, or a non-empty one without `overwrite`."""
+    target = os.path.realpath(out)
+    for given in inputs:
+        if given is None:
+            continue
+        source = os.path.realpath(given)
+        if target == source or target.startswith(source + os.sep):
+            raise ValueError(f"--out '{out}' is inside the input '{given}'; specpeft never writes into its inputs. "
+                             "Choose another output directory.")
+        if source.startswith(target + os.sep):
+            raise ValueError(f"--out '{out}' contains the input '{given}'; replacing it would delete that input. "
+                             "Choose another output directory.")
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise FileExistsError(f"--out '{out}' exists and is not a directory; remove it or choose another path.")
+        if os.listdir(out) and not overwrite:
+            raise FileExistsError(f"--out '{out}' is not empty; pass --overwrite to replace it.")
+
+
+@contextlib.contextmanager
+def staged_output(out: str, overwrite: bool, inputs: Sequence[Optional[str]]) -> Iterator[str]:
+    """Yield a temporary directory next to `out`; on success it replaces `out` by rename, on error it is removed.
+
+    Parent directories created for `out` are removed again if the work fails, so a failure leaves no trace.
+    """
+    out = os.path.abspath(out)
+    check_output(out, overwrite, inputs)
+    parent = os.path.dirname(out)
+    created = []
+    probe = parent
+    while not os.path.exists(probe):
+        created.append(probe)
+        probe = os.path.dirname(probe)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's permissions
+    try:
+        yield staging
+        _commit(staging, out, parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for directory in created:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
+
+
+def _commit(staging: str, out: str, parent: str) -> None:
+    if not os.path.lexists(out):
+        os.replace(staging, out)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+    os.rmdir(old)  # a free name on the same filesystem
+    os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(old, out)  # put the previous output back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -- merge ----------------------------------------------------------------------------------------------------------
+
+
+def merge_adapter(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge a saved adapter into a saved base model, shard by shard, into a new model directory.
+
+    Args:
+        base: the base model directory (safetensors, single file or sharded with an index; bnb checkpoints too).
+        adapter: the adapter directory (specpeft method or peft LoRA).
+        out: the new directory; must not exist, be empty, or `overwrite` must be set.
+        dtype: "auto" (keep each tensor's dtype), "fp32", "bf16" or "fp16" (floating tensors only).
+        overwrite: replace a non-empty `out`.
+        progress: show progress bars over shards and tensors.
+
+    Returns:
+        A `MergeResult`.
+    """
+    start = time.perf_counter()
+    base, adapter, out = os.fspath(base), os.fspath(adapter), os.fspath(out)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}.")
+    check_output(out, overwrite, [base, adapter])
+    saved = load_saved_adapter(adapter)
+    checkpoint = BaseCheckpoint(base)
+    layer_for, override_for, notes = _plan_keys(saved, checkpoint)
+    out_dtypes = {key: _output_dtype(checkpoint, key, DTYPES[dtype]) for key in checkpoint.logical_keys}
+    dequantized = [key for key in checkpoint.logical_keys if key in checkpoint.quantized]
+
+    def produce(key: str) -> Tensor:
+        tensor = override_for[key]() if key in override_for else checkpoint.read_dense(key)
+        if key in layer_for:
+            tensor = _merged_weight(layer_for[key], tensor, key)
+        return tensor.to(NAME_DTYPES[out_dtypes[key]])
+
+    total = 0
+    with staged_output(out, overwrite, [base, adapter]) as staging:
+        by_file: dict[str, list[str]] = {}
+        for key in checkpoint.logical_keys:
+            by_file.setdefault(checkpoint.entries[key].file, []).append(key)
+        for name in tqdm(checkpoint.files, desc="merge", unit="shard", disable=not progress):
+            keys = by_file.get(name, [])
+            layout = [(k, out_dtypes[k], checkpoint.dense_info(k)[1]) for k in keys]
+            writer = SafetensorsWriter(os.path.join(staging, name), layout, checkpoint.metadata.get(name, {}))
+            try:
+                for key in tqdm(writer.order, desc=name, unit="tensor", leave=False, disable=not progress):
+                    writer.write(key, produce(key))
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+            total += writer.total_bytes
+        if checkpoint.index is not None:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {k: checkpoint.entries[k].file for k in sorted(checkpoint.logical_keys)}}
+            _write_json(os.path.join(staging, INDEX_NAME), index)
+        notes += _copy_side_files(checkpoint, staging, DTYPES[dtype], bool(dequantized))
+    return MergeResult(os.path.abspath(out), sorted(layer_for), sorted(override_for), dequantized,
+                       len(checkpoint.files), total, dtype, time.perf_counter() - start, notes)
+
+
+def _plan_keys(saved: SavedAdapter, checkpoint: BaseCheckpoint
+               ) -> tuple[dict[str, LayerDelta], dict[str, Callable[[], Tensor]], list[str]]:
+    """Map every adapted layer and saved module onto a base key, and check the shapes (before writing anything)."""
+    wanted = [layer.weight_key for layer in saved.layers.values()] + list(saved.overrides)
+    mapping = match_keys(wanted, checkpoint.logical_keys, f"the base checkpoint '{checkpoint.directory}'")
+    layer_for, notes = {}, []
+    for layer in saved.layers.values():
+        key = mapping[layer.weight_key]
+        layer.fit_storage(checkpoint.dense_info(key)[1], key)
+        layer_for[key] = layer
+    trained_quantized = [layer.name for layer in saved.layers.values() if layer.quantized]
+    if trained_quantized and not checkpoint.quantized:
+        notes.append(
+            f"{len(trained_quantized)} layers (e.g. '{trained_quantized[0]}') were trained on a bitsandbytes-quantized "
+            "base, but this base is full precision: ΔW is added to W, not to the dequant(quant(W)) it was trained "
+            "against. For the exact training-time weights, pass the quantized checkpoint (save_pretrained of the "
+            "model loaded with BitsAndBytesConfig) as --base."
+        )
+        warnings.warn(notes[-1])
+    override_for = {}
+    for key, read in saved.overrides.items():
+        target = mapping[key]
+        stored = checkpoint.dense_info(target)[1]
+        shape = tuple(read().shape)
+        if shape != stored:
+            raise ValueError(f"Saved module tensor '{key}' in '{saved.path}' has shape {shape}, but base tensor "
+                             f"'{target}' has {stored}. Pass the base model the adapter was trained on.")
+        override_for[target] = read
+    return layer_for, override_for, notes
+
+
+def _output_dtype(checkpoint: BaseCheckpoint, key: str, target: Optional[torch.dtype]) -> str:
+    name = checkpoint.dense_info(key)[0]
+    if name not in NAME_DTYPES:
+        raise ValueError(f"Base tensor '{key}' has dtype {name}, which specpeft merge cannot copy.")
+    return DTYPE_NAMES[target] if target is not None and name in FLOAT_NAMES else name
+
+
+def _merged_weight(layer: LayerDelta, stored: Tensor, key: str) -> Tensor:
+    """float32(W) + ΔW in the stored layout; raises on a non-finite result (a broken adapter)."""
+    weight = stored.float()  # a fresh copy unless already fp32 (then the freshly read tensor itself)
+    base = layer.from_storage(weight) if layer.needs_base else None
+    weight.add_(layer.to_storage(layer.delta_weight(base)))
+    if not math.isfinite(float(weight.sum())):  # any NaN/Inf makes the sum non-finite; no m×n bool temporary
+        raise ValueError(f"NaN or Inf in the merged weight '{key}' (layer '{layer.name}'); the adapter is broken "
+                         "(check the training run). Nothing was written.")
+    return weight
+
+
+def _copy_side_files(checkpoint: BaseCheckpoint, staging: str, dtype: Optional[torch.dtype],
+                     dequantized: bool) -> list[str]:
+    """Copy config, tokenizer and other non-weight files; record the new dtype / drop quantization in config.json."""
+    notes, skipped = [], []
+    for entry in sorted(os.scandir(checkpoint.directory), key=lambda e: e.name):
+        if entry.is_dir():
+            skipped.append(entry.name + "/")
+        elif entry.name == "config.json" or entry.name == INDEX_NAME or entry.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        elif entry.is_file():
+            shutil.copy2(entry.path, os.path.join(staging, entry.name))
+    if checkpoint.config:
+        config = dict(checkpoint.config)
+        if dtype is not None:
+            name = str(dtype).removeprefix("torch.")
+            config["dtype"] = name
+            if "torch_dtype" in config:
+                config["torch_dtype"] = name
+        if dequantized and config.pop("quantization_config", None) is not None:
+            notes.append("bitsandbytes weights were dequantized; quantization_config was removed from config.json.")
+        _write_json(os.path.join(staging, "config.json"), config)
+    if skipped:
+        notes.append(f"subdirectories not copied: {', '.join(skipped)}")
+    return notes
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")

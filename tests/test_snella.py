@@ -1,0 +1,327 @@
+"""SNELLA adapter: spec §3.9 self-checks against float64 / torch.cdist references, and the foundation matrix."""
+
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import specpeft
+from adapter_matrix import CHECKS, MODEL_CASES, MLP, MethodCase, perturb, run_check
+from specpeft import FrozenBase, LayerGeometry, SNELLAConfig
+from specpeft.adapters.snella import SNELLAAdapter
+from specpeft.adapters.snella_allocator import snella_layers
+from specpeft.adapters import snella_kernel
+from specpeft.adapters.snella_function import LayerPlan, snella_apply
+from specpeft.adapters.snella_kernel import (
+    KernelSpec,
+    effective_kernel,
+    kept_count,
+    kernel_block,
+    kernel_matrix,
+    kth_smallest,
+    topk_mask,
+)
+
+TRAINABLE = {"in_qs", "out_qs", "alpha", "gamma", "beta", "scale"}
+CASE = MethodCase(
+    make_config=lambda targets: SNELLAConfig(target_modules=targets, low_rank_dim=4, init_sparsity=0.3),
+    trainable=TRAINABLE,
+    perturb_scale=0.5,  # the default 0.1 moves the ~1e-4-sized code-mode K_eff too little to see in the output
+)
+
+
+@pytest.mark.parametrize("model_name", list(MODEL_CASES))
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_matrix(check: str, model_name: str) -> None:
+    run_check(check, CASE, model_name)
+
+
+def _adapter(m: int, n: int, seed: int = 0, **cfg) -> SNELLAAdapter:
+    torch.manual_seed(seed)
+    config = SNELLAConfig(target_modules=["x"], **cfg)
+    return SNELLAAdapter.create(LayerGeometry("linear", (m, n)), config, torch.zeros(m, n), None, name="x")
+
+
+def _reference_kernel(adapter: SNELLAAdapter) -> torch.Tensor:
+    """The reference code's (n, m) kernel in float64: Σ c_h cdist(In_h, Out_h) + α softmax(·/γ, dim=-1) + β."""
+    A, B = adapter.in_qs.double().detach(), adapter.out_qs.double().detach()
+    coeff = torch.tensor(adapter.spec.coeffs, dtype=torch.float64)[:, None, None]
+    D = (coeff * torch.cdist(A, B, p=2)).sum(0)  # (H, n, r), (H, m, r) -> (n, m)
+    if adapter.spec.kernel == "snell":
+        return D
+    alpha, gamma, beta = (float(t.detach()) for t in (adapter.alpha, adapter.gamma, adapter.beta))
+    return D + alpha * torch.softmax(D / gamma, dim=-1) + beta
+
+
+# -- kernel (self-checks 1, 2) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", ["snella", "snell"])
+def test_kernel_matches_reference_formula(kernel: str) -> None:
+    adapter = _adapter(96, 64, low_rank_dim=32, kernel=kernel, init_sparsity=0.0, mask_mode="binary", init_scale=1.0)
+    if kernel == "snella":
+        with torch.no_grad():
+            adapter.alpha.fill_(0.7)
+            adapter.gamma.fill_(0.05)  # a sharp softmax, so the α term is far from uniform
+            adapter.beta.fill_(0.02)
+    ref = _reference_kernel(adapter)  # (in, out)
+    assert (adapter.kernel_matrix().double() - ref.T).abs().max() < 1e-6
+    x = torch.randn(5, 64, dtype=torch.float64)
+    y = adapter.delta_forward(x.float(), None).double()  # sparsity 0, binary mask, s = 1: x K_ref
+    torch.testing.assert_close(y, x @ ref, atol=1e-5, rtol=1e-5)  # the reference's F.linear(x, K.T) orientation
+
+
+def test_init_magnitudes() -> None:
+    adapter = _adapter(96, 64, low_rank_dim=32)
+    D, P, _, _ = kernel_block(adapter.in_qs, adapter.out_qs, adapter.alpha, adapter.gamma, adapter.beta, adapter.spec)
+    assert 5e-4 < float(D.detach().abs().mean()) < 5e-3  # spec ≈1e-3: bounds 1/√(n·16), 1/√(m·16); c = ±0.1
+    torch.testing.assert_close(P.sum(0), torch.ones(64), atol=1e-6, rtol=0)  # softmax over outputs, per input
+    assert abs(float(P.detach().mean()) - 1 / 96) < 1e-7
+
+
+def test_init_is_exact_and_trainable() -> None:
+    """s = 0 at init: output == base bit for bit, and the gate gets a non-zero gradient."""
+    base = torch.nn.Linear(20, 30)
+    adapter = SNELLAAdapter.create(LayerGeometry.of(base), SNELLAConfig(target_modules=["x"], low_rank_dim=4),
+                                   base.weight.detach(), None)
+    x = torch.randn(6, 20)
+    y = adapter(x, FrozenBase(base.requires_grad_(False)))
+    assert torch.equal(y, base(x))
+    y.pow(2).sum().backward()
+    assert adapter.scale.grad is not None and float(adapter.scale.grad.abs()) > 0
+
+
+# -- exact top-k (self-checks 3, 4) -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity", [0.01, 0.3, 0.8, 0.93])
+@pytest.mark.parametrize("mode", ["code", "binary"])
+def test_kept_count_is_exact(sparsity: float, mode: str) -> None:
+    adapter = _adapter(96, 64, low_rank_dim=8, init_sparsity=sparsity, mask_mode=mode, init_scale=1.0)
+    expected = round((1 - sparsity) * 96 * 64)
+    assert int(adapter.kept) == expected
+    delta = adapter.delta_weight()
+    assert int((delta != 0).sum()) == expected == int(adapter.mask().sum())
+    kept_abs = adapter.kernel_matrix().detach().abs()[adapter.mask()]
+    dropped_abs = adapter.kernel_matrix().detach().abs()[~adapter.mask()]
+    assert kept_abs.min() >= dropped_abs.max()
+
+
+def test_topk_with_ties_matches_stable_sort() -> None:
+    """Many equal |K| values: exactly k kept, ties resolved to the lowest flat indices (reference: stable sort)."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 7, (40, 30), generator=gen).float()  # 1200 entries, 7 distinct values
+    for k in [0, 1, 150, 171, 600, 1199, 1200]:
+        mask, tau, ties = topk_mask(scores, k)
+        order = sorted(range(scores.numel()), key=lambda i: (-float(scores.view(-1)[i]), i))
+        expected = torch.zeros(scores.numel(), dtype=torch.bool)
+        expected[order[:k]] = True
+        assert torch.equal(mask.view(-1), expected), k
+    zeros = torch.zeros(10, 10)
+    assert int(topk_mask(zeros, 37)[0].sum()) == 37  # everything tied
+
+
+def test_radix_select_equals_kthvalue() -> None:
+    gen = torch.Generator().manual_seed(1)
+    values = torch.cat([torch.randn(5000, generator=gen).abs(), torch.zeros(50), torch.full((20,), 3.0),
+                        torch.tensor([1e-40, float("inf"), 1e30])])  # zeros, ties, a subnormal, inf
+    for t in [1, 2, 50, 51, 2500, 5060, values.numel()]:
+        assert kth_smallest(values, t) == float(values.double().kthvalue(t).values), t
+
+
+def test_large_layer_4096x11008_exact_count() -> None:
+    """A 45 M-entry layer (> 2^24, where torch.quantile refuses) keeps exactly round((1 − s)·N) entries."""
+    adapter = _adapter(4096, 11008, low_rank_dim=2, init_sparsity=0.3)
+    with pytest.raises(RuntimeError, match="too large"):
+        torch.quantile(torch.zeros(4096 * 11008), 0.3)  # the reference's rule, spec §3.8 pitfall 1
+    assert int(adapter.kept) == round(0.7 * 4096 * 11008)
+    assert int(adapter.mask().sum()) == int(adapter.kept)
+
+
+def test_kept_count_rounding() -> None:
+    assert kept_count(0.3, 10) == 7 and kept_count(0.25, 10) == 8 and kept_count(0.0, 9) == 9  # ⌊x + ½⌋
+    assert kept_count(1.0, 9) == 0 and kept_count(0.8, 4096 * 4096) == 3355443
+
+
+# -- gradients (self-check 6) and memory ------------------------------------------------------------------------
+
+
+def _weighted_delta_loss(adapter: SNELLAAdapter, C: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of Σ C ⊙ Δ taken through the training Function (x = I makes y = Δᵀ)."""
+    adapter.zero_grad()
+    m, n = adapter.geometry.matrix_shape
+    y = adapter.delta_forward(torch.eye(n), None)  # (n, n) @ Δᵀ -> (n, m)
+    (y * C.T).sum().backward()
+    return {k: p.grad.clone() for k, p in adapter.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["code", "binary"])
+def test_gradients_flow_only_through_kept_entries(mode: str) -> None:
+    adapter = _adapter(12, 10, low_rank_dim=4, init_sparsity=0.6, mask_mode=mode, init_scale=1.0)
+    mask = adapter.mask()
+    C = torch.randn(12, 10)
+    grads = _weighted_delta_loss(adapter, C)
+    dropped, kept = torch.nonzero(~mask)[0], torch.nonzero(mask)[0]
+    C_dropped = C.clone()
+    C_dropped[tuple(dropped)] += 5.0
+    for name, g in _weighted_delta_loss(adapter, C_dropped).items():
+        assert torch.equal(g, grads[name]), name  # a masked-out entry's loss weight cannot reach any factor
+    C_kept = C.clone()
+    C_kept[tuple(kept)] += 5.0
+    assert not torch.equal(_weighted_delta_loss(adapter, C_kept)["in_qs"], grads["in_qs"])
+
+
+def _check_function_against_autograd(geometry, x, A, B, scalars, s, weight, spec, kept) -> None:
+    leaves = [t.requires_grad_(True) for t in (x, A, B, *scalars, s) if t is not None]
+    plan = LayerPlan(spec, kept=kept, geometry=geometry)
+    out = snella_apply(x, A, B, *scalars, s, plan, weight=weight)
+    K = kernel_matrix(A, B, *scalars, spec)
+    delta = (s * effective_kernel(K, topk_mask(K.detach().abs(), kept)[0], spec.mask_mode)).view(geometry.weight_shape)
+    ref = geometry.apply(x, delta if weight is None else weight + delta)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("kernel,p", [("snella", 2.0), ("snell", 2.0), ("snell", 1.0)])
+@pytest.mark.parametrize("mode", ["code", "binary"])
+@pytest.mark.parametrize("kind,fused,block_elems", [("linear", False, None), ("linear", True, None),
+                                                    ("linear", True, 16), ("conv2d", False, None), ("conv2d", False, 20)])
+def test_function_gradients_match_autograd_float64(kernel, p, mode, kind, fused, block_elems, monkeypatch) -> None:
+    """The hand-written, block-wise backward equals autograd through the dense float64 op(x, [W0 +] s·K_eff)."""
+    if block_elems is not None:  # several column blocks (the default block covers these tiny layers whole)
+        monkeypatch.setattr(snella_kernel, "BLOCK_ELEMS", block_elems)
+        monkeypatch.setattr(snella_kernel, "SMALL_LAYER", 0)
+    torch.manual_seed(0)
+    dt = torch.float64
+    if kind == "linear":
+        geometry, x = LayerGeometry("linear", (7, 5)), torch.randn(2, 3, 5, dtype=dt)
+    else:
+        geometry = LayerGeometry("conv2d", (6, 2, 3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2)
+        x = torch.randn(2, 4, 5, 5, dtype=dt)
+    m, n = geometry.matrix_shape
+    assert (len(snella_kernel.column_blocks(m, n)) > 1) == (block_elems is not None)
+    A, B = torch.randn(2, n, 3, dtype=dt), torch.randn(2, m, 3, dtype=dt)
+    scalars = [torch.tensor(v, dtype=dt) for v in (0.7, 1.3, 0.1)] if kernel == "snella" else [None] * 3
+    weight = torch.randn(geometry.weight_shape, dtype=dt) if fused else None
+    spec = KernelSpec(kernel, mode, (0.1, -0.1), p)
+    _check_function_against_autograd(geometry, x, A, B, scalars, torch.tensor(0.8, dtype=dt), weight, spec,
+                                     (m * n) // 2)
+
+
+@pytest.mark.parametrize("kept", [3, 13, 21])
+def test_function_with_tied_kernel_entries_across_blocks(kept: int, monkeypatch) -> None:
+    """Duplicate input columns make whole columns of K equal: the threshold cuts through tie groups that span
+    several column blocks, and forward and backward keep exactly the lowest flat indices (as `topk_mask`)."""
+    monkeypatch.setattr(snella_kernel, "BLOCK_ELEMS", 8)  # m = 4: one-column blocks
+    monkeypatch.setattr(snella_kernel, "SMALL_LAYER", 0)
+    assert len(snella_kernel.column_blocks(4, 6)) > 1
+    torch.manual_seed(1)
+    dt = torch.float64
+    A = torch.randn(2, 3, 2, dtype=dt).repeat(1, 2, 1)  # columns 0-2 repeated as 3-5: (2, 6, 2)
+    B = torch.randn(2, 4, 2, dtype=dt)
+    spec = KernelSpec("snell", "binary", (0.1, -0.1), 2.0)
+    scores = kernel_matrix(A, B, None, None, None, spec).abs()
+    assert int(topk_mask(scores, kept)[0].sum()) == kept and topk_mask(scores, kept)[2].numel() > 0  # ties cut
+    _check_function_against_autograd(LayerGeometry("linear", (4, 6)), torch.randn(3, 6, dtype=dt), A, B,
+                                     [None] * 3, torch.tensor(1.3, dtype=dt), None, spec, kept)
+
+
+def test_kernel_is_bit_identical_in_every_path(monkeypatch) -> None:
+    """The differentiable K (delta_weight), the in-place K (training forward) and the block-wise K agree bit for bit."""
+    adapter = _adapter(40, 56, low_rank_dim=8)
+    with torch.no_grad():
+        in_place = adapter.kernel_matrix()
+    assert torch.equal(adapter.kernel_matrix(), in_place)
+    monkeypatch.setattr(snella_kernel, "SMALL_LAYER", 0)
+    monkeypatch.setattr(snella_kernel, "BLOCK_ELEMS", 40 * 8)
+    with torch.no_grad():
+        blocked = adapter.kernel_matrix()
+    torch.testing.assert_close(blocked, in_place, atol=1e-8, rtol=1e-6)  # other blocks: same math, any order
+
+
+def _saved_numels(fn) -> list[tuple[int, int]]:
+    """(numel, data_ptr) of every tensor autograd saves while `fn` runs."""
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((t.numel(), t.data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def test_no_dense_kernel_saved_for_backward() -> None:
+    m, n = 48, 40
+    base = torch.nn.Linear(n, m).requires_grad_(False)
+    adapter = SNELLAAdapter.create(LayerGeometry.of(base), SNELLAConfig(target_modules=["x"], low_rank_dim=4),
+                                   base.weight, None)
+    x = torch.randn(2, n, requires_grad=True)  # 2 tokens: x is far smaller than m·n
+    for run in (lambda: adapter(x, FrozenBase(base)), lambda: adapter.delta_forward(x, None)):
+        big = [(k, ptr) for k, ptr in _saved_numels(run) if k >= m * n]
+        assert all(ptr == base.weight.data_ptr() for _, ptr in big), big  # only the frozen base weight itself
+    naive = _saved_numels(lambda: F.linear(x, base.weight + adapter.delta_weight()))
+    assert any(k >= m * n and ptr != base.weight.data_ptr() for k, ptr in naive)  # the test can fail
+
+
+# -- merge and save/load (self-checks 5, 8) ---------------------------------------------------------------------
+
+
+def test_merge_equals_forward_in_eval_and_unmerge_restores() -> None:
+    torch.manual_seed(0)
+    config = SNELLAConfig(target_modules=["lin0", "lin1"], low_rank_dim=4, init_sparsity=0.5, adapter_dropout=0.1,
+                          drop_path=0.1)
+    model = specpeft.get_adapter_model(MLP(), config)
+    perturb(model, 0.5)
+    model.eval()  # dropout and DropPath on the adapter branch are identity in eval
+    x = torch.randn(5, 24)
+    out = model(x)
+    weights = {name: mod.weight.detach().clone() for name, mod in model.named_modules() if name.endswith("base_layer")}
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), out, atol=1e-6, rtol=1e-6)
+    model.unmerge_adapter()
+    for name, mod in model.named_modules():
+        if name in weights:
+            torch.testing.assert_close(mod.weight, weights[name], atol=1e-7, rtol=0)
+    model.train()
+    assert not torch.equal(model(x), out)  # ... and active in training
+
+
+def test_save_load_preserves_per_layer_sparsity() -> None:
+    torch.manual_seed(0)
+    model = specpeft.get_adapter_model(MLP(), SNELLAConfig(target_modules=["lin0", "lin1"], low_rank_dim=4))
+    perturb(model, 0.5)
+    layers = snella_layers(model)
+    layers["lin0"].set_sparsity(0.73)
+    layers["lin1"].set_kept(101)
+    x = torch.randn(5, 24)
+    out = model(x)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        saved = load_file(f"{tmp}/adapter_model.safetensors")
+        assert sorted(int(v) for k, v in saved.items() if k.endswith("kept")) == [101, round(0.27 * 960)]
+        torch.manual_seed(0)
+        reloaded = specpeft.load_adapter_model(MLP(), tmp)
+        torch.testing.assert_close(reloaded(x), out, atol=0, rtol=0)
+        again = snella_layers(reloaded)
+        assert int(again["lin0"].kept) == round(0.27 * 960) and int(again["lin1"].kept) == 101
+
+
+def test_bad_options_name_the_field() -> None:
+    with pytest.raises(ValueError, match="low_rank_dim"):
+        SNELLAConfig(target_modules=["x"], low_rank_dim=5, heads=2)
+    with pytest.raises(ValueError, match="norm_p"):
+        SNELLAConfig(target_modules=["x"], norm_p=1.0)
+    with pytest.raises(ValueError, match="target_sparsity"):
+        SNELLAConfig(target_modules=["x"], target_sparsity=1.5)
+    with pytest.raises(TypeError, match="mask_mode"):
+        SNELLAConfig(target_modules=["x"], mask_mode="soft")
+    with pytest.raises(ValueError, match="max_layer_sparsity"):
+        SNELLAConfig(target_modules=["x"], target_sparsity=0.8, max_layer_sparsity=0.5)
+    with pytest.raises(ValueError, match="total_steps"):
+        SNELLAConfig(target_modules=["x"], total_steps=3, init_warmup=2, final_warmup=1)
