@@ -1,7 +1,7 @@
 """FedSVD client step: DP-SGD (Opacus) time and memory ÷ the non-private step, on a real encoder.
 
     python benchmarks/fedsvd_dp_client.py            # MiniLM-L6, LoRA r=8 on query/value, batch 32, seq 64
-    python benchmarks/fedsvd_dp_client.py --quick    # batch 16, seq 32, fewer repeats (~2 min)
+    python benchmarks/fedsvd_dp_client.py --quick    # batch 16, seq 32 (~2 CPU minutes)
 
 Both modes run `specpeft.federated.train_client` on MiniLM-L6 (BertForSequenceClassification) with FedSVD's LoRA
 (A frozen, B trained) on Rotten Tomatoes snippets padded to a fixed length. The DP mode is Opacus DP-SGD (hooks
@@ -112,8 +112,8 @@ def main() -> None:
     args = parser.parse_args()
     args.batch = args.batch or (16 if args.quick else 32)
     args.seq = args.seq or (32 if args.quick else 64)
-    args.steps = args.steps or (3 if args.quick else 5)
-    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.steps = args.steps or 3
+    args.repeats = args.repeats or 3
     if args.child:
         child_memory(args)
         return

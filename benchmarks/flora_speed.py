@@ -89,7 +89,8 @@ def build_variants(setting: Setting) -> tuple[dict[str, nn.Module], dict[str, in
         variants[f"FLoRA {mode}"] = model
     counts["FLoRA"] = trainable(variants["FLoRA auto"])
     lora_r = min(range(1, 257), key=lambda r: abs(lora_count(layer, r) - counts["FLoRA"]))
-    lora = get_peft_model(OneLayer(copy.deepcopy(layer)), LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["layer"]))
+    lora_config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["layer"])
+    lora = get_peft_model(OneLayer(copy.deepcopy(layer)), lora_config)
     with torch.no_grad():  # B = 0 at init; make it non-zero like a trained adapter
         for name, p in lora.named_parameters():
             if "lora_B" in name:
@@ -222,7 +223,8 @@ def main() -> None:
         + ". FLoRA factored forward multiply-adds ÷ the base layer's: " + "; ".join(macs) + "."
     )
     meta = (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads, {'process CPU' if args.threads == 1 else 'wall'} clock, {repeats} rounds")
+            f"{torch.get_num_threads()} threads, {'process CPU' if args.threads == 1 else 'wall'} clock, "
+            f"{repeats} rounds")
     table = "\n".join([f"FLoRA speed ({'quick' if args.quick else 'full'}; {meta})", "", header, *rows, "", note])
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -91,7 +91,7 @@ def loss_fn(model: nn.Module, batch) -> torch.Tensor:
     return nn.functional.cross_entropy(model(hidden, mask), labels)
 
 
-def plot(results: dict, path: str, title: str) -> None:
+def plot(results: dict, path: str, title: str, panel_titles: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,8 +106,9 @@ def plot(results: dict, path: str, title: str) -> None:
             rounds = [0] + [m.round for m in result.history if m.eval]
             acc = [result.initial_eval["accuracy"]] + [m.accuracy for m in result.history if m.eval]
             ax.plot(rounds, acc, marker="o", label=METHODS[method])
-        ax.set_title(setting)
+        ax.set_title(panel_titles[setting])
         ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
     axes[0][-1].legend()
@@ -203,17 +204,19 @@ def main() -> None:
           f"{args.clients} clients (Dirichlet α={args.alpha}), {args.per_round} per round, {args.rounds} rounds × "
           f"{args.local_steps} local steps; test majority class {majority:.3f}, initial accuracy "
           f"{results[next(iter(results))].initial_eval['accuracy']:.3f}\n")
-    print(f"| setting | method | final accuracy | best accuracy | final test loss | ε (δ={args.delta:g}) | σ |")
+    print(f"| setting | method | final accuracy | best accuracy | final test loss | max client ε (δ={args.delta:g}) "
+          "| σ |")
     print("|---|---|---|---|---|---|---|")
     for (setting, method), result in results.items():
         accs = [m.accuracy for m in result.history if m.eval]
         final = result.final_eval()
-        eps = f"{result.history[-1].epsilon:.2f} (target {args.epsilon:g})" if setting == "dp" else "∞"
+        eps = f"{result.history[-1].epsilon:.2f} (budget {args.epsilon:g})" if setting == "dp" else "∞"
         sigma = f"{min(p.noise_multiplier for p in result.privacy.values()):.2f}–" \
                 f"{max(p.noise_multiplier for p in result.privacy.values()):.2f}" if result.privacy else "0"
         print(f"| {setting} | {METHODS[method]} | {final['accuracy']:.3f} | {max(accs):.3f} | {final['loss']:.3f} "
               f"| {eps} | {sigma} |")
-    plot(results, args.plot, f"MiniLM-L6 on Rotten Tomatoes, {args.clients} non-IID clients")
+    panels = {"non-private": "non-private", "dp": f"DP-SGD, ε ≤ {args.epsilon:g} per client (δ = {args.delta:g})"}
+    plot(results, args.plot, f"MiniLM-L6 on Rotten Tomatoes, {args.clients} non-IID clients", panels)
     print(f"\nplot: {args.plot}   total {time.perf_counter() - start:.0f} s")
 
 

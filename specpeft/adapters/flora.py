@@ -174,10 +174,14 @@ class FLoRAAdapter(MethodAdapter):
         factor_in, factor_out = self.factors[:2]
         out, in_per_group, *kernel_size = self.geometry.weight_shape
         r_in, r_out = self.ranks[:2]
-        kernel = (self.core_kernel() * self.scale).reshape(r_out, r_in, -1)  # (r1, r0, *k) -> (r1, r0, K)
-        # Contract the small factor first: r1·r0·in·K + out·r1·in·K multiply-adds (the count `costs` uses).
-        partial = torch.matmul(factor_in, kernel)  # (in, r0) · (r1, r0, K) -> (r1, in, K)
-        delta = factor_out @ partial.reshape(r_out, -1)  # (out, r1) · (r1, in·K) -> (out, in·K)
+        k = math.prod(kernel_size)
+        kernel = (self.core_kernel() * self.scale).reshape(r_out, r_in, k)  # (r1, r0, *k) -> (r1, r0, K)
+        # Two plain 2-D mm, never a broadcast matmul: torch.matmul picks its kernel by requires_grad, so a reloaded
+        # frozen adapter would round differently from the trained one. Cost r1·K·r0·in + out·r1·in·K (see `costs`).
+        kernel = kernel.transpose(1, 2).reshape(r_out * k, r_in)  # (r1, r0, K) -> (r1·K, r0)
+        partial = (kernel @ factor_in.T).reshape(r_out, k, in_per_group)  # (r1·K, r0)·(r0, in) -> (r1, K, in)
+        partial = partial.transpose(1, 2).reshape(r_out, in_per_group * k)  # -> (r1, in, K) -> (r1, in·K)
+        delta = factor_out @ partial  # (out, r1) · (r1, in·K) -> (out, in·K)
         return delta.reshape(out, in_per_group, *kernel_size)  # (out, in·K) -> (out, in, *k)
 
     # -- cost model ---------------------------------------------------------------------------------------------
@@ -218,7 +222,8 @@ class FLoRAAdapter(MethodAdapter):
         training = torch.is_grad_enabled()
         if geometry.is_conv:
             positions_in, positions_out = self._output_positions(x)
-            factored = positions_in * in_per_group * groups * r_in + positions_out * (groups * r_in * r_out * k + out * r_out)
+            stage_in = positions_in * in_per_group * groups * r_in  # 1×1 reduce, at input resolution
+            factored = stage_in + positions_out * (groups * r_in * r_out * k + out * r_out)  # core conv + 1×1 expand
             full_op = positions_out * out * in_per_group * k
         else:
             tokens = x.numel() // in_per_group
@@ -251,9 +256,10 @@ class FLoRAAdapter(MethodAdapter):
     def _factored_linear(self, x: Tensor) -> Tensor:
         factor_in, factor_out = (f.to(x.dtype) for f in self.factors)
         core = (self.core * self.scale).to(x.dtype)
-        hidden = x @ factor_in  # (..., in) -> (..., r0)
-        hidden = hidden @ core  # (..., r0) -> (..., r1)
-        return hidden @ factor_out.T  # (..., r1) -> (..., out)
+        # 2-D mm on the flattened tokens, for the same reason as in `delta_weight`.
+        hidden = x.reshape(-1, x.shape[-1]) @ factor_in  # (..., in) -> (T, in) -> (T, r0)
+        hidden = (hidden @ core) @ factor_out.T  # (T, r0) -> (T, r1) -> (T, out)
+        return hidden.reshape(*x.shape[:-1], hidden.shape[-1])  # (T, out) -> (..., out)
 
     def _factored_conv(self, x: Tensor) -> Tensor:
         """1×1 conv (in → r₀) → core conv (r₀ → r₁, base stride/padding/dilation) → 1×1 conv (r₁ → out).
@@ -273,7 +279,8 @@ class FLoRAAdapter(MethodAdapter):
         kernel = kernel.repeat(groups, *(1,) * (self.n_modes - 1)).to(x.dtype)  # -> (g·r1, r0, *k)
         expand = factor_out.reshape(*factor_out.shape, *ones).to(x.dtype)  # (out, r1) -> (out, r1, 1…)
         hidden = conv(x, reduce, None, 1, 0, 1, groups)  # (B, in, *S) -> (B, g·r0, *S)
-        hidden = conv(hidden, kernel, None, geometry.stride, geometry.padding, geometry.dilation, groups)  # -> (B, g·r1, *S')
+        # (B, g·r0, *S) -> (B, g·r1, *S'), S' the base conv's output size: the core conv carries all spatial behaviour
+        hidden = conv(hidden, kernel, None, geometry.stride, geometry.padding, geometry.dilation, groups)
         return conv(hidden, expand, None, 1, 0, 1, groups)  # (B, g·r1, *S') -> (B, out, *S')
 
     def factored_delta(self, x: Tensor) -> Tensor:

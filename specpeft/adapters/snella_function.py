@@ -1,8 +1,9 @@
 """SNELLA's training op as one autograd Function: y = op(x, [W0 +] s·K_eff), with no m×n tensor saved.
 
-Forward builds K (m, n), selects the exact top-k of |K| (snella_kernel.py), applies `F.linear`/`F.convNd` and frees
-every m×n temporary: autograd keeps x, the small factors, τ and the (usually empty) tie list, plus a reference
-to the base weight when it is fused in. Peak transient: K, |K| and the bool mask (2.25 m×n fp32 words).
+Forward builds |K| (m, n) and its sign bits block by block, selects the exact top-k (snella_kernel.py), turns
+|K| into W0 + s·K_eff in place, applies `F.linear`/`F.convNd` and frees it: autograd keeps x, the small factors,
+τ and the (usually empty) tie list, plus a reference to the base weight when it is fused in. Peak transient:
+|K| and the sign bits (1.25 m×n fp32 words) plus O(m × block) scratch.
 
 Backward rebuilds K one column block at a time (the blocks of `column_blocks`, bit-identical to the forward's),
 so its transient memory is O(m × block), and applies the hand-derived chain rule, per block b:
@@ -32,9 +33,8 @@ from .snella_kernel import (
     column_blocks,
     distance,
     kernel_block,
-    kernel_matrix,
     mask_from_threshold,
-    topk_mask,
+    topk_threshold,
 )
 
 
@@ -47,18 +47,35 @@ class LayerPlan:
     geometry: LayerGeometry
 
 
-def _dense_weight(
-    factors: tuple, spec: KernelSpec, tau: float, tie_index: Tensor, scale: float, weight: Optional[Tensor],
-    shape: tuple,
+def _abs_and_sign(factors: tuple, spec: KernelSpec, m: int, n: int) -> tuple[Tensor, Tensor]:
+    """|K| (m, n) and the bool K < 0, built block by block: 1.25 m×n words instead of K and |K| side by side."""
+    in_qs, out_qs = factors[0], factors[1]
+    magnitude = torch.empty(m, n, dtype=out_qs.dtype, device=out_qs.device)
+    negative = torch.empty(m, n, dtype=torch.bool, device=out_qs.device)
+    for c0, c1 in column_blocks(m, n):
+        K = kernel_block(in_qs[:, c0:c1], out_qs, *factors[2:], spec)[2]
+        torch.lt(K, 0, out=negative[:, c0:c1])
+        torch.abs(K, out=magnitude[:, c0:c1])
+    return magnitude, negative
+
+
+def _weight_in_place(
+    magnitude: Tensor, negative: Tensor, tau: float, tie_index: Tensor, spec: KernelSpec, scale: float,
+    weight: Optional[Tensor],
 ) -> Tensor:
-    """[W0 +] s·K_eff in layout `shape`, rebuilt from the factors and the forward's (τ, tie_index)."""
-    K = kernel_matrix(*factors, spec)
-    a = K.abs()
-    mask = mask_from_threshold(a, tau, tie_index)
-    keff = a.mul_(K) if spec.mask_mode == "code" else K  # |K| ⊙ K or K
-    del K, a
-    w = keff.masked_fill_(mask.logical_not_(), 0.0).mul_(scale).view(shape)  # (m, n) -> (out, in/g, *k)
-    return w if weight is None else w.add_(weight)
+    """Turn |K| into [W0 +] s·K_eff in place, block by block: K_eff = ±|K|·|K| ("code") or ±|K| ("binary") on
+    kept entries (|K|·|K|·sign(K) is bit-identical to K·|K|), 0 elsewhere."""
+    m, n = magnitude.shape
+    w0 = None if weight is None else weight.reshape(m, n)  # (out, in/g, *k) -> (m, n)
+    for c0, c1 in column_blocks(m, n):
+        block = magnitude[:, c0:c1]
+        dropped = mask_from_threshold(block, tau, tie_index, (c0, n)).logical_not_()
+        if spec.mask_mode == "code":
+            block.mul_(block)
+        block.copy_(torch.where(negative[:, c0:c1], -block, block)).masked_fill_(dropped, 0.0).mul_(scale)
+        if w0 is not None:
+            block.add_(w0[:, c0:c1])
+    return magnitude
 
 
 def _conv_vjp(geometry: LayerGeometry, x: Tensor, grad_out: Tensor, weight: Tensor, need_x: bool):
@@ -80,17 +97,13 @@ class SNELLAFunction(torch.autograd.Function):
         beta: Optional[Tensor], scale: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], plan: LayerPlan,
     ) -> Tensor:
         spec, geometry = plan.spec, plan.geometry
-        K = kernel_matrix(in_qs, out_qs, alpha, gamma, beta, spec)  # autograd is off in forward: in place
-        a = K.abs()
-        mask, tau, tie_index = topk_mask(a, plan.kept)
-        keff = a.mul_(K) if spec.mask_mode == "code" else K
-        del K, a
-        # masked_fill with the inverted mask in place: `mul_(mask)` would first copy the bool mask to fp32
-        w = keff.masked_fill_(mask.logical_not_(), 0.0).mul_(scale)
+        m, n = geometry.matrix_shape
+        factors = (in_qs, out_qs, alpha, gamma, beta)
+        magnitude, negative = _abs_and_sign(factors, spec, m, n)  # autograd is off in forward: in place
+        tau, tie_index = topk_threshold(magnitude, plan.kept)
+        w = _weight_in_place(magnitude, negative, tau, tie_index, spec, float(scale), weight)
+        del negative
         w = w.view(geometry.weight_shape)  # (m, n) -> (out, in/g, *k)
-        del mask
-        if weight is not None:
-            w = w.add_(weight)
         out = geometry.apply(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
         ctx.save_for_backward(x, in_qs, out_qs, alpha, gamma, beta, scale, weight, tie_index)
         ctx.plan, ctx.tau = plan, tau
@@ -114,9 +127,11 @@ class SNELLAFunction(torch.autograd.Function):
             if need_x:
                 grad_x = torch.empty(x2.shape, dtype=dtype, device=x.device)
         else:  # conv: ∂L/∂W needs the whole rebuilt weight once; the factor chain rule still runs in blocks
-            w = _dense_weight(factors, spec, ctx.tau, tie_index, s, weight, geometry.weight_shape)
-            grad_x, G_full = _conv_vjp(geometry, x, grad_out, w, need_x)
-            del w
+            magnitude, negative = _abs_and_sign(factors, spec, m, n)
+            w = _weight_in_place(magnitude, negative, ctx.tau, tie_index, spec, s, weight)
+            del negative
+            grad_x, G_full = _conv_vjp(geometry, x, grad_out, w.view(geometry.weight_shape), need_x)  # (m, n) -> kernel
+            del w, magnitude
             G_full = G_full.reshape(m, n).to(dtype)  # (out, in/g, *k) -> (m, n)
         grad_in, grad_outq = torch.zeros_like(in_qs), torch.zeros_like(out_qs)
         zero = torch.zeros((), dtype=dtype, device=in_qs.device)

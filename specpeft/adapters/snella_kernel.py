@@ -168,27 +168,36 @@ def mask_from_threshold(scores: Tensor, tau: float, tie_index: Tensor, columns: 
     return mask
 
 
-def topk_mask(scores: Tensor, k: int) -> tuple[Tensor, float, Tensor]:
-    """Mask of exactly `k` largest entries (ties at the threshold → lowest flat indices).
+def topk_threshold(scores: Tensor, k: int) -> tuple[float, Tensor]:
+    """(τ, tie_index) such that `mask_from_threshold(scores, τ, tie_index)` keeps exactly the `k` largest entries,
+    ties at τ resolved to the lowest flat indices; `tie_index` (int64) is empty unless several entries equal τ.
 
-    Returns:
-        (mask, tau, tie_index): `mask_from_threshold(scores, tau, tie_index)` rebuilds the mask; `tie_index`
-        (int64, usually empty) lists the kept entries equal to τ.
+    Works chunk by chunk on the flat scores, so its scratch memory does not grow with their size.
     """
     numel = scores.numel()
     no_ties = torch.zeros(0, dtype=torch.int64, device=scores.device)
     if k >= numel:
-        return torch.ones_like(scores, dtype=torch.bool), -math.inf, no_ties
+        return -math.inf, no_ties
     if k <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool), math.inf, no_ties
-    tau = kth_smallest(scores.reshape(-1), numel - k)  # the (N−k)-th smallest is the largest dropped value
-    mask = scores > tau
-    ties = k - int(mask.count_nonzero())  # > 0 only when several entries equal τ
+        return math.inf, no_ties
+    flat = scores.reshape(-1)  # (m, n) -> (m·n,), a view for contiguous scores
+    tau = kth_smallest(flat, numel - k)  # the (N−k)-th smallest is the largest dropped value
+    ties = k - sum(int((chunk > tau).count_nonzero()) for chunk in flat.split(RADIX_CHUNK))
     if ties <= 0:
-        return mask, tau, no_ties
-    tie_index = torch.nonzero(scores.reshape(-1) == tau).squeeze(1)[:ties]  # ascending flat indices
-    mask.view(-1)[tie_index] = True  # (m, n) -> (m·n,) view: flat indices
-    return mask, tau, tie_index
+        return tau, no_ties
+    found, offset = [], 0
+    for chunk in flat.split(RADIX_CHUNK):  # the first `ties` entries equal to τ, in flat order
+        found.append(torch.nonzero(chunk == tau).squeeze(1) + offset)
+        offset += chunk.numel()
+        if sum(f.numel() for f in found) >= ties:
+            break
+    return tau, torch.cat(found)[:ties]
+
+
+def topk_mask(scores: Tensor, k: int) -> tuple[Tensor, float, Tensor]:
+    """Mask of exactly the `k` largest entries (ties → lowest flat indices), with its (τ, tie_index)."""
+    tau, tie_index = topk_threshold(scores, k)
+    return mask_from_threshold(scores, tau, tie_index), tau, tie_index
 
 
 def effective_kernel(K: Tensor, mask: Tensor, mode: MaskMode) -> Tensor:
