@@ -31,8 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# Running a script puts its folder first on sys.path; benchmarks/kernels.py would then shadow the `kernels` package
-# that transformers probes at import. Import from the repository root instead.
+# Running a script puts its folder first on sys.path, where a benchmark file can shadow a package transformers
+# probes at import (benchmarks/kernels.py once shadowed `kernels`). Import from the repository root instead.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--rank", type=int, help="LoRA rank N (per group for grouped convs)")
     size.add_argument("--energy", type=float, help="per-layer rank keeping this fraction of Σσ², e.g. 0.99")
     to_lora.add_argument("--base", help="base model directory (needed for DoRA; checks the layers against it)")
-    to_lora.add_argument("--svd", default="full", choices=["full", "randomized"],
-                         help="SVD for --rank: full (exact) or randomized (faster on large layers)")
+    to_lora.add_argument("--svd", default="randomized", choices=["randomized", "full"],
+                         help="SVD for --rank: randomized (default; exact when rank(ΔW) ≤ N, much faster on large "
+                              "layers) or full (the optimal truncation); the reported error is always measured")
     to_lora.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     to_lora.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -383,6 +383,32 @@ def test_forced_triton_without_a_way_to_run_it_names_the_fix(monkeypatch: pytest
     assert K.kernel_backend(torch.zeros(2), backend="auto") == "torch"
 
 
+def test_config_flag_forces_the_backend_of_every_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kernel_backend` in the config reaches every adapter, beats the env var, and is saved with the adapter."""
+    from specpeft import SVFitConfig, get_adapter_model
+
+    def adapted(flag: str) -> list:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+        config = SVFitConfig(target_modules=["0", "2"], r=2, kernel_backend=flag)
+        peft_model = get_adapter_model(model, config)
+        return [m for m in peft_model.modules() if hasattr(m, "kernel_path")], peft_model
+
+    monkeypatch.setenv(K.ENV_VAR, "triton")
+    adapters, peft_model = adapted("torch")
+    assert len(adapters) == 2 and all(a.kernel_backend == "torch" for a in adapters)
+    assert all(a.kernel_path(torch.zeros(2)) == "torch" for a in adapters)  # the flag beats SPECPEFT_KERNELS=triton
+    assert peft_model.peft_config["default"].to_dict()["kernel_backend"] == "torch"
+    monkeypatch.setenv(K.ENV_VAR, "torch")
+    adapters, _ = adapted("auto")
+    assert all(a.kernel_path(torch.zeros(2)) == "torch" for a in adapters)  # "auto" defers to the env var
+    if RUNNABLE:
+        adapters, _ = adapted("triton")
+        assert all(a.kernel_path(torch.zeros(2, device=DEVICE)) == "triton" for a in adapters)
+    with pytest.raises(TypeError, match="kernel_backend"):
+        SVFitConfig(target_modules=["0"], kernel_backend="cuda")
+
+
 def test_torch_backend_is_the_reference() -> None:
     x, V, s, U = tensor(5, 8), tensor(8, 2), tensor(2), tensor(6, 2)
     assert torch.equal(K.lowrank_linear(x, V, s, U, backend="torch"), K.lowrank_linear_reference(x, V, s, U))

@@ -67,6 +67,8 @@ class MethodAdapter(nn.Module):
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "conv2d", "conv3d")
     expensive_init: ClassVar[bool] = False
     uses_shared_state: ClassVar[bool] = False
+    # The config's `kernel_backend`, set by the bridge after `create`; read through `kernel_path`.
+    kernel_backend: str = "auto"
 
     @classmethod
     def saves_shared_state(cls, config: Any) -> bool:
@@ -101,6 +103,15 @@ class MethodAdapter(nn.Module):
         For decisions across layers (e.g. a global parameter budget). `adapters` maps module name → this layer's
         new adapter; a method that changes a layer must also update `config.layer_records[name]`.
         """
+
+    def kernel_path(self, *tensors: Tensor | None) -> str:
+        """"triton" or "torch": which implementation a fused kernel op runs on these tensors for this adapter.
+
+        The config's `kernel_backend` wins when it forces one; "auto" defers to `SPECPEFT_KERNELS` and the device.
+        """
+        from ..kernels import kernel_backend  # kernels import triton lazily; keep base importable without it
+
+        return kernel_backend(*tensors, backend=None if self.kernel_backend == "auto" else self.kernel_backend)
 
     def record(self) -> dict:
         """JSON-serializable per-layer decisions (ranks, shapes, seeds) that `create` needs without `weight`."""

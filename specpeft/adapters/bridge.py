@@ -81,6 +81,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
                 weight = self.frozen_base.weight()
             extra = {"shared": shared} if self.adapter_cls.uses_shared_state else {}
             adapter = self.adapter_cls.create(self.geometry, config, weight, record, name=self.key, **extra)
+        adapter.kernel_backend = config.kernel_backend
         # The geometry rides along so exporters can rebuild ΔW from the files alone (merge/state_dict.py).
         config.layer_records[self.key] = {**adapter.record(), "layer": self.geometry.to_record()}
         if base_weight is not None and not on_meta:

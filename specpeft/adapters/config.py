@@ -47,6 +47,9 @@ class SpecPeftConfig(PeftConfig):
         layer_records: per-layer decisions made at init (ranks, shapes, seeds), keyed by module name. Filled by
             specpeft and saved, so loading rebuilds every layer without re-running an SVD.
         format_version: adapter file layout version, for migrations.
+        kernel_backend: fused-kernel implementation for this model's adapters: "auto" (Triton on CUDA tensors when
+            triton imports, else the torch reference; the `SPECPEFT_KERNELS` environment variable can force
+            either), "triton" or "torch" (forced, overriding the environment variable).
     """
 
     METHOD: ClassVar[str] = ""
@@ -59,6 +62,7 @@ class SpecPeftConfig(PeftConfig):
     target_parameters: Optional[list[str]] = None
     layer_records: dict[str, dict] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    kernel_backend: Literal["auto", "triton", "torch"] = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()

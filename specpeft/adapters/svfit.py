@@ -156,9 +156,11 @@ class SVFitAdapter(MethodAdapter):
         if geometry.kind != "linear" or geometry.quantized or not geometry.standard_forward or geometry.fan_in_fan_out:
             return None
         module = base.module
-        if kernels.kernel_backend(x, module.weight) != "triton":
+        if self.kernel_path(x, module.weight) != "triton":
             return None
-        return kernels.lowrank_linear(x, self.V, self.s - self.sigma0, self.U, weight=module.weight, bias=module.bias)
+        return kernels.lowrank_linear(
+            x, self.V, self.s - self.sigma0, self.U, weight=module.weight, bias=module.bias, backend="triton"
+        )
 
     def extra_repr(self) -> str:
         return f"r={self.rank}, forward_mode={self.forward_mode}"
