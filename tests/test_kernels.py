@@ -1,11 +1,8 @@
 """Kernels (specpeft/kernels): every Triton op against its torch reference, forward and every input gradient.
 
 Without a GPU the Triton kernels run in the Triton interpreter on CPU tensors; on a CUDA machine the same tests run
-the compiled kernels on CUDA tensors. The interpreter needs TRITON_INTERPRET=1 before triton is first imported
-(triton's own library functions are created in that mode), hence the top of this module. When an earlier test module
-already imported triton in compiled mode (a full-suite run: `import specpeft` pulls triton in through peft), these
-tests are re-run in a child pytest process that sets the variable first (`test_interpreter_tests_in_child_process`)
-and skipped here, saying so.
+the compiled kernels on CUDA tensors (`triton_guard` sets the interpreter up, or re-runs these tests in a child
+process when triton was imported in compiled mode first).
 
 The oracle is the op's `*_reference` evaluated in float64 on the same input values (itself checked against
 independent dense formulas below). Tolerances are the relative-norm bounds of performance.md (M8):
@@ -17,60 +14,18 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton` (compiled kernels need a GPU)
+from triton_guard import CUDA, DEVICE, RUNNABLE, interpreter_child_test, needs_cuda, needs_triton  # noqa: I001
 
-import specpeft.kernels as K  # noqa: E402
-from specpeft.kernels import _dispatch  # noqa: E402
+import specpeft.kernels as K
+from specpeft.kernels import _dispatch
 
-
-def _kernels_runnable_here() -> bool:
-    """Compiled kernels on CUDA, or an interpreter whose triton library was imported in interpreter mode."""
-    if not K.HAS_TRITON or CUDA:
-        return K.HAS_TRITON
-    import triton.language.standard as triton_standard
-
-    return type(triton_standard.sum).__name__ == "InterpretedFunction" and \
-        type(K.lowrank._main_kernel).__name__ == "InterpretedFunction"
-
-
-RUNNABLE = _kernels_runnable_here()
-if not RUNNABLE and not CUDA:  # too late for this process: leave the environment as other test modules found it
-    if _PREVIOUS_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
-CHILD_FLAG = "SPECPEFT_KERNEL_TESTS_CHILD"
-DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # performance.md, M8
-needs_triton = pytest.mark.skipif(
-    not RUNNABLE, reason="needs triton" if not K.HAS_TRITON else
-    "triton was imported before TRITON_INTERPRET=1 in this process: run by test_interpreter_tests_in_child_process")
-needs_cuda = pytest.mark.skipif(not (CUDA and K.HAS_TRITON), reason="needs CUDA")
-
-
-@pytest.mark.skipif(RUNNABLE or not K.HAS_TRITON, reason="the Triton tests run in this process")
-def test_interpreter_tests_in_child_process() -> None:
-    """Re-run this file in a fresh interpreter-mode process; its failures are this test's failures."""
-    assert not os.environ.get(CHILD_FLAG), "the child process could not use the Triton interpreter either"
-    env = {**os.environ, "TRITON_INTERPRET": "1", CHILD_FLAG: "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-rs", "-p", "no:cacheprovider"], env=env,
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    other_skips = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")
-                   and "needs CUDA" not in line and "run in this process" not in line]
-    assert " passed" in proc.stdout and not other_skips, proc.stdout[-3000:]
+test_interpreter_tests_in_child_process = interpreter_child_test(__file__)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -1,4 +1,8 @@
-"""SNELLA adapter: spec §3.9 self-checks against float64 / torch.cdist references, and the foundation matrix."""
+"""SNELLA adapter: spec §3.9 self-checks against float64 / torch.cdist references, and the foundation matrix.
+
+The Triton-path tests (`test_triton_path_*`) run the kernels in the Triton interpreter on CPU (compiled on CUDA); the
+interpreter needs TRITON_INTERPRET=1 before triton is first imported, hence `triton_guard` first.
+"""
 
 import tempfile
 
@@ -7,14 +11,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import specpeft
-from adapter_matrix import CHECKS, MODEL_CASES, MLP, MethodCase, perturb, run_check
-from specpeft import FrozenBase, LayerGeometry, SNELLAConfig
-from specpeft.adapters.snella import SNELLAAdapter
-from specpeft.adapters.snella_allocator import snella_layers
-from specpeft.adapters import snella_kernel
-from specpeft.adapters.snella_function import LayerPlan, snella_apply
-from specpeft.adapters.snella_kernel import (
+from triton_guard import DEVICE, interpreter_child_test, needs_triton  # noqa: I001
+
+import specpeft  # noqa: E402
+import specpeft.kernels as kernels  # noqa: E402
+from adapter_matrix import CHECKS, MODEL_CASES, MLP, MethodCase, perturb, run_check  # noqa: E402
+from specpeft import FrozenBase, LayerGeometry, SNELLAConfig  # noqa: E402
+from specpeft.adapters.snella import SNELLAAdapter  # noqa: E402
+from specpeft.adapters.snella_allocator import snella_layers  # noqa: E402
+from specpeft.adapters import snella_kernel  # noqa: E402
+from specpeft.adapters.snella_function import LayerPlan, snella_apply  # noqa: E402
+from specpeft.adapters.snella_kernel import (  # noqa: E402
     KernelSpec,
     effective_kernel,
     kept_count,
@@ -23,6 +30,7 @@ from specpeft.adapters.snella_kernel import (
     kth_smallest,
     topk_mask,
 )
+
 
 TRAINABLE = {"in_qs", "out_qs", "alpha", "gamma", "beta", "scale"}
 CASE = MethodCase(
@@ -330,3 +338,139 @@ def test_bad_options_name_the_field() -> None:
         SNELLAConfig(target_modules=["x"], target_sparsity=0.8, max_layer_sparsity=0.5)
     with pytest.raises(ValueError, match="total_steps"):
         SNELLAConfig(target_modules=["x"], total_steps=3, init_warmup=2, final_warmup=1)
+
+
+# -- Triton path (issue 9): the adapter runs kernels.snella_linear with the exact top-k mask -------------------------
+
+
+test_triton_tests_in_child_process = interpreter_child_test(__file__, select="triton_path")
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def _kernel_adapter(base: torch.nn.Module, backend: str, **cfg) -> SNELLAAdapter:
+    """A fresh adapter on `base` with non-trivial scalars (a sharp softmax, β ≠ 0) and a non-zero gate."""
+    torch.manual_seed(11)
+    config = SNELLAConfig(target_modules=["x"], low_rank_dim=6, heads=2, init_scale=0.9, kernel_backend=backend,
+                          **cfg)
+    adapter = SNELLAAdapter.create(LayerGeometry.of(base), config, base.weight, None, name="x").to(DEVICE)
+    adapter.kernel_backend = config.kernel_backend  # what the bridge does after `create`
+    if adapter.alpha is not None:
+        with torch.no_grad():
+            adapter.alpha.fill_(0.8)
+            adapter.gamma.fill_(0.07)
+            adapter.beta.fill_(0.004)
+    return adapter
+
+
+def _count_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = kernels.snella.snella_linear
+    monkeypatch.setattr(kernels, "snella_linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def _outputs_and_grads(adapter: SNELLAAdapter, run, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of `run(adapter, x)` and the gradients of a fixed random projection of it w.r.t. x and every
+    trainable (in_qs, out_qs, α, γ, β, s)."""
+    y = run(adapter, x)
+    params = [p for p in (adapter.in_qs, adapter.out_qs, adapter.alpha, adapter.gamma, adapter.beta, adapter.scale)
+              if p is not None]
+    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.device)
+    return [y, *torch.autograd.grad((y * weights).sum(), [x, *params])]
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel", ["snella", "snell"])
+@pytest.mark.parametrize("mode", ["code", "binary"])
+@pytest.mark.parametrize("route", ["fused", "delta"])
+def test_triton_path_matches_torch_path(kernel: str, mode: str, route: str, monkeypatch) -> None:
+    """kernel_backend="triton" runs `kernels.snella_linear` (fused W0 + Δ in forward; the delta term in
+    delta_forward, the multi-adapter path) and matches the torch Function's output and every gradient to 1e-5."""
+    base = torch.nn.Linear(19, 21).to(DEVICE).requires_grad_(False)  # not multiples of the 16-wide blocks
+    run = (lambda a, x: a(x, FrozenBase(base))) if route == "fused" else (lambda a, x: a.delta_forward(x, None))
+    x = torch.randn(2, 3, 19, generator=torch.Generator().manual_seed(3)).to(DEVICE).requires_grad_()
+    calls = _count_kernel_calls(monkeypatch)
+    results = {}
+    for backend in ("torch", "triton"):
+        adapter = _kernel_adapter(base, backend, kernel=kernel, mask_mode=mode, init_sparsity=0.37)
+        before = len(calls)
+        results[backend] = _outputs_and_grads(adapter, run, x)
+        assert len(calls) - before == (1 if backend == "triton" else 0), backend
+        assert int(adapter.kept) == kept_count(0.37, 19 * 21)  # the kept count is untouched by either path
+    names = ["y", "x", "in_qs", "out_qs"] + (["alpha", "gamma", "beta"] if kernel == "snella" else []) + ["scale"]
+    assert len(names) == len(results["triton"]) == len(results["torch"])
+    for name, got, want in zip(names, results["triton"], results["torch"]):
+        assert want.norm() > 0, name
+        assert _rel_err(got, want) <= 1e-5, f"{name}: {_rel_err(got, want):.2e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["code", "binary"])
+def test_triton_path_keeps_exactly_kept_entries_with_ties(mode: str, monkeypatch) -> None:
+    """Duplicate input columns tie whole columns of |K|, so |K| > τ alone cannot keep exactly `kept` entries:
+    the kernel's Δ (read off as s·K_effᵀ = delta_forward(I)) still has exactly `kept` non-zeros, on the same entries
+    as the torch path's top-k, and equals it."""
+    base = torch.nn.Linear(10, 7).to(DEVICE).requires_grad_(False)
+    calls = _count_kernel_calls(monkeypatch)
+    deltas = {}
+    for backend in ("torch", "triton"):
+        adapter = _kernel_adapter(base, backend, kernel="snell", mask_mode=mode)
+        with torch.no_grad():
+            adapter.in_qs[:, 5:] = adapter.in_qs[:, :5]  # columns 5-9 repeat 0-4: (H, 10, r)
+        adapter.set_kept(31)  # cuts through a tie group
+        scores = adapter.kernel_matrix().detach().abs()
+        mask, tau, ties = topk_mask(scores, 31)
+        assert ties.numel() > 0 and int((scores > tau).sum()) != 31  # a bare threshold would miss the count
+        with torch.no_grad():
+            deltas[backend] = adapter.delta_forward(torch.eye(10, device=DEVICE), None).T  # (in, out) -> (out, in)
+        assert torch.equal(deltas[backend] != 0, mask), backend
+    assert calls == [1]
+    assert int((deltas["triton"] != 0).sum()) == 31
+    assert _rel_err(deltas["triton"], deltas["torch"]) <= 1e-5
+
+
+@needs_triton
+def test_triton_path_stochastic_and_trainable_base_match_torch(monkeypatch) -> None:
+    """Training with dropout and drop-path (same RNG stream), and a trainable base weight: the same unfused
+    `base(x) + delta` structure on both paths, with the kernel computing the delta term."""
+    base = torch.nn.Linear(19, 21).to(DEVICE)
+    x = torch.randn(4, 19, generator=torch.Generator().manual_seed(3)).to(DEVICE).requires_grad_()
+    calls = _count_kernel_calls(monkeypatch)
+    for stochastic in (True, False):
+        base.requires_grad_(not stochastic)
+        results = {}
+        for backend in ("torch", "triton"):
+            adapter = _kernel_adapter(base, backend, adapter_dropout=0.3 if stochastic else 0.0,
+                                      drop_path=0.4 if stochastic else 0.0, init_sparsity=0.2)
+            adapter.train()
+            torch.manual_seed(123)
+            results[backend] = _outputs_and_grads(adapter, lambda a, x: a(x, FrozenBase(base)), x)
+        for got, want in zip(results["triton"], results["torch"]):
+            assert _rel_err(got, want) <= 1e-5
+    assert len(calls) == 2
+
+
+@needs_triton
+def test_triton_path_model_flag_and_torch_flag(monkeypatch) -> None:
+    """The config flag reaches every layer through the bridge: "triton" calls the kernel per adapted layer with the
+    torch path's outputs, "torch" never calls it; conv layers would stay on the torch Function (not fusable)."""
+    calls = _count_kernel_calls(monkeypatch)
+    x = torch.randn(3, 24, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = specpeft.get_adapter_model(MLP(), SNELLAConfig(target_modules=["lin0", "lin1"], low_rank_dim=4,
+                                                               init_scale=0.7, kernel_backend=backend)).to(DEVICE)
+        before = len(calls)
+        outputs[backend] = model(x)
+        assert len(calls) - before == (2 if backend == "triton" else 0), backend
+    assert _rel_err(outputs["triton"], outputs["torch"]) <= 1e-5
+    conv = torch.nn.Conv2d(3, 4, 3).to(DEVICE).requires_grad_(False)
+    adapter = _kernel_adapter(conv, "triton")
+    before = len(calls)
+    adapter(torch.randn(1, 3, 5, 5, device=DEVICE), FrozenBase(conv))
+    assert len(calls) == before

@@ -77,6 +77,11 @@ class LayerGeometry:
     def is_conv(self) -> bool:
         return self.kind != "linear"
 
+    @property
+    def is_plain_linear(self) -> bool:
+        """An unquantized `nn.Linear`-style layer (`F.linear` forward, (out, in) weight): what fused kernels take."""
+        return self.kind == "linear" and not self.quantized and self.standard_forward and not self.fan_in_fan_out
+
     def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """`F.linear` or `F.convNd` of `x` with a weight in normalized layout and the base's conv settings."""
         if self.kind == "linear":

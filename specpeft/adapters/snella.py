@@ -5,6 +5,10 @@ Per adapted layer (weight viewed as an (m, n) matrix, conv kernels as `(out, in/
     K = Σ_h c_h ‖B_h[j] − A_h[i]‖ + α softmax_j(D[:, i]/γ) + β      A = in_qs (H, n, d/H), B = out_qs (H, m, d/H)
     W' = W0 + s · K_eff,   K_eff = K ⊙ |K|_sg ⊙ 1[top-k |K|]  (mask_mode "code") or K ⊙ 1[top-k |K|] ("binary")
 
+Training path: one autograd Function (snella_function.py) that never saves an m×n tensor, or, when the kernels
+dispatch to Triton (`kernel_backend` / `SPECPEFT_KERNELS` / CUDA tensors) on a plain nn.Linear with p = 2, the fused
+op `kernels.snella_linear`, given the exact top-k mask (computed here, as the torch path does) as a bit mask.
+
 k, the kept count, is a persistent int64 buffer (`kept`): it travels in the adapter checkpoint, so a reloaded
 model evaluates with the sparsity the allocator (`SNELLAAllocator`, snella_allocator.py) chose, not the initial
 one (spec §3.8 pitfall 2). The top-k is exact, ties included (spec §3.8 pitfall 1).
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from .base import FrozenBase, MethodAdapter, zeros_like_shape
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
@@ -215,9 +220,13 @@ class SNELLAAdapter(MethodAdapter):
         return kernel_matrix(self.in_qs, self.out_qs, *self._kernel_scalars(), self.spec)
 
     def mask(self) -> Tensor:
-        """The boolean top-k mask (m, n) of the current factors: exactly `kept` entries."""
+        """The boolean top-k mask (m, n) of the current factors: exactly `kept` entries.
+
+        K is built block by block under no_grad, bit-identical to the training Function's K, so this is the mask
+        that Function applies (ties at τ included).
+        """
         with torch.no_grad():
-            return topk_mask(self.kernel_matrix().abs(), int(self.kept))[0]
+            return topk_mask(self.kernel_matrix().abs_(), int(self.kept))[0]
 
     def delta_weight(self) -> Tensor:
         K = self.kernel_matrix()
@@ -234,10 +243,43 @@ class SNELLAAdapter(MethodAdapter):
     def _stochastic(self) -> bool:
         return self.training and (self.adapter_dropout > 0 or self.drop_path > 0)
 
+    # -- fused kernel path (specpeft.kernels, issue 9) ------------------------------------------------------------
+
+    def _uses_kernel(self, x: Tensor, base: Optional[FrozenBase]) -> bool:
+        """Whether `kernels.snella_linear` runs on the Triton path: a plain nn.Linear (not quantized, standard
+        forward, not fan_in_fan_out), the p = 2 distance the kernels implement, and a Triton dispatch."""
+        geometry = self.geometry
+        if not geometry.is_plain_linear:
+            return False
+        if self.spec.norm_p != 2.0:
+            return False
+        weight = base.module.weight if base is not None else None
+        return self.kernel_path(x, self.in_qs, weight) == "triton"
+
+    def _kernel_apply(self, x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+        """x ([W0 +] s·K_eff)ᵀ [+ b] through the Triton op, with the same exact top-k as the torch Function.
+
+        The kernels regenerate K with their own rounding, so a threshold |K| > τ could keep a few entries more or
+        fewer than `kept` wherever neighbouring |K| values are closer than that rounding (always, on large layers);
+        the mask is therefore passed explicitly (packed to 1 bit per entry inside the op). A dense layer (kept = N)
+        needs none: every entry passes |K| > −∞.
+        """
+        keep_mask = self.mask() if int(self.kept) < self.numel else None  # (m, n) bool, transient
+        alpha, gamma, beta = self._kernel_scalars()
+        return kernels.snella_linear(
+            x, self.in_qs, self.out_qs, self.scale[0], None, alpha=alpha, gamma=gamma, beta=beta,
+            coeffs=self.spec.coeffs, kernel=self.spec.kernel, mask_mode=self.spec.mask_mode, weight=weight,
+            bias=bias, keep_mask=keep_mask, backend="triton",
+        )
+
     def delta_forward(self, x: Tensor, base: FrozenBase) -> Tensor:
+        use_kernel = self._uses_kernel(x, base)  # decided on the undropped x: same device and dtype
         if self.training and self.adapter_dropout > 0:
             x = F.dropout(x, self.adapter_dropout, training=True)
-        y = snella_apply(x, self.in_qs, self.out_qs, *self._kernel_scalars(), self.scale[0], self._plan())
+        if use_kernel:
+            y = self._kernel_apply(x)
+        else:
+            y = snella_apply(x, self.in_qs, self.out_qs, *self._kernel_scalars(), self.scale[0], self._plan())
         if self.training and self.drop_path > 0:
             y = self._drop_path(y)
         return y
@@ -247,7 +289,9 @@ class SNELLAAdapter(MethodAdapter):
         fusable = geometry.kind == "linear" and geometry.standard_forward and not geometry.quantized
         frozen = not module.weight.requires_grad and (module.bias is None or not module.bias.requires_grad)
         if fusable and frozen and not self._stochastic():
-            # One GEMM on W0 + Δ (merge on the fly); the Function still saves no m×n tensor of its own.
+            # One GEMM on W0 + Δ (merge on the fly); neither op saves an m×n tensor of its own.
+            if self._uses_kernel(x, base):
+                return self._kernel_apply(x, module.weight, module.bias)
             return snella_apply(x, self.in_qs, self.out_qs, *self._kernel_scalars(), self.scale[0],
                                 self._plan(), weight=module.weight, bias=module.bias)
         return base(x) + self.delta_forward(x, base)

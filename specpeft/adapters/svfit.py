@@ -153,7 +153,7 @@ class SVFitAdapter(MethodAdapter):
         """x Wᵀ + b + ((x V) ⊙ (s − σ⁰)) Uᵀ in one fused Triton GEMM (`lowrank_linear`) when the kernels dispatch
         to Triton (CUDA tensors) and the base is a plain nn.Linear; None otherwise (then the eager path runs)."""
         geometry = self.geometry
-        if geometry.kind != "linear" or geometry.quantized or not geometry.standard_forward or geometry.fan_in_fan_out:
+        if not geometry.is_plain_linear:
             return None
         module = base.module
         if self.kernel_path(x, module.weight) != "triton":

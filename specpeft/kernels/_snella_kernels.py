@@ -51,19 +51,34 @@ def _kernel_tile(a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cmax_ptr, 
 
 
 @triton.jit
-def _weight_tile(a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cmax_ptr, csum_ptr, scale_ptr, tau, w0_ptr,
-                 rj, ri, M, N, H, RW, stride_ah, stride_ai, stride_bh, stride_bj, stride_w0,
-                 IS_MIX: tl.constexpr, CODE: tl.constexpr, HAS_W0: tl.constexpr, BJ: tl.constexpr,
-                 BI: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """(W + s·K_eff)[rj, ri] in fp32: K generated, thresholded at τ, scaled, added to the base tile."""
+def _keep_tile(magnitude, tau, bits_ptr, stride_bits, rj, ri, M, N, HAS_BITS: tl.constexpr):
+    """The kept entries of a tile: bit (i mod 8) of byte [j, i // 8] of the packed mask when HAS_BITS (the caller's
+    exact top-k), else |K| > τ. Out-of-matrix entries read 0 bits."""
+    if HAS_BITS:
+        byte = tl.load(bits_ptr + rj[:, None] * stride_bits + (ri[None, :] >> 3),
+                       mask=(rj[:, None] < M) & (ri[None, :] < N), other=0).to(tl.int32)
+        keep = ((byte >> (ri[None, :] & 7)) & 1) != 0
+    else:
+        keep = magnitude > tau
+    return keep
+
+
+@triton.jit
+def _weight_tile(a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cmax_ptr, csum_ptr, scale_ptr, tau, bits_ptr,
+                 w0_ptr, rj, ri, M, N, H, RW, stride_ah, stride_ai, stride_bh, stride_bj, stride_bits, stride_w0,
+                 IS_MIX: tl.constexpr, CODE: tl.constexpr, HAS_BITS: tl.constexpr, HAS_W0: tl.constexpr,
+                 BJ: tl.constexpr, BI: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """(W + s·K_eff)[rj, ri] in fp32: K generated, masked (|K| > τ or the packed mask), scaled, added to W."""
     K, D, P = _kernel_tile(a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cmax_ptr, csum_ptr, rj, ri, M,
                            N, H, RW, stride_ah, stride_ai, stride_bh, stride_bj, IS_MIX, BJ, BI, BR, UPCAST,
                            PRECISION)
     magnitude = tl.abs(K)
+    keep = _keep_tile(magnitude, tau, bits_ptr, stride_bits, rj, ri, M, N, HAS_BITS)
     if CODE:
-        keff = tl.where(magnitude > tau, K * magnitude, 0.0)
+        keff = tl.where(keep, K * magnitude, 0.0)
     else:
-        keff = tl.where(magnitude > tau, K, 0.0)
+        keff = tl.where(keep, K, 0.0)
     w = tl.load(scale_ptr) * keff
     if HAS_W0:
         w += tl.load(w0_ptr + rj[:, None] * stride_w0 + ri[None, :], mask=(rj[:, None] < M) & (ri[None, :] < N),
@@ -96,9 +111,10 @@ def _column_stats_kernel(a_ptr, b_ptr, c_ptr, gamma_ptr, cmax_ptr, csum_ptr, M, 
 
 @triton.jit
 def _gemm_kernel(x_ptr, a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cmax_ptr, csum_ptr, scale_ptr, tau,
-                 w0_ptr, bias_ptr, y_ptr, T, M, N, H, RW, stride_xt, stride_ah, stride_ai, stride_bh, stride_bj,
-                 stride_w0, stride_yt, TRANSPOSED: tl.constexpr, IS_MIX: tl.constexpr, CODE: tl.constexpr,
-                 HAS_W0: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 bits_ptr, w0_ptr, bias_ptr, y_ptr, T, M, N, H, RW, stride_xt, stride_ah, stride_ai, stride_bh,
+                 stride_bj, stride_bits, stride_w0, stride_yt, TRANSPOSED: tl.constexpr, IS_MIX: tl.constexpr,
+                 CODE: tl.constexpr, HAS_BITS: tl.constexpr, HAS_W0: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr,
                  BK: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                  GEN_PREC: tl.constexpr):
     """y = x W'ᵀ (+ b) with W' = W + s·K_eff (m, n) generated per (BN, BK) tile; TRANSPOSED: y = x W' (dx)."""
@@ -117,13 +133,15 @@ def _gemm_kernel(x_ptr, a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cma
                      mask=mask_t[:, None] & (rk[None, :] < n_red), other=0.0)
         if TRANSPOSED:  # W'[j = rk, i = rn]: (BK, BN)
             w = _weight_tile(a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cmax_ptr, csum_ptr, scale_ptr,
-                             tau, w0_ptr, rk, rn, M, N, H, RW, stride_ah, stride_ai, stride_bh, stride_bj,
-                             stride_w0, IS_MIX, CODE, HAS_W0, BK, BN, BR, UPCAST, GEN_PREC)
+                             tau, bits_ptr, w0_ptr, rk, rn, M, N, H, RW, stride_ah, stride_ai, stride_bh,
+                             stride_bj, stride_bits, stride_w0, IS_MIX, CODE, HAS_BITS, HAS_W0, BK, BN, BR, UPCAST,
+                             GEN_PREC)
             acc = mma(xt, w.to(x_ptr.dtype.element_ty), acc, UPCAST, PRECISION)
         else:  # W'[j = rn, i = rk]: (BN, BK)
             w = _weight_tile(a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cmax_ptr, csum_ptr, scale_ptr,
-                             tau, w0_ptr, rn, rk, M, N, H, RW, stride_ah, stride_ai, stride_bh, stride_bj,
-                             stride_w0, IS_MIX, CODE, HAS_W0, BN, BK, BR, UPCAST, GEN_PREC)
+                             tau, bits_ptr, w0_ptr, rn, rk, M, N, H, RW, stride_ah, stride_ai, stride_bh,
+                             stride_bj, stride_bits, stride_w0, IS_MIX, CODE, HAS_BITS, HAS_W0, BN, BK, BR, UPCAST,
+                             GEN_PREC)
             acc = mma(xt, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, UPCAST, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < n_out, other=0.0).to(tl.float32)[None, :]
@@ -132,16 +150,17 @@ def _gemm_kernel(x_ptr, a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cma
 
 
 @triton.jit
-def _build_kernel(a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cmax_ptr, csum_ptr, scale_ptr, tau, w0_ptr,
-                  out_ptr, M, N, H, RW, stride_ah, stride_ai, stride_bh, stride_bj, stride_w0, stride_out,
-                  IS_MIX: tl.constexpr, CODE: tl.constexpr, HAS_W0: tl.constexpr, BJ: tl.constexpr,
+def _build_kernel(a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cmax_ptr, csum_ptr, scale_ptr, tau, bits_ptr,
+                  w0_ptr, out_ptr, M, N, H, RW, stride_ah, stride_ai, stride_bh, stride_bj, stride_bits, stride_w0,
+                  stride_out, IS_MIX: tl.constexpr, CODE: tl.constexpr, HAS_BITS: tl.constexpr, HAS_W0: tl.constexpr,
+                  BJ: tl.constexpr,
                   BI: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr, GEN_PREC: tl.constexpr):
     """out = W + s·K_eff in out's dtype, one (BJ, BI) tile per program (the `materialize` path)."""
     rj = tl.program_id(0) * BJ + tl.arange(0, BJ)
     ri = tl.program_id(1) * BI + tl.arange(0, BI)
     w = _weight_tile(a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cmax_ptr, csum_ptr, scale_ptr, tau,
-                     w0_ptr, rj, ri, M, N, H, RW, stride_ah, stride_ai, stride_bh, stride_bj, stride_w0, IS_MIX,
-                     CODE, HAS_W0, BJ, BI, BR, UPCAST, GEN_PREC)
+                     bits_ptr, w0_ptr, rj, ri, M, N, H, RW, stride_ah, stride_ai, stride_bh, stride_bj, stride_bits,
+                     stride_w0, IS_MIX, CODE, HAS_BITS, HAS_W0, BJ, BI, BR, UPCAST, GEN_PREC)
     tl.store(out_ptr + rj[:, None] * stride_out + ri[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(rj[:, None] < M) & (ri[None, :] < N))
 
@@ -168,9 +187,10 @@ def _push_factor_grads(grad_d, a_ptr, b_ptr, c_ptr, ga_ptr, gb_ptr, rj, ri, M, N
 
 @triton.jit
 def _grad_pass1_kernel(x_ptr, gy_ptr, gd_ptr, a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cmax_ptr, csum_ptr,
-                       scale_ptr, tau, ga_ptr, gb_ptr, scalars_ptr, colc_ptr, T, M, N, H, RW, stride_xt,
-                       stride_gt, stride_ah, stride_ai, stride_bh, stride_bj, IS_MIX: tl.constexpr,
-                       CODE: tl.constexpr, DENSE_GRAD: tl.constexpr, BJ: tl.constexpr, BI: tl.constexpr,
+                       scale_ptr, tau, bits_ptr, ga_ptr, gb_ptr, scalars_ptr, colc_ptr, T, M, N, H, RW, stride_xt,
+                       stride_gt, stride_ah, stride_ai, stride_bh, stride_bj, stride_bits, IS_MIX: tl.constexpr,
+                       CODE: tl.constexpr, HAS_BITS: tl.constexpr, DENSE_GRAD: tl.constexpr,
+                       BJ: tl.constexpr, BI: tl.constexpr,
                        BT: tl.constexpr,
                        BR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, GEN_PREC: tl.constexpr):
     """One (j, i) tile: dΔ = Σ_t dY[t, j] x[t, i] (reduced in registers, or read from the dense `gd` (m, n) when
@@ -197,7 +217,7 @@ def _grad_pass1_kernel(x_ptr, gy_ptr, gd_ptr, a_ptr, b_ptr, c_ptr, alpha_ptr, ga
     K, D, P = _kernel_tile(a_ptr, b_ptr, c_ptr, alpha_ptr, gamma_ptr, beta_ptr, cmax_ptr, csum_ptr, rj, ri, M, N,
                            H, RW, stride_ah, stride_ai, stride_bh, stride_bj, IS_MIX, BJ, BI, BR, UPCAST, GEN_PREC)
     magnitude = tl.abs(K)
-    keep = (magnitude > tau) & valid
+    keep = _keep_tile(magnitude, tau, bits_ptr, stride_bits, rj, ri, M, N, HAS_BITS) & valid
     scale = tl.load(scale_ptr)
     if CODE:
         keff = tl.where(keep, K * magnitude, 0.0)

@@ -6,6 +6,7 @@ Weight layout (out j, in i) = (m, n); A = in_qs (H, n, r), B = out_qs (H, m, r),
     K = D + α softmax_j(D[:, i] / γ) + β      (kernel "snella"; softmax over the outputs j of each input i)
     K = D                                    (kernel "snell")
     M = 1[|K| > τ]                            (τ: the threshold of the kept count, computed by the caller)
+    M = keep_mask                            (the caller's explicit boolean mask, e.g. an exact top-k; overrides τ)
     K_eff = K ⊙ |K|_sg ⊙ M ("code")  or  K ⊙ M ("binary")
 
 Triton path — neither K nor ΔW is ever written or saved; autograd keeps x, the factors and 2n column statistics:
@@ -22,7 +23,10 @@ Triton path — neither K nor ΔW is ever written or saved; autograd keeps x, th
                 atomics (∂B_h = rowsum(E) B_h − E A_h, ∂A_h = colsum(E) A_h − Eᵀ B_h, E = c_h ∂D ⊘ dist_h) plus the
                 scalar gradients;
              pass 2: the softmax's column term −(α/γ) P ⊙ colsum(G ⊙ P), which needs pass 1 complete.
-The mask is |K| > τ; exact top-k with ties at τ is the caller's business (adapters/snella_kernel.py).
+The mask is |K| > τ, or the caller's `keep_mask`, packed to 1 bit per entry (m·⌈n/8⌉ bytes, saved for backward:
+1/32 of an fp32 K). An exact top-k needs the explicit mask: the kernels regenerate K with their own rounding (tf32x3
+dots on GPU), so entries within a few ulps of τ can land on the other side of |K| > τ than in the caller's K, and at
+large m·n the gaps between neighbouring |K| values are far below that rounding (adapters/snella.py).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from ._dispatch import (
     next_power_of_2,
 )
 
-__all__ = ["SNELLALinearFunction", "snella_kernel_matrix", "snella_linear", "snella_linear_reference"]
+__all__ = ["SNELLALinearFunction", "pack_mask_bits", "snella_kernel_matrix", "snella_linear",
+           "snella_linear_reference"]
 
 KernelKind = Literal["snella", "snell"]
 MaskMode = Literal["code", "binary"]
@@ -76,16 +81,25 @@ def snella_kernel_matrix(
     return D + alpha * torch.softmax(D / gamma, dim=0) + beta
 
 
+def pack_mask_bits(mask: Tensor) -> Tensor:
+    """Pack a boolean (m, n) mask into uint8 (m, ⌈n/8⌉): entry (j, i) is bit i mod 8 of byte [j, i // 8]."""
+    m, n = mask.shape
+    padded = torch.zeros(m, -(-n // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:, :n] = mask
+    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=mask.device)
+    return (padded.view(m, -1, 8) * weights).sum(-1, dtype=torch.uint8)  # (m, n/8, 8) -> (m, n/8): disjoint bits
+
+
 def snella_linear_reference(
     x: Tensor, in_qs: Tensor, out_qs: Tensor, scale: Tensor, tau: Optional[float] = None, *,
     alpha: Optional[Tensor] = None, gamma: Optional[Tensor] = None, beta: Optional[Tensor] = None,
     coeffs: Sequence[float] = (0.1, -0.1), kernel: KernelKind = "snella", mask_mode: MaskMode = "code",
-    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, keep_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Eager torch form of `snella_linear` (dense K, autograd): y = F.linear(x, (W + s·K_eff) in x's dtype, b)."""
     K = snella_kernel_matrix(in_qs, out_qs, alpha, gamma, beta, coeffs, kernel)
     magnitude = K.detach().abs()
-    mask = magnitude > (-math.inf if tau is None else tau)
+    mask = keep_mask if keep_mask is not None else magnitude > (-math.inf if tau is None else tau)
     keff = K * (magnitude * mask) if mask_mode == "code" else K * mask
     merged = scale * keff if weight is None else weight.to(keff.dtype) + scale * keff
     return F.linear(x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype))
@@ -109,7 +123,7 @@ class _Generator:
 
     def __init__(self, in_qs: Tensor, out_qs: Tensor, alpha: Optional[Tensor], gamma: Optional[Tensor],
                  beta: Optional[Tensor], scale: Tensor, tau: float, coeffs: Sequence[float], kernel: KernelKind,
-                 mask_mode: MaskMode) -> None:
+                 mask_mode: MaskMode, bits: Optional[Tensor] = None) -> None:
         self.a = in_qs.detach().float().contiguous()  # (H, n, r)
         self.b = out_qs.detach().float().contiguous()  # (H, m, r)
         self.heads, self.n, self.width = self.a.shape
@@ -120,6 +134,8 @@ class _Generator:
         scalar = lambda t: self.a if t is None else t.detach().float().reshape(1)  # noqa: E731  (dummy when unused)
         self.alpha, self.gamma, self.beta, self.scale = scalar(alpha), scalar(gamma), scalar(beta), scalar(scale)
         self.cmax = self.csum = self.a
+        self.bits = self.a if bits is None else bits  # packed keep mask (m, ⌈n/8⌉) uint8, or a dummy pointer
+        self.has_bits, self.bits_stride = bits is not None, 0 if bits is None else bits.stride(0)
         self.upcast = interpreting()
         self.br = max(16, next_power_of_2(self.width))
 
@@ -154,10 +170,11 @@ class _Generator:
         w0 = weight.contiguous() if weight is not None else x  # the kernel reads rows with unit inner stride
         grid = (triton.cdiv(T, bm), triton.cdiv(n_out, bn))
         _gemm_kernel[grid](
-            x, *self.common(), self.scale, self.tau, w0, bias if bias is not None else x, y, T, self.m, self.n,
-            self.heads, self.width, x.stride(0), *self.strides(), w0.stride(0), y.stride(0), TRANSPOSED=transposed,
-            IS_MIX=self.is_mix, CODE=self.code, HAS_W0=weight is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn,
-            BK=bk, BR=self.br, UPCAST=self.upcast, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            x, *self.common(), self.scale, self.tau, self.bits, w0, bias if bias is not None else x, y, T, self.m,
+            self.n, self.heads, self.width, x.stride(0), *self.strides(), self.bits_stride, w0.stride(0), y.stride(0),
+            TRANSPOSED=transposed, IS_MIX=self.is_mix, CODE=self.code, HAS_BITS=self.has_bits,
+            HAS_W0=weight is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, BR=self.br,
+            UPCAST=self.upcast, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             GEN_PREC=GEN_PRECISION, num_warps=warps)
         return y
 
@@ -167,9 +184,10 @@ class _Generator:
         bj, bi, warps = (INTERPRET_BLOCK, INTERPRET_BLOCK, 4) if self.upcast else GPU_BUILD
         w0 = weight.contiguous() if weight is not None else out
         _build_kernel[(triton.cdiv(self.m, bj), triton.cdiv(self.n, bi))](
-            *self.common(), self.scale, self.tau, w0, out, self.m, self.n, self.heads, self.width, *self.strides(),
-            w0.stride(0), out.stride(0), IS_MIX=self.is_mix, CODE=self.code, HAS_W0=weight is not None, BJ=bj, BI=bi,
-            BR=self.br, UPCAST=self.upcast, GEN_PREC=GEN_PRECISION, num_warps=warps)
+            *self.common(), self.scale, self.tau, self.bits, w0, out, self.m, self.n, self.heads, self.width,
+            *self.strides(), self.bits_stride, w0.stride(0), out.stride(0), IS_MIX=self.is_mix, CODE=self.code,
+            HAS_BITS=self.has_bits, HAS_W0=weight is not None, BJ=bj, BI=bi, BR=self.br,
+            UPCAST=self.upcast, GEN_PREC=GEN_PRECISION, num_warps=warps)
         return out
 
     def factor_grads(self, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -190,47 +208,50 @@ class _Generator:
         dense = x.shape[0] >= DENSE_GRAD_MIN_TOKENS
         grad_delta = matmul_fp32_out(gy.T, x) if dense else self.a  # (m, T) @ (T, n) -> (m, n) fp32, or a dummy
         _grad_pass1_kernel[grid](
-            x, gy, grad_delta, *self.common(), self.scale, self.tau, grad_a, grad_b, sums, colc, x.shape[0], self.m,
-            self.n, self.heads, self.width, x.stride(0), gy.stride(0), *self.strides(), IS_MIX=self.is_mix,
-            CODE=self.code, DENSE_GRAD=dense, BJ=bj, BI=bi, BT=bt, BR=self.br, UPCAST=self.upcast,
+            x, gy, grad_delta, *self.common(), self.scale, self.tau, self.bits, grad_a, grad_b, sums, colc,
+            x.shape[0], self.m, self.n, self.heads, self.width, x.stride(0), gy.stride(0), *self.strides(),
+            self.bits_stride, IS_MIX=self.is_mix, CODE=self.code, HAS_BITS=self.has_bits, DENSE_GRAD=dense, BJ=bj,
+            BI=bi, BT=bt, BR=self.br, UPCAST=self.upcast,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GEN_PREC=GEN_PRECISION, num_warps=warps)
         if self.is_mix:
             _grad_pass2_kernel[grid](
                 *self.common(), grad_a, grad_b, sums, colc, self.m, self.n, self.heads, self.width, *self.strides(),
-                BJ=bj, BI=bi, BR=self.br, UPCAST=self.upcast, GEN_PREC=GEN_PRECISION, num_warps=warps)
+                BJ=bj, BI=bi, BR=self.br,
+            UPCAST=self.upcast, GEN_PREC=GEN_PRECISION, num_warps=warps)
         if self.is_mix:  # ∂γ = −(α/γ²) (Σ G⊙P⊙D − Σ_i colc_i Σ_j P⊙D)  (softmax over Z = D/γ)
             sums[3] = -(self.alpha[0] / self.gamma[0] ** 2) * (sums[3] - sums[4])
         return grad_a, grad_b, sums[:4]
 
 
 class SNELLALinearFunction(torch.autograd.Function):
-    """Triton forward/backward of `snella_linear` on 2-D x (T, n); saves x, the factors and 2n column stats."""
+    """Triton forward/backward of `snella_linear` on 2-D x (T, n); saves x, the factors, 2n column stats and the
+    packed keep mask (when given)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, in_qs: Tensor, out_qs: Tensor, alpha: Optional[Tensor],  # type: ignore[override]
                 gamma: Optional[Tensor], beta: Optional[Tensor], scale: Tensor, weight: Optional[Tensor],
-                bias: Optional[Tensor], options: tuple) -> Tensor:
+                bias: Optional[Tensor], bits: Optional[Tensor], options: tuple) -> Tensor:
         tau, coeffs, kernel, mask_mode, materialize = options
-        gen = _Generator(in_qs, out_qs, alpha, gamma, beta, scale, tau, coeffs, kernel, mask_mode)
+        gen = _Generator(in_qs, out_qs, alpha, gamma, beta, scale, tau, coeffs, kernel, mask_mode, bits)
         gen.compute_stats()
         b = None if bias is None else bias.to(x.dtype)
         if materialize:
             y = F.linear(x, gen.build(weight, x.dtype), b)  # the transient W' is freed on return
         else:
             y = gen.gemm(x, weight, b, transposed=False)
-        ctx.save_for_backward(x, in_qs, out_qs, alpha, gamma, beta, scale, weight, gen.cmax, gen.csum)
+        ctx.save_for_backward(x, in_qs, out_qs, alpha, gamma, beta, scale, weight, gen.cmax, gen.csum, bits)
         ctx.options, ctx.has_bias = options, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
-        x, in_qs, out_qs, alpha, gamma, beta, scale, weight, cmax, csum = ctx.saved_tensors
+        x, in_qs, out_qs, alpha, gamma, beta, scale, weight, cmax, csum, bits = ctx.saved_tensors
         tau, coeffs, kernel, mask_mode, materialize = ctx.options
         need = ctx.needs_input_grad
-        gen = _Generator(in_qs, out_qs, alpha, gamma, beta, scale, tau, coeffs, kernel, mask_mode)
+        gen = _Generator(in_qs, out_qs, alpha, gamma, beta, scale, tau, coeffs, kernel, mask_mode, bits)
         gen.cmax, gen.csum = cmax, csum
         gy = grad_y.contiguous()
-        grads: list[Optional[Tensor]] = [None] * 10
+        grads: list[Optional[Tensor]] = [None] * 11
         if need[0]:
             grads[0] = gy @ gen.build(weight, x.dtype) if materialize else gen.gemm(gy, weight, None, transposed=True)
         if any(need[1:7]):
@@ -250,8 +271,8 @@ def snella_linear(
     x: Tensor, in_qs: Tensor, out_qs: Tensor, scale: Tensor, tau: Optional[float] = None, *,
     alpha: Optional[Tensor] = None, gamma: Optional[Tensor] = None, beta: Optional[Tensor] = None,
     coeffs: Sequence[float] = (0.1, -0.1), kernel: KernelKind = "snella", mask_mode: MaskMode = "code",
-    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, materialize: bool = False,
-    backend: Optional[BackendChoice] = None,
+    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, keep_mask: Optional[Tensor] = None,
+    materialize: bool = False, backend: Optional[BackendChoice] = None,
 ) -> Tensor:
     """y = x (W + s·K_eff)ᵀ + b, K computed tile by tile and never stored (module docstring).
 
@@ -264,6 +285,9 @@ def snella_linear(
         kernel: "snella" (mixture of kernels) or "snell" (difference of distance kernels, p = 2).
         mask_mode: "code" (K ⊙ |K| on kept entries) or "binary" (K on kept entries).
         weight: base weight (m, n) merged on the fly; None for the adapter term alone. bias: (m,).
+        keep_mask: boolean (m, n) mask of the kept entries; overrides `tau`. Use it when the kept set must be
+            exact (a top-k): the kernels' regenerated K differs from the caller's by rounding, so |K| > τ can flip
+            entries next to τ. Packed to 1 bit per entry and saved for backward.
         materialize: write W + s·K_eff once (x's dtype, transient) and use a library GEMM instead of regenerating
             the tiles inside the GEMM; faster when T is much larger than the GEMM's row block.
         backend: "triton" / "torch" / "auto" override (see `kernel_backend`).
@@ -285,13 +309,18 @@ def snella_linear(
         raise ValueError("snella_linear: kernel 'snella' needs alpha, gamma and beta (0-d tensors).")
     if weight is not None and tuple(weight.shape) != (m, n):
         raise ValueError(f"snella_linear: weight {tuple(weight.shape)} must be ({m}, {n}).")
+    if keep_mask is not None and (keep_mask.dtype != torch.bool or tuple(keep_mask.shape) != (m, n)):
+        raise ValueError(f"snella_linear: keep_mask {keep_mask.dtype} {tuple(keep_mask.shape)} must be a bool "
+                         f"({m}, {n}) tensor.")
     tau_value = -math.inf if tau is None else float(tau)
     if kernel_backend(x, in_qs, out_qs, weight, backend=backend) == "torch":
         return snella_linear_reference(x, in_qs, out_qs, scale, tau, alpha=alpha, gamma=gamma, beta=beta,
-                                       coeffs=coeffs, kernel=kernel, mask_mode=mask_mode, weight=weight, bias=bias)
+                                       coeffs=coeffs, kernel=kernel, mask_mode=mask_mode, weight=weight, bias=bias,
+                                       keep_mask=keep_mask)
     if kernel == "snell":
         alpha = gamma = beta = None
     rows = as_rows(x, n, "snella_linear x")  # (..., n) -> (T, n)
     options = (tau_value, tuple(float(c) for c in coeffs), kernel, mask_mode, bool(materialize))
-    y = SNELLALinearFunction.apply(rows, in_qs, out_qs, alpha, gamma, beta, scale, weight, bias, options)
+    bits = None if keep_mask is None else pack_mask_bits(keep_mask)  # (m, n) bool -> (m, ⌈n/8⌉) uint8
+    y = SNELLALinearFunction.apply(rows, in_qs, out_qs, alpha, gamma, beta, scale, weight, bias, bits, options)
     return y.reshape(*x.shape[:-1], m)  # (T, m) -> (..., m)
