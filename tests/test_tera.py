@@ -12,11 +12,17 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import specpeft
-from adapter_matrix import CHECKS, MODEL_CASES, MethodCase, adapted, perturb, run_check
-from specpeft import FrozenBase, LayerGeometry, TeRAConfig
-from specpeft.adapters.tera import TeRAAdapter
-from specpeft.init.tucker import TuckerShape, shared_random_factors, split_shared
+from triton_guard import DEVICE, interpreter_child_test, needs_triton  # noqa: I001
+
+import specpeft  # noqa: E402
+import specpeft.kernels as K  # noqa: E402
+from adapter_matrix import CHECKS, MODEL_CASES, MethodCase, adapted, perturb, run_check  # noqa: E402
+from specpeft import FrozenBase, LayerGeometry, TeRAConfig  # noqa: E402
+from specpeft.adapters import tera as tera_module  # noqa: E402
+from specpeft.adapters import tera_function  # noqa: E402
+from specpeft.adapters.tera import TeRAAdapter  # noqa: E402
+from specpeft.init.tucker import TuckerShape, shared_random_factors, split_shared  # noqa: E402
+
 
 TRAINABLE = {f"{side}_scale_{k}" for side in ("mode", "rank") for k in range(3)}
 CASE = MethodCase(make_config=lambda targets: TeRAConfig(target_modules=targets), trainable=TRAINABLE)
@@ -53,11 +59,12 @@ def _adapter(d_out: int, d_in: int, dtype=torch.float64, seed: int = 11, **cfg) 
     return adapter
 
 
-def _reference_delta(adapter: TeRAAdapter) -> torch.Tensor:
-    """α Σ_r 𝒢[r] ⊗_k reshape(λ_k ⊙ U_k[:, r_k] μ_k[r_k], (m_k, n_k)) from the raw buffer, in float64 (spec §1.2)."""
+def _reference_delta(adapter: TeRAAdapter, named: dict | None = None) -> torch.Tensor:
+    """α Σ_r 𝒢[r] ⊗_k reshape(λ_k ⊙ U_k[:, r_k] μ_k[r_k], (m_k, n_k)) from the raw buffer, in float64 (spec §1.2);
+    `named` (parameter name → tensor) replaces the adapter's vectors, e.g. by differentiable leaves."""
     shape = adapter.shape
     core, factors = split_shared(adapter.shared_buffer.double(), shape)
-    named = dict(adapter.named_parameters())
+    named = dict(adapter.named_parameters()) if named is None else named
     delta = torch.zeros(shape.out_features, shape.in_features, dtype=torch.float64)
     for r in itertools.product(*(range(rank) for rank in shape.ranks)):
         term = torch.ones(1, 1, dtype=torch.float64)
@@ -155,6 +162,47 @@ def test_gradcheck(mode: str) -> None:
     assert torch.autograd.gradgradcheck(lambda *vecs: adapter._build(*vecs), vectors)
 
 
+@pytest.mark.parametrize("plan", ["dense", "projected"])
+@pytest.mark.parametrize("dims, cfg", [
+    ((12, 20), dict(rank=[3, 2, 2])),  # modes (3, 2, 2) × (5, 2, 2)
+    ((24, 40), dict(rank=4, tensor_order=2, alpha=0.6)),
+    ((60, 24), dict(rank=1, mode_sizes={"60x24": [[4, 3, 5], [2, 4, 3]]})),  # one Kronecker product
+    ((20, 12), dict(rank=[2, 3, 2], scale_sides="rank")),
+])
+@pytest.mark.parametrize("merge_base, large", [(True, False), (True, True), (False, False)])
+def test_hand_written_backward_equals_dense_autograd(plan: str, dims, cfg: dict, merge_base: bool, large: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both vector-gradient plans of the merged-weight path (dense dΔ contraction, projected without dΔ) and dX
+    equal autograd through y = x (W + Δ_ref)ᵀ + b, Δ_ref the float64 Kronecker-sum formula (spec §1.2); `large`
+    forces the single-buffer W₀ + Δ build used from 2²² weight entries."""
+    d_out, d_in = dims
+    if large:
+        monkeypatch.setattr(tera_module, "LARGE_WEIGHT", 0)
+        monkeypatch.setattr(tera_function, "LARGE_WEIGHT", 0)
+    base = nn.Linear(d_in, d_out).double().requires_grad_(False)
+    adapter = _adapter(d_out, d_in, forward_mode="materialized", **cfg)
+    monkeypatch.setattr(adapter, "grad_plan", lambda tokens: plan)
+    frozen = FrozenBase(base)
+    if not merge_base:  # a quantized base: the adapter adds x Δᵀ to the base output
+        frozen.geometry = LayerGeometry("linear", (d_out, d_in), quantized=True, standard_forward=False)
+    x = torch.randn(3, 7, d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    out = adapter(x, frozen)
+    upstream = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(out, [x, *adapter.vectors()], upstream)
+    names = [name for name, _ in adapter.named_parameters()]
+    vectors = [v.detach().clone().requires_grad_(True) for v in adapter.vectors()]
+    x_ref = x.detach().clone().requires_grad_(True)
+    originals = [v.detach().clone() for v in adapter.vectors()]
+    reference_delta = _reference_delta(adapter, dict(zip(names, vectors)))
+    reference = nn.functional.linear(x_ref, base.weight + reference_delta, base.bias)
+    expected = torch.autograd.grad(reference, [x_ref, *vectors], upstream)
+    torch.testing.assert_close(out, reference.detach(), atol=1e-12, rtol=0)
+    for got, want in zip(grads, expected):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-10)
+    assert all(torch.equal(v, o) for v, o in zip(adapter.vectors(), originals))
+
+
 def test_init_is_exactly_zero_with_nonzero_gradient() -> None:
     """Spec §1.5 / §1.9 check 5: Δ = 0 exactly, ∂L/∂λ_1 ≠ 0, and one step later every vector gets gradient."""
     base = nn.Linear(24, 40).requires_grad_(False)
@@ -172,12 +220,15 @@ def test_init_is_exactly_zero_with_nonzero_gradient() -> None:
     assert all(v.grad.abs().sum() > 0 for v in adapter.vectors())
 
 
+@pytest.mark.parametrize("plan", ["dense", "projected"])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_materialized_forward_saves_no_dense_delta(quantized: bool) -> None:
+def test_materialized_forward_saves_no_dense_delta(quantized: bool, plan: str, monkeypatch: pytest.MonkeyPatch
+                                                   ) -> None:
     """Autograd must not keep an m×n tensor alive between forward and backward (ΔW is rebuilt in backward)."""
     d_out, d_in = 64, 96
     base = nn.Linear(d_in, d_out).requires_grad_(False)
     adapter = _adapter(d_out, d_in, dtype=torch.float32, forward_mode="materialized")
+    monkeypatch.setattr(adapter, "grad_plan", lambda tokens: plan)
     frozen = FrozenBase(base)
     if quantized:
         frozen.geometry = LayerGeometry("linear", (d_out, d_in), quantized=True, standard_forward=False)
@@ -297,3 +348,45 @@ def test_reload_in_a_new_process_is_bit_exact() -> None:
         child = torch.load(result)
     assert child["digest"] == digest.hexdigest()
     assert torch.equal(child["out"], out)
+
+
+# -- Triton path (specpeft.kernels.tucker_linear, issue 9) --------------------------------------------------------
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+@needs_triton
+@pytest.mark.parametrize("forward_mode", ["materialized", "factored"])
+def test_triton_path_runs_the_tucker_kernel(forward_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernel_backend="triton": the adapter calls `tucker_linear` (backend "triton") and matches the torch path's
+    output and its gradients in x and every vector to 1e-5 relative (fp32); kernel_backend="torch" never calls it."""
+    d_out, d_in = 12, 20  # modes (3, 2, 2) × (5, 2, 2): tiny for the interpreter, not multiples of its blocks
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out).to(DEVICE).requires_grad_(False)
+    calls: list[str] = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return K.tucker.tucker_linear(*args, **kwargs)
+
+    monkeypatch.setattr(K, "tucker_linear", counting)
+    x = torch.randn(2, 5, d_in, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_(True)
+    upstream = torch.randn(2, 5, d_out, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        adapter = _adapter(d_out, d_in, dtype=torch.float32, rank=[3, 2, 2], alpha=0.8,
+                           forward_mode=forward_mode).to(DEVICE)
+        adapter.kernel_backend = backend
+        before = len(calls)
+        out = adapter(x, FrozenBase(base))
+        assert len(calls) - before == (1 if backend == "triton" else 0)
+        results[backend] = (out, *torch.autograd.grad(out, [x, *adapter.vectors()], upstream))
+    assert calls == ["triton"]
+    for fused, eager in zip(results["triton"], results["torch"]):
+        assert eager.abs().sum() > 0
+        assert _rel_err(fused, eager) <= 1e-5, _rel_err(fused, eager)
+
+
+test_triton_path_in_child_process = interpreter_child_test(__file__, select="test_triton_path_runs_the_tucker_kernel")

@@ -16,19 +16,22 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import kernels
 from .._peft_compat import BufferDict
 from ..init.tucker import (
     TuckerShape,
     apply_macs,
     apply_traffic,
     best_mode,
-    build_macs,
+    last_mode_build_macs,
+    last_mode_delta_rows,
+    last_mode_outer,
     shared_random_factors,
     split_shared,
     tucker_apply,
@@ -37,7 +40,8 @@ from ..init.tucker import (
 )
 from .base import FrozenBase, MethodAdapter
 from .config import SpecPeftConfig
-from .geometry import LayerGeometry, forward_with_weight
+from .geometry import LayerGeometry
+from .tera_function import LARGE_WEIGHT, GradPlan, TeRALinearFunction
 
 ForwardMode = Literal["auto", "factored", "materialized"]
 ScaleSides = Literal["mode", "rank", "both"]
@@ -46,6 +50,10 @@ _SHAPE_KEY = re.compile(r"^(\d+)x(\d+)$")
 # 2-core dev box (fp32 GEMM 10-25 GMAC/s vs 0.1-1 G elements/s); 40 picks the faster path in every case of
 # benchmarks/results/tera_speed.md.
 _MEMORY_MACS = 40
+# The projected contractions (einsums over small mode sizes, with layout copies of T-sized intermediates) ran
+# 1.5-2.5x slower per estimated MAC than the dense path's large GEMM on the 2-core dev box (4096² R=4, 384×1536
+# R=1, 1024² R=1 in benchmarks/results/tera_speed.md); their estimate is scaled by this before comparing.
+_PROJECTED_PENALTY = 2.5
 
 
 @dataclass
@@ -113,56 +121,6 @@ class TeRAConfig(SpecPeftConfig):
         return TuckerShape(tuple(override[0]), tuple(override[1]), tuple(min(r, j) for r, j in zip(ranks, sizes)))
 
 
-def _weight_plus(base: FrozenBase, delta: Tensor) -> Tensor:
-    """W₀ + Δ in the base weight's dtype, (out, in); Δ is the strided (m_1..m_N, n_1..n_N) view (one fused pass)."""
-    weight = base.weight()
-    return (weight.reshape(delta.shape) + delta.to(weight.dtype)).reshape(weight.shape)
-
-
-class _RebuiltDeltaLinear(torch.autograd.Function):
-    """y = x (W₀ + Δ)ᵀ + b (`merge_base`) or y = x Δᵀ, with Δ = build(*vectors) recomputed in backward.
-
-    `build` returns Δ as the (m_1..m_N, n_1..n_N) view of `unfold_view`. Saves only x and the vectors. Backward:
-    dX = dY (W₀ + Δ), dΔ = dYᵀ X (one GEMM), and the vector gradients by back-propagating dΔ through a rebuilt Δ.
-    The forward runs the base's own op (`forward_with_weight`), so an exact zero Δ gives the base output bit for bit.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, base: FrozenBase, build: Callable[..., Tensor], merge_base: bool, *vectors: Tensor):
-        with torch.no_grad():
-            delta = build(*vectors)
-            if merge_base:
-                out = forward_with_weight(base.module, base.geometry, x, _weight_plus(base, delta))
-            else:
-                out = torch.nn.functional.linear(x, delta.reshape(base.geometry.matrix_shape).to(x.dtype))
-        ctx.base, ctx.build, ctx.merge_base = base, build, merge_base
-        ctx.save_for_backward(x, *vectors)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, *vectors = ctx.saved_tensors
-        leaves = [v.detach().requires_grad_(True) for v in vectors]
-        with torch.enable_grad():
-            delta = ctx.build(*leaves)  # (m_1..m_N, n_1..n_N) view, differentiable in the leaves
-        grad_x = None
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (..., out) -> (T, out)
-        if ctx.needs_input_grad[0]:
-            if ctx.merge_base:
-                weight = _weight_plus(ctx.base, delta.detach())
-            else:
-                weight = delta.detach().reshape(ctx.base.geometry.matrix_shape)
-            grad_x = (g2 @ weight.to(g2.dtype)).reshape(x.shape)  # (T, out)·(out, in) -> (..., in)
-        grads: tuple[Optional[Tensor], ...] = (None,) * len(vectors)
-        wanted = [i for i, need in enumerate(ctx.needs_input_grad[4:]) if need]
-        if wanted:
-            x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)  # (..., in) -> (T, in)
-            grad_delta = (g2.T @ x2).to(delta.dtype).view(delta.shape)  # (out, T)·(T, in) -> (m_1.., n_1..)
-            found = torch.autograd.grad(delta, [leaves[i] for i in wanted], grad_delta)
-            grads = tuple(found[wanted.index(i)] if i in wanted else None for i in range(len(vectors)))
-        return (grad_x, None, None, None, *grads)
-
-
 class TeRAAdapter(MethodAdapter):
     """Per-layer TeRA adapter: trainable diagonals `mode_scale_k` (J_k) / `rank_scale_k` (R_k), fp32.
 
@@ -198,6 +156,7 @@ class TeRAAdapter(MethodAdapter):
         if self.bucket not in shared:
             shared[self.bucket] = shared_random_factors(seed, shape)
         self.unmerged_mode = best_mode(shape)  # the factored path's plan (init/tucker.py `tucker_apply`)
+        self.projected_mode = best_mode(shape, unmerged=True)  # the unmerged mode of the "projected" gradients
         if scale_sides in ("mode", "both"):
             for k, size in enumerate(shape.mode_sizes):
                 self.register_parameter(f"mode_scale_{k}", nn.Parameter(torch.ones(size)))
@@ -280,25 +239,81 @@ class TeRAAdapter(MethodAdapter):
 
     # -- forward ------------------------------------------------------------------------------------------------
 
-    def use_factored(self, tokens: int) -> bool:
-        """Factored contraction iff its estimated training-step cost is below materializing Δ for `tokens` tokens.
+    def _step_costs(self, tokens: int) -> dict[str, float]:
+        """Training-step cost of each path beyond the frozen base op, in GEMM-MAC equivalents.
 
-        Cost in GEMM-MAC equivalents, each element pass of a memory-bound op counted as `_MEMORY_MACS` MACs.
-        Factored: 3·(pre + T·c) MACs + 3·T·traffic (forward + backward, `apply_macs` / `apply_traffic`).
-        Materialized: 4·build (build, rebuild and its backward) + T·m·n (dΔ = dYᵀX) MACs + ~12 passes over m·n
-        (Δ written, merged into W₀, twice; dΔ written, folded, read). The choice depends on T only, never on grad
-        mode, so a model runs the same path (and bits) in training, eval and after reload.
+        Every element pass of a memory-bound op counts `_MEMORY_MACS` MACs. "factored": forward + backward of the
+        contraction, 3·(pre + T·c) MACs + 3·T·traffic. The merged-weight paths build Δ and W₀ + Δ twice (forward,
+        backward: 2·build MACs + 8 passes over m·n), plus the vector gradients: "dense" dΔ = dYᵀX (T·m·n) and its
+        contraction (2·m·n·R_N MACs, 3 passes, the smaller of dY and dΔ permuted: min(T, n)·m); "projected"
+        `_PROJECTED_PENALTY`·(2·T·c MACs + 2·T·traffic) of the unmerged-mode contraction.
+        """
+        pre, per_token = apply_macs(self.shape, self.unmerged_mode)
+        traffic = apply_traffic(self.shape, self.unmerged_mode)
+        dense = self.shape.out_features * self.shape.in_features
+        merge = 2 * last_mode_build_macs(self.shape) + 8 * _MEMORY_MACS * dense
+        grads_dense = tokens * dense + 2 * dense * self.shape.ranks[-1] + _MEMORY_MACS * (
+            3 * dense + min(tokens, self.shape.in_features) * self.shape.out_features)
+        k = self.projected_mode
+        projected_per_token = 2 * apply_macs(self.shape, k, unmerged=True)[1]
+        grads_projected = _PROJECTED_PENALTY * tokens * (
+            projected_per_token + 2 * _MEMORY_MACS * apply_traffic(self.shape, k, True))
+        return {"factored": 3 * (pre + tokens * per_token) + 3 * _MEMORY_MACS * tokens * traffic,
+                "dense": merge + grads_dense, "projected": merge + grads_projected}
+
+    def use_factored(self, tokens: int) -> bool:
+        """Factored contraction (Δ never formed) iff its estimated training-step cost is the lowest (`_step_costs`).
+
+        The choice depends on T only, never on grad mode, so a model runs the same path (and bits) in training,
+        eval and after reload.
         """
         if self.geometry.kind != "linear" or self.forward_mode == "materialized":
             return False
         if self.forward_mode == "factored":
             return True
-        pre, per_token = apply_macs(self.shape, self.unmerged_mode)
-        traffic = apply_traffic(self.shape, self.unmerged_mode)
-        dense = self.shape.out_features * self.shape.in_features
-        factored = 3 * (pre + tokens * per_token) + 3 * _MEMORY_MACS * tokens * traffic
-        materialized = 4 * build_macs(self.shape) + tokens * dense + 12 * _MEMORY_MACS * dense
-        return factored < materialized
+        costs = self._step_costs(tokens)
+        return costs["factored"] < min(costs["dense"], costs["projected"])
+
+    def grad_plan(self, tokens: int) -> GradPlan:
+        """How the merged-weight path computes the vector gradients: "projected" when cheaper than "dense"."""
+        costs = self._step_costs(tokens)
+        return "projected" if costs["projected"] < costs["dense"] else "dense"
+
+    def _merged_weight(self, base: Optional[FrozenBase], vectors: tuple[Tensor, ...]) -> Tensor:
+        """W₀ + α·Δ (`base` given, in the base weight's dtype) or α·Δ (fp32), (out, in), contiguous; no autograd.
+
+        Δ[(a', a_N), (b', b_N)] = Σ_r P[(a', b'), r] Ũ_N[(a_N, b_N), r] with P = α𝒢 ×_{l<N} Ũ_l (`last_mode_outer`):
+        m·n·R_N MACs, the unfold permutation fused into the add to W₀.
+        """
+        shape = self.shape
+        core, factors = self._scaled(tuple(vectors), vectors[0].dtype)
+        outer = last_mode_outer(core, factors, shape)  # (m'·n', R_N)
+        m_last, n_last, rank = shape.out_modes[-1], shape.in_modes[-1], shape.ranks[-1]
+        if base is not None and shape.out_features * shape.in_features >= LARGE_WEIGHT:
+            # One m·n allocation instead of two (Δ, then W₀ + Δ): page-faulting fresh large buffers costs about
+            # as much as the build. Per out-index a_N: W'[a', a_N, b', :] = W₀[…] + P[a', b', :] Ũ_N[a_N, :, :]ᵀ.
+            weight = base.weight()
+            merged = torch.empty(shape.out_features, shape.in_features, dtype=weight.dtype, device=weight.device)
+            grid = (shape.out_features // m_last, m_last, shape.in_features // n_last, n_last)  # (m', m_N, n', n_N)
+            merged4, weight4 = merged.view(grid), weight.reshape(grid)
+            outer3 = outer.view(grid[0], grid[2], rank)  # (m'·n', R_N) -> (m', n', R_N)
+            cube = factors[-1].reshape(m_last, n_last, rank)  # (J_N, R_N) -> (m_N, n_N, R_N)
+            for a_last in range(m_last):  # (m', n', R_N)·(R_N, n_N) -> (m', n', n_N), added into W₀'s layout
+                torch.add(weight4[:, a_last], torch.matmul(outer3, cube[a_last].T), out=merged4[:, a_last])
+            return merged
+        if base is None:
+            rows = last_mode_delta_rows(outer, factors[-1], shape)  # (m_N, m', n)
+            # (m_N, m', n) -> (m', m_N, n) -> (m, n): row (a', a_N) = row a of Δ
+            return rows.transpose(0, 1).reshape(shape.out_features, shape.in_features)
+        # Small weights: one GEMM for all of Δ, laid out (a', b', a_N, b_N), added through a strided view
+        # (fewer, larger ops than the per-a_N loop above; exact when Δ = 0: W₀ + 0 = W₀ bit for bit).
+        grid = (shape.out_features // m_last, shape.in_features // n_last, m_last, n_last)  # (m', n', m_N, n_N)
+        delta = outer @ factors[-1].T  # (m'·n', R_N)·(R_N, m_N·n_N) -> (m'·n', J_N)
+        weight = base.weight()
+        merged = torch.empty(shape.out_features, shape.in_features, dtype=weight.dtype, device=weight.device)
+        order = (grid[0], grid[2], grid[1], grid[3])  # (m', m_N, n', n_N): W₀'s layout
+        torch.add(weight.reshape(order), delta.view(grid).permute(0, 2, 1, 3), out=merged.view(order))
+        return merged
 
     def _factored_delta(self, x: Tensor) -> Tensor:
         core, factors = self._scaled(tuple(self.vectors()), x.dtype)
@@ -315,13 +330,17 @@ class TeRAAdapter(MethodAdapter):
         return base.geometry.kind == "linear" and linear_op and frozen
 
     def forward(self, x: Tensor, base: FrozenBase) -> Tensor:
+        fused = self._fused_tucker(x, base)
+        if fused is not None:
+            return fused
         tokens = x.numel() // self.shape.in_features
         if self.use_factored(tokens):
             return base(x) + self._factored_delta(x)
         if self._explicit_backward_ok(base):
+            plan = self.grad_plan(tokens)
             if base.geometry.quantized:  # the weight can only be read, not substituted: add x Δᵀ to the base output
-                return base(x) + _RebuiltDeltaLinear.apply(x, base, self._network, False, *self.vectors())
-            return _RebuiltDeltaLinear.apply(x, base, self._network, True, *self.vectors())
+                return base(x) + TeRALinearFunction.apply(x, self, base, False, plan, *self.vectors())
+            return TeRALinearFunction.apply(x, self, base, True, plan, *self.vectors())
         # Convolutions and custom linear subclasses: autograd through the base op, with Δ recomputed in backward.
         run = lambda inp, *vecs: base.forward_with_delta(inp, self._build(*vecs))  # noqa: E731
         return checkpoint(run, x, *self.vectors(), use_reentrant=False)
@@ -331,9 +350,28 @@ class TeRAAdapter(MethodAdapter):
         if self.use_factored(tokens):
             return self._factored_delta(x)
         if self.geometry.kind == "linear":
-            return _RebuiltDeltaLinear.apply(x, base, self._network, False, *self.vectors())
+            return TeRALinearFunction.apply(x, self, base, False, self.grad_plan(tokens), *self.vectors())
         run = lambda inp, *vecs: self.geometry.apply(inp, self._build(*vecs).to(inp.dtype))  # noqa: E731
         return checkpoint(run, x, *self.vectors(), use_reentrant=False)
+
+    # -- fused kernel path (specpeft.kernels, issue 9) ------------------------------------------------------------
+
+    def _fused_tucker(self, x: Tensor, base: FrozenBase) -> Optional[Tensor]:
+        """x (W + α·Δ)ᵀ + b by `kernels.tucker_linear` (Triton: W + Δ written tile by tile, or the Kronecker kernel
+        for few tokens) when the kernels dispatch to Triton and the base is a plain nn.Linear; None otherwise.
+
+        The scaled network (α·𝒢, Ũ_k) is formed by torch autograd, so the kernel's core/factor gradients flow on to
+        λ and μ. "auto" leaves the materialized/factored choice to the kernel's own (GPU) break-even rule.
+        """
+        geometry = self.geometry
+        if geometry.kind != "linear" or geometry.quantized or not geometry.standard_forward or geometry.fan_in_fan_out:
+            return None
+        module = base.module
+        if self.kernel_path(x, module.weight) != "triton":
+            return None
+        core, factors = self._scaled(tuple(self.vectors()), torch.float32)
+        return kernels.tucker_linear(x, core, factors, self.shape.out_modes, self.shape.in_modes,
+                                     weight=module.weight, bias=module.bias, mode=self.forward_mode, backend="triton")
 
     def num_trainable(self) -> int:
         return sum(v.numel() for v in self.vectors())

@@ -37,6 +37,9 @@ __all__ = [
     "fold",
     "is_kronecker",
     "hosvd",
+    "last_mode_build_macs",
+    "last_mode_delta_rows",
+    "last_mode_outer",
     "mode_product",
     "prime_factors",
     "shared_random_factors",
@@ -44,6 +47,7 @@ __all__ = [
     "tucker_apply",
     "tucker_to_tensor",
     "unfold",
+    "unmerged_core",
     "unfold_view",
 ]
 
@@ -233,17 +237,18 @@ def is_kronecker(shape: TuckerShape) -> bool:
     return sum(rank > 1 for rank in shape.ranks) <= 1
 
 
-def apply_macs(shape: TuckerShape, mode: int | None = None) -> tuple[int, int]:
-    """(pre, per-token) MACs of `tucker_apply` (the Kronecker chain when `is_kronecker`, else with `mode` unmerged).
+def apply_macs(shape: TuckerShape, mode: int | None = None, unmerged: bool = False) -> tuple[int, int]:
+    """(pre, per-token) MACs of `tucker_apply` (the Kronecker chain when `is_kronecker` and not `unmerged`, else
+    with `mode` unmerged).
 
     Kronecker chain: Σ_k (∏_{l≤k} n_l)(∏_{l≥k} m_l) per token. Unmerged mode k: pre = P = 𝒢 ×_{l≠k} U_l;
     per token n·m_k·R_k (x against U_k) + (n/n_k)·R_k·m (against P).
     """
     m_modes, n_modes = shape.out_modes, shape.in_modes
-    if is_kronecker(shape):
+    if is_kronecker(shape) and not unmerged:
         per_token = sum(math.prod(n_modes[: k + 1]) * math.prod(m_modes[k:]) for k in range(shape.order))
         return sum(j * r for j, r in zip(shape.mode_sizes, shape.ranks)), per_token
-    k = best_mode(shape) if mode is None else mode
+    k = best_mode(shape, unmerged) if mode is None else mode
     sizes, ranks = shape.mode_sizes, shape.ranks
     pre, current = 0, list(ranks)
     for l in (l for l in range(shape.order) if l != k):  # mode products in order; each replaces R_l by J_l
@@ -253,23 +258,25 @@ def apply_macs(shape: TuckerShape, mode: int | None = None) -> tuple[int, int]:
     return pre, n * m_modes[k] * ranks[k] + (n // n_modes[k]) * ranks[k] * m
 
 
-def apply_traffic(shape: TuckerShape, mode: int | None = None) -> int:
+def apply_traffic(shape: TuckerShape, mode: int | None = None, unmerged: bool = False) -> int:
     """Elements written per token by `tucker_apply`'s forward (GEMM outputs plus layout copies).
 
     Kronecker chain: 2·Σ_k (∏_{l<k} n_l)(∏_{l≥k} m_l). Unmerged mode k: 3·z + 3·m + n with z = n·m_k·R_k/n_k
     (Z written, permuted, read; the output likewise; the input reshaped).
     """
     m_modes, n_modes = shape.out_modes, shape.in_modes
-    if is_kronecker(shape):
+    if is_kronecker(shape) and not unmerged:
         return 2 * sum(math.prod(n_modes[:k]) * math.prod(m_modes[k:]) for k in range(shape.order))
-    k = best_mode(shape) if mode is None else mode
+    k = best_mode(shape, unmerged) if mode is None else mode
     z = shape.in_features // n_modes[k] * m_modes[k] * shape.ranks[k]
     return 3 * z + 3 * shape.out_features + shape.in_features
 
 
-def best_mode(shape: TuckerShape) -> int:
-    """The mode to leave unmerged in `tucker_apply` that minimizes its per-token MACs (first on ties)."""
-    return min(range(shape.order), key=lambda k: (apply_macs(shape, k)[1] if not is_kronecker(shape) else 0, k))
+def best_mode(shape: TuckerShape, unmerged: bool = False) -> int:
+    """The mode to leave unmerged in `tucker_apply` that minimizes its per-token MACs (first on ties); `unmerged`:
+    among unmerged-mode plans even for a Kronecker shape (the projected gradients of adapters/tera.py)."""
+    kron = is_kronecker(shape) and not unmerged
+    return min(range(shape.order), key=lambda k: (apply_macs(shape, k, unmerged)[1] if not kron else 0, k))
 
 
 def _kronecker_chain(x: Tensor, mats: list[Tensor]) -> Tensor:
@@ -279,6 +286,18 @@ def _kronecker_chain(x: Tensor, mats: list[Tensor]) -> Tensor:
         cur = cur @ mats[k].T  # (T, m_{>k}, n_{≤k}) · (n_k, m_k) -> (T, m_{>k}, n_{<k}, m_k)
         cur = cur.movedim(-1, 1)  # -> (T, m_{≥k}, n_{<k}); after the last step (T, m_1..m_N)
     return cur
+
+
+def unmerged_core(core: Tensor, factors: list[Tensor], shape: TuckerShape, k: int) -> Tensor:
+    """P_k = 𝒢 ×_{l≠k} U_l with each J_l split into (m_l, n_l): shape (m_l, n_l for l≠k; R_k at position k)."""
+    merged = core
+    for l in range(shape.order):
+        if l != k:
+            merged = mode_product(merged, factors[l], l)  # R_l -> J_l: (J_1.., R_k, ..J_N)
+    # (J_1.., R_k, ..J_N) -> (m_l, n_l for l≠k; R_k at position k)
+    pairs = [size for l in range(shape.order)
+             for size in ((shape.out_modes[l], shape.in_modes[l]) if l != k else (shape.ranks[k],))]
+    return merged.reshape(pairs)
 
 
 def tucker_apply(x: Tensor, core: Tensor, factors: list[Tensor], shape: TuckerShape, mode: int | None = None) -> Tensor:
@@ -316,19 +335,50 @@ def tucker_apply(x: Tensor, core: Tensor, factors: list[Tensor], shape: TuckerSh
     a = [next(letters) for _ in range(order)]  # out-mode indices
     b = [next(letters) for _ in range(order)]  # in-mode indices
     r = next(letters)  # rank index of mode k
-    merged = core
-    for l in range(order):
-        if l != k:
-            merged = mode_product(merged, factors[l], l)  # R_l -> J_l: (J_1.., R_k, ..J_N)
     others = [l for l in range(order) if l != k]
-    # (J_1.., R_k, ..J_N) -> (m_l, n_l for l≠k; R_k at position k)
-    pairs = [size for l in range(order)
-             for size in ((shape.out_modes[l], shape.in_modes[l]) if l != k else (shape.ranks[k],))]
     p_idx = "".join(a[l] + b[l] if l != k else r for l in range(order))
     z = torch.einsum(f"t{''.join(b)},{a[k]}{b[k]}{r}->t{''.join(b[l] for l in others)}{a[k]}{r}",
                      x.reshape(tokens, *shape.in_modes), cubes[k])  # (T, n_1..n_N) -> (T, n_{l≠k}, m_k, R_k)
-    out = torch.einsum(f"t{''.join(b[l] for l in others)}{a[k]}{r},{p_idx}->t{''.join(a)}", z, merged.reshape(pairs))
+    merged = unmerged_core(core, factors, shape, k)  # (m_l, n_l for l≠k; R_k at k)
+    out = torch.einsum(f"t{''.join(b[l] for l in others)}{a[k]}{r},{p_idx}->t{''.join(a)}", z, merged)
     return out.reshape(tokens, shape.out_features)  # (T, m_1..m_N) -> (T, m)
+
+
+def last_mode_outer(core: Tensor, factors: list[Tensor], shape: TuckerShape) -> Tensor:
+    """P = 𝒢 ×_{l<N} U_l as a (m'·n', R_N) matrix, rows (a', b') = ((a_1..a_{N−1}), (b_1..b_{N−1})) row-major.
+
+    Then Δ[(a', a_N), (b', b_N)] = Σ_r P[(a', b'), r] · U_N[a_N·n_N + b_N, r] (`last_mode_delta_rows`).
+    """
+    order, rank = shape.order, shape.ranks[-1]
+    merged = core
+    for mode, factor in enumerate(factors[:-1]):
+        merged = mode_product(merged, factor, mode)  # R_l -> J_l: (J_1..J_{N−1}, R_N) at the end
+    # (J_1..J_{N−1}, R_N) -> (m_1, n_1, …, m_{N−1}, n_{N−1}, R_N) -> (m_1..m_{N−1}, n_1..n_{N−1}, R_N)
+    pairs = merged.reshape(*[s for m, n in zip(shape.out_modes[:-1], shape.in_modes[:-1]) for s in (m, n)], rank)
+    outer = pairs.permute(*range(0, 2 * order - 2, 2), *range(1, 2 * order - 2, 2), 2 * order - 2)
+    return outer.reshape(-1, rank)  # -> (m'·n', R_N)
+
+
+def last_mode_delta_rows(outer: Tensor, last_factor: Tensor, shape: TuckerShape) -> Tensor:
+    """Δ with its rows reordered to (a_N, a'), as an (m_N, m', n) tensor: one GEMM per out-index a_N.
+
+    Row a = (a', a_N) of Δ is row (a_N, a') here; the column index b = (b', b_N) is unchanged, so adding it to
+    `W.view(m', m_N, n)` is a row gather (contiguous rows of n), not an element-wise permutation.
+    Cost m·n·R_N MACs (`last_mode_build_macs`).
+    """
+    m_last, n_last, rank = shape.out_modes[-1], shape.in_modes[-1], shape.ranks[-1]
+    cube = last_factor.reshape(m_last, n_last, rank)  # (J_N, R_N) -> (m_N, n_N, R_N)
+    rows = torch.empty(m_last, outer.shape[0], n_last, dtype=outer.dtype, device=outer.device)
+    for a_last in range(m_last):
+        torch.mm(outer, cube[a_last].T, out=rows[a_last])  # (m'n', R_N) @ (R_N, n_N) -> (m'n', n_N)
+    return rows.view(m_last, shape.out_features // m_last, shape.in_features)  # -> (m_N, m', n'·n_N = n)
+
+
+def last_mode_build_macs(shape: TuckerShape) -> int:
+    """MACs of `last_mode_outer` + `last_mode_delta_rows`."""
+    sizes, ranks = shape.mode_sizes, shape.ranks
+    outer = sum(math.prod(sizes[: k + 1]) * math.prod(ranks[k:]) for k in range(shape.order - 1))
+    return outer + shape.out_features * shape.in_features * ranks[-1]
 
 
 # -- seeded shared factors --------------------------------------------------------------------------------------
