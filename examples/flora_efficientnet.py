@@ -1,6 +1,8 @@
 """FLoRA on a real pretrained ConvNet: EfficientNet-Lite0 (ImageNet weights) → Fashion-MNIST, offline, on CPU.
 
-    python examples/flora_efficientnet.py            # 300 steps on 2,000 images (a few minutes on 2 cores)
+    python examples/flora_efficientnet.py            # 150 steps on 2,000 images
+    # measured 2026-11-22 on the shared 2-core box (load ~6): FLoRA 0.852 vs linear probe 0.824 test accuracy,
+    # 828 s CPU in all; most of it is EfficientNet's depthwise-conv backward, which the frozen base pays as well
     python examples/flora_efficientnet.py --quick    # 40 steps, a smoke run
 
 FLoRA adapts all 49 convolutions (stem, expand 1×1, depthwise 3×3/5×5 with groups = channels, project 1×1, head
@@ -81,7 +83,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="40 steps, 500 train / 500 test images")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=32)
