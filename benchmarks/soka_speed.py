@@ -5,7 +5,8 @@
 
 Each layer is one nn.Linear (fp32, CPU, 2 threads) whose input requires grad, as inside a network: the frozen base
 costs the forward GEMM and the input-gradient GEMM; adapters add their own forward and backward. SoKA goes through
-`specpeft.get_adapter_model` (the factored reshape-identity forward over 2·r_kp stacked components, spec §2.6); peft
+`specpeft.get_adapter_model` (the factored reshape-identity forward over 2·r_kp stacked components, spec §2.6, in
+token chunks with a hand-written backward; FLOP floor = 1 + its fwd+bwd MACs ÷ the base's 2·d_out·d_in); peft
 LoKr through `peft.get_peft_model(LoKrConfig)`, which builds the dense kron(w1, w2) each step. The LoKr config
 (decompose_factor, r, decompose_both) is the one whose trainable count is closest to SoKA's. Variants run
 interleaved, repeat after repeat, so machine noise hits all of them alike; the table holds medians.
@@ -68,6 +69,17 @@ def matched_lokr(d_out: int, d_in: int, target: int) -> dict:
     return {"decompose_factor": best[0], "r": best[1], "decompose_both": best[2]}
 
 
+def soka_step_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], r: int) -> int:
+    """MACs per token of SoKA's fwd+bwd (`KroneckerDeltaFunction`), in the cheaper contraction order.
+
+    B first: forward X Qᵀ and P Z over the 2r stacked components (n1·n2·m2 + m1·n1·m2 each); backward D = Pᵀ G and
+    dX = D Q over 2r, dB = (UᵀG)ᵀ X, Z₁ = X Bᵀ (recomputed) and dA = Σ G Z₁ᵀ over r:
+    r·(6·n1·n2·m2 + 5·m1·n1·m2). A first is the mirror image. The frozen A⁰⊗B⁰ half gets no factor gradient.
+    """
+    (m1, n1), (m2, n2) = a_shape, b_shape
+    return r * min(6 * n1 * n2 * m2 + 5 * m1 * n1 * m2, 6 * m1 * n1 * n2 + 5 * m1 * m2 * n2)
+
+
 def fwd_bwd(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
     """(forward seconds, forward+backward seconds) of one step."""
     x.grad = None
@@ -111,9 +123,7 @@ def bench_shape(d_out: int, d_in: int, tokens: int, ranks: list[int], repeats: i
     for r in ranks:
         s, lk = f"soka{r}", f"lokr{r}"
         (a1, n1), (a2, n2) = meta[s]["factors"]
-        comps = 2 * r  # trainable and initial components, stacked (ΔW = Σ (A−A⁰)⊗B + A⁰⊗(B−B⁰))
-        # FLOP floor: base fwd + input-grad GEMMs = 2·T·d_out·d_in; adapter ≈ 3× its forward MACs (fwd, dX, dA/dB)
-        adapter_macs = comps * min(a1 * n2 * (n1 + a2), n1 * a2 * (n2 + a1)) * 3
+        adapter_macs = soka_step_macs((a1, n1), (a2, n2), r)
         rows.append({
             "shape": [d_out, d_in], "tokens": tokens, "r_kp": r, "soka_params": meta[s]["params"],
             "lokr_params": meta[lk]["params"], "lokr_config": meta[lk]["config"], "factors": meta[s]["factors"],

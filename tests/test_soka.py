@@ -9,9 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from triton_guard import DEVICE, interpreter_child_test, needs_triton  # noqa: I001
+
 import specpeft
+import specpeft.kernels as K
 from adapter_matrix import CHECKS, MODEL_CASES, MethodCase, ModelCase, adapted, run_check
 from specpeft import FrozenBase, LayerGeometry, SoKAConfig, SVDInit
+from specpeft.adapters import soka_function
 from specpeft.adapters.soka import SoKAAdapter
 from specpeft.init.kronecker import allocate_budget
 
@@ -112,11 +116,15 @@ def test_factored_forward_equals_dense_float64(dims: tuple[int, int]) -> None:
     torch.testing.assert_close(adapter.delta_weight().double(), _dense_delta(adapter), atol=1e-6, rtol=0)
 
 
-def test_gradients_equal_dense_reference() -> None:
-    base = _linear(24, 40).double().requires_grad_(False)
+@pytest.mark.parametrize("dims", [(24, 40), (20, 30), (11, 7)])  # A first, B first, zero-padded (A first)
+@pytest.mark.parametrize("chunks", ["one", "ragged"])
+def test_gradients_equal_dense_reference(dims: tuple[int, int], chunks: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = _linear(*dims).double().requires_grad_(False)
     adapter = _adapter(base, r=3).double()
     _perturb(adapter)
-    x = torch.randn(6, 24, dtype=F64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    if chunks == "ragged":  # 3 tokens per chunk over 10 tokens: chunks of 3, 3, 3, 1
+        monkeypatch.setitem(soka_function._CHUNK_ELEMENTS, "cpu", 3 * _chunk_width(adapter))
+    x = torch.randn(2, 5, dims[0], dtype=F64, generator=torch.Generator().manual_seed(3), requires_grad=True)
     adapter(x, FrozenBase(base)).sin().sum().backward()
     got = (adapter.A.grad.clone(), adapter.B.grad.clone(), x.grad.clone())
     adapter.zero_grad()
@@ -124,6 +132,41 @@ def test_gradients_equal_dense_reference() -> None:
     F.linear(x, base.weight + _dense_delta(adapter), base.bias).sin().sum().backward()
     for a, b in zip(got, (adapter.A.grad, adapter.B.grad, x.grad)):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def _chunk_width(adapter: SoKAAdapter) -> int:
+    """Stage-1 elements per token of the factored product: n1·2r·m2 (B first) or n2·2r·m1 (A first)."""
+    (m1, n1), (m2, n2) = adapter.shape.a_shape, adapter.shape.b_shape
+    first = soka_function.b_first(adapter.shape.a_shape, adapter.shape.b_shape)
+    return 2 * adapter.rank * (n1 * m2 if first else n2 * m1)
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("dims", [(24, 40), (20, 30)])  # A first, B first
+def test_bf16_forward_and_gradients(dims: tuple[int, int]) -> None:
+    """bf16 activations with fp32 factors: output and x/A/B gradients within 1e-2 of the float64 dense product."""
+    base = _linear(*dims).requires_grad_(False)
+    adapter = _adapter(base, r=3)
+    _perturb(adapter, scale=0.3)
+    x = torch.randn(4, 3, dims[0], generator=torch.Generator().manual_seed(6))
+    grad = torch.randn(4, 3, dims[1], generator=torch.Generator().manual_seed(7))
+    x16 = x.bfloat16().requires_grad_(True)
+    y16 = adapter.delta_forward(x16, FrozenBase(base.bfloat16()))
+    assert y16.dtype == torch.bfloat16
+    got = torch.autograd.grad(y16, [x16, adapter.A, adapter.B], grad.bfloat16())
+    assert got[1].dtype == got[2].dtype == torch.float32
+    x64 = x16.detach().double().requires_grad_(True)
+    A, B = adapter.A.detach().double().requires_grad_(True), adapter.B.detach().double().requires_grad_(True)
+    initial = sum(torch.kron(a0, b0) for a0, b0 in zip(adapter.A0.double(), adapter.B0.double()))
+    y64 = x64 @ (sum(torch.kron(a, b) for a, b in zip(A, B)) - initial)[: dims[1], : dims[0]].T
+    expected = torch.autograd.grad(y64, [x64, A, B], grad.double())
+    assert _rel_err(y16, y64) <= 1e-2
+    for g, g_ref in zip(got, expected):
+        assert _rel_err(g, g_ref) <= 1e-2
 
 
 def test_prime_4099x4096_layer() -> None:
@@ -229,3 +272,64 @@ def test_bad_options_name_the_field() -> None:
         _adapter(_linear(4, 4), r=5)
     with pytest.raises(ValueError, match="param_budget=10"):
         specpeft.get_adapter_model(ThreeLayers(), SoKAConfig(target_modules=["a", "b", "c"], param_budget=10))
+
+
+# -- Triton path (issue 9): the adapter runs kernels.kronecker_linear; checked in the Triton interpreter on CPU ------
+
+
+test_triton_path_in_child_process = interpreter_child_test(__file__, select="triton")
+
+
+class KernelMLP(nn.Module):
+    """Layers on both contraction orders and a zero-padded one, none a multiple of the interpreter's 16-wide blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b_first = nn.Linear(20, 30)  # (6, 4)⊗(5, 5)
+        self.a_first = nn.Linear(30, 7)  # (1, 3)⊗(7, 10)
+        self.padded = nn.Linear(7, 13)  # (2, 2)⊗(7, 4), one padded row and column
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.padded(torch.tanh(self.a_first(torch.tanh(self.b_first(x)))))
+
+
+def _kernel_run(backend: str, state: dict | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Output and gradients (x, then A and B of every layer) of a perturbed SoKA KernelMLP in fp32."""
+    torch.manual_seed(0)
+    model = specpeft.get_adapter_model(KernelMLP().to(DEVICE), SoKAConfig(
+        target_modules=["b_first", "a_first", "padded"], r=2, kernel_backend=backend))
+    if state is None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(DEVICE))
+    else:
+        model.load_state_dict(state)
+    x = torch.randn(2, 3, 20, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_(True)
+    y = model(x)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    names, factors = zip(*[(name, p) for name, p in model.named_parameters() if p.requires_grad])
+    assert len(factors) == 6
+    return model, dict(zip(["y", "x", *names], [y, *torch.autograd.grad(y, [x, *factors], grad)]))
+
+
+@needs_triton
+def test_triton_backend_runs_the_kronecker_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    original = K.kronecker_linear
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(K, "kronecker_linear", counting)
+    monkeypatch.setenv(K.ENV_VAR, "torch")  # the config flag beats the environment, both ways
+    model, fused = _kernel_run("triton")
+    assert calls == ["triton"] * 3
+    monkeypatch.setenv(K.ENV_VAR, "triton")
+    _, eager = _kernel_run("torch", state=model.state_dict())
+    assert calls == ["triton"] * 3, "kernel_backend='torch' must never call the Triton kernel"
+    assert fused.keys() == eager.keys() and len(fused) == 8
+    for name, expected in eager.items():
+        assert expected.norm() > 0, name
+        assert _rel_err(fused[name], expected) <= 1e-5, f"{name}: {_rel_err(fused[name], expected):.2e}"

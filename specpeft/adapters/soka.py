@@ -12,7 +12,9 @@ and reloading work unchanged. The adapter adds
 a sum of 2r Kronecker products whose factors are exactly zero at init. Hence ΔW = 0 and the layer output equals the
 base output bit for bit in every dtype (no bf16 tolerance: no residual is ever rounded), and a trained ΔW is never the
 difference of two large, nearly equal terms. The linear forward applies all 2r components by the reshape identity
-(`kron_matmul`, two GEMMs) and never forms A⊗B or ΔW; conv kernels are viewed as (out, in/groups·prod(k)) matrices
+(`KroneckerDeltaFunction`: two GEMMs per token chunk, a hand-written backward that differentiates only Σ A_k⊗B_k and
+saves only x) and never forms A⊗B or ΔW; on the Triton path (CUDA, or a forced `kernel_backend`) plain linears run
+the fused `kernels.kronecker_linear` instead. Conv kernels are viewed as (out, in/groups·prod(k)) matrices
 and run the base conv once on W + ΔW (ΔW is kernel-sized, negligible next to the conv itself). Zero-padded shapes
 (prime dims, spec §2.4) pad x's last dim and crop the output; merge crops Σ kron(A_k, B_k) to (d_out, d_in).
 """
@@ -28,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from ..init.kronecker import (
     KroneckerShape,
     RankRule,
     allocate_budget,
     choose_factor_shape,
     kpsvd,
-    kron_matmul,
     kron_sum,
     rank_criteria,
     select_rank,
@@ -43,6 +45,7 @@ from ..init.svd import SVDInit
 from .base import FrozenBase, MethodAdapter, zeros_like_shape
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
+from .soka_function import KroneckerDeltaFunction, b_first
 
 
 @dataclass
@@ -227,28 +230,47 @@ class SoKAAdapter(MethodAdapter):
         return delta[:d_out, :d_in].reshape(self.geometry.weight_shape)  # crop, then (out, in/groups, *k)
 
     def _factored(self, x: Tensor, base_out: Tensor | None = None) -> Tensor:
-        """x ΔWᵀ (+ base_out) by the reshape identity over the 2r stacked components; ΔW is never formed."""
+        """x ΔWᵀ (+ base_out) by the reshape identity over the 2r components (`KroneckerDeltaFunction`), no ΔW."""
         d_out, d_in = self.geometry.matrix_shape
         pad_out, pad_in = self.shape.padding
-        tokens = x.reshape(-1, d_in)  # (..., d_in) -> (T, d_in)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        tokens = x.reshape(-1, d_in).to(dtype)  # (..., d_in) -> (T, d_in)
         if pad_in:
             tokens = F.pad(tokens, (0, pad_in))  # (T, d_in) -> (T, n1·n2): zero columns meet W's zero padding
-        accumulate = None if base_out is None or pad_out else base_out.reshape(-1, d_out)  # (..., d_out) -> (T, d_out)
-        y = kron_matmul(tokens, *self._stacked_factors(x.dtype), accumulate=accumulate)  # (T, n1·n2) -> (T, m1·m2)
+        fused = None if base_out is None or pad_out else base_out.reshape(-1, d_out)  # (..., d_out) -> (T, d_out)
+        if fused is not None and (fused.dtype != dtype or not fused.is_contiguous()):
+            fused = None
+        if b_first(self.shape.a_shape, self.shape.b_shape):
+            factors, transposed = (self.A, self.B, self.A0, self.B0), False
+        else:  # A first = B first on the transposed problem, with ΔW = Σ A⊗(B − B⁰) + (A − A⁰)⊗B⁰
+            factors, transposed = (self.B, self.A, self.B0, self.A0), True
+        with torch.autocast(device, enabled=False):  # the function runs in `dtype` throughout
+            y = KroneckerDeltaFunction.apply(tokens.contiguous(), *factors, fused, transposed)  # (T, m1·m2)
         if pad_out:
             y = y[:, :d_out]  # (T, m1·m2) -> (T, d_out)
         y = y.reshape(*x.shape[:-1], d_out)  # (T, d_out) -> (..., d_out)
-        return y if base_out is None or accumulate is not None else base_out + y
+        return y if base_out is None or fused is not None else base_out + y
+
+    def _triton_factored(self, x: Tensor, base: FrozenBase, with_base: bool) -> Optional[Tensor]:
+        """The fused Triton op `kernels.kronecker_linear` on the 2r stacked components when the kernels dispatch to
+        Triton (CUDA tensors, or a forced backend) and the base is a plain nn.Linear; None otherwise."""
+        if not self.geometry.is_plain_linear or self.kernel_path(x, base.module.weight) != "triton":
+            return None
+        return kernels.kronecker_linear(x, *self._stacked_factors(torch.float32), base_out=base(x) if with_base else
+                                        None, out_features=self.geometry.matrix_shape[0], backend="triton")
 
     def delta_forward(self, x: Tensor, base: FrozenBase) -> Tensor:
         if self.geometry.is_conv:
             return super().delta_forward(x, base)
-        return self._factored(x)
+        fused = self._triton_factored(x, base, with_base=False)
+        return self._factored(x) if fused is None else fused
 
     def forward(self, x: Tensor, base: FrozenBase) -> Tensor:
         if self.geometry.is_conv:
             return base.forward_with_delta(x, self.delta_weight())
-        return self._factored(x, base(x))  # the base output is the accumulator of the adapter's last GEMM
+        fused = self._triton_factored(x, base, with_base=True)
+        return self._factored(x, base(x)) if fused is None else fused  # the base output is added in the last GEMM
 
     @classmethod
     def after_injection(cls, adapters: dict[str, MethodAdapter], config: SoKAConfig) -> None:
