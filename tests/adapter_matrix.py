@@ -36,8 +36,15 @@ class MLP(nn.Module):
         return self.lin1(F.gelu(self.lin0(x)))
 
 
+class SamePadConv2d(nn.Conv2d):
+    """EfficientNet's Conv2dStaticSamePadding pattern: a Conv2d subclass that pads in its own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
 class ConvNet(nn.Module):
-    """Conv2d stem, a strided/padded conv, a grouped conv, a dilated conv, 1×1 conv, linear head."""
+    """Conv2d stem, a strided/padded conv, a grouped conv, a dilated conv, 1×1 conv, a same-pad conv, linear head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -46,10 +53,11 @@ class ConvNet(nn.Module):
         self.grouped = nn.Conv2d(12, 12, 3, padding=1, groups=4)
         self.dilated = nn.Conv2d(12, 8, 3, padding=2, dilation=2)
         self.point = nn.Conv2d(8, 8, 1)
+        self.same = SamePadConv2d(8, 8, 2, stride=2)
         self.head = nn.Linear(8, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv in (self.stem, self.down, self.grouped, self.dilated, self.point):
+        for conv in (self.stem, self.down, self.grouped, self.dilated, self.point, self.same):
             x = F.relu(conv(x))
         return self.head(x.mean(dim=(2, 3)))
 
@@ -133,7 +141,7 @@ MODEL_CASES: dict[str, ModelCase] = {
     "llama": ModelCase(_tiny_llama, _ids, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     "bert": ModelCase(_tiny_bert, _ids, ["query", "value", "dense"]),
     "gpt2": ModelCase(_tiny_gpt2, _ids, ["c_attn", "c_proj", "c_fc"]),
-    "convnet": ModelCase(ConvNet, _tensor_input(2, 3, 10, 10), ["stem", "down", "grouped", "dilated", "point"],
+    "convnet": ModelCase(ConvNet, _tensor_input(2, 3, 10, 10), ["stem", "down", "grouped", "dilated", "point", "same"],
                          kinds={"conv2d"}),
     "bnb4": ModelCase(QuantizedMLP, _tensor_input(5, 32), ["q4"], quantized=True),
 }

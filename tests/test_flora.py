@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import specpeft
-from adapter_matrix import CHECKS, MODEL_CASES, MethodCase, ModelCase, perturb, run_check
+from adapter_matrix import CHECKS, MODEL_CASES, MethodCase, ModelCase, SamePadConv2d, perturb, run_check
 from specpeft import FLoRAConfig, FrozenBase, LayerGeometry
 from specpeft.adapters.flora import FLoRAAdapter, trainable_count
 
@@ -21,13 +21,6 @@ CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 # -- extra models: a ResNet-style ConvNet, Conv1d and Conv3d nets -------------------------------------------------
-
-
-class SamePadConv2d(nn.Conv2d):
-    """EfficientNet's Conv2dStaticSamePadding pattern: a Conv2d subclass that pads in its own forward."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class ResNetBlockNet(nn.Module):

@@ -320,6 +320,7 @@ def test_delete_adapter_drops_its_store() -> None:
 
 _CHILD = """
 import hashlib, sys, torch
+torch.set_num_threads({threads})  # the parent's: GEMM reduction order depends on the thread count
 sys.path.insert(0, {tests!r})
 import specpeft
 from specpeft.init.tucker import TuckerShape, shared_random_factors
@@ -342,7 +343,8 @@ def test_reload_in_a_new_process_is_bit_exact() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         result = os.path.join(tmp, "child.pt")
-        code = _CHILD.format(tests=os.path.dirname(__file__), adapter=tmp, result=result)
+        code = _CHILD.format(tests=os.path.dirname(__file__), adapter=tmp, result=result,
+                            threads=torch.get_num_threads())
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         child = torch.load(result)

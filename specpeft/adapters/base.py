@@ -42,6 +42,23 @@ class FrozenBase:
             return self.quantization_backend.get_base_weight(self.module)
         return self.geometry.from_storage(self.module.weight)
 
+    def apply_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """op(x, weight) (+ bias) with this layer's settings, e.g. an adapter's delta term op(x, ΔW).
+
+        A conv with its own forward (e.g. EfficientNet's "same" padding) runs that forward on `weight`, its bias slot
+        holding `bias` or zeros (adding 0.0 is exact), so the padding matches the base output's.
+        """
+        geometry = self.geometry
+        if not geometry.is_conv or geometry.standard_forward:
+            return geometry.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        module = self.module
+        params = {"weight": geometry.to_storage(weight).to(x.dtype)}
+        if getattr(module, "bias", None) is not None:
+            params["bias"] = torch.zeros_like(module.bias, dtype=x.dtype) if bias is None else bias.to(x.dtype)
+        elif bias is not None:
+            raise ValueError(f"{type(module).__name__} has no bias slot for the bias given to apply_weight.")
+        return torch.func.functional_call(module, params, (x,))
+
     def forward_with_delta(self, x: Tensor, delta: Tensor) -> Tensor:
         """Output of the layer with weight W + delta: one op on the merged weight, or base + delta op if quantized."""
         if self.geometry.quantized:
@@ -123,7 +140,7 @@ class MethodAdapter(nn.Module):
 
     def delta_forward(self, x: Tensor, base: FrozenBase) -> Tensor:
         """The adapter's additive output term, `op(x, ΔW)`; used when several adapters are active."""
-        return self.geometry.apply(x, self.delta_weight().to(x.dtype))
+        return base.apply_weight(x, self.delta_weight())
 
     def forward(self, x: Tensor, base: FrozenBase) -> Tensor:
         """Full layer output `op(x, W + ΔW) (+ bias)`; the default adds the delta term to the base output."""

@@ -289,14 +289,7 @@ class FLoRAAdapter(MethodAdapter):
 
     def materialized_delta(self, x: Tensor, base: FrozenBase) -> Tensor:
         """op(x, ΔW) with ΔW formed; a conv with its own forward (e.g. "same" padding) runs that forward on ΔW."""
-        delta = self.delta_weight()
-        if not self.geometry.is_conv or self.geometry.standard_forward:
-            return self.geometry.apply(x, delta.to(x.dtype))
-        module = base.module
-        params = {"weight": self.geometry.to_storage(delta).to(x.dtype)}
-        if getattr(module, "bias", None) is not None:
-            params["bias"] = torch.zeros_like(module.bias, dtype=x.dtype)  # the delta term carries no bias
-        return torch.func.functional_call(module, params, (x,))
+        return base.apply_weight(x, self.delta_weight())
 
     def delta_forward(self, x: Tensor, base: FrozenBase) -> Tensor:
         x = self.dropout(x)

@@ -206,8 +206,9 @@ class SNELLAAdapter(MethodAdapter):
 
     # -- math ---------------------------------------------------------------------------------------------------
 
-    def _plan(self) -> LayerPlan:
-        return LayerPlan(self.spec, int(self.kept), self.geometry)
+    def _plan(self, base: Optional[FrozenBase] = None) -> LayerPlan:
+        custom_conv = base is not None and self.geometry.is_conv and not self.geometry.standard_forward
+        return LayerPlan(self.spec, int(self.kept), self.geometry, base if custom_conv else None)
 
     def _kernel_scalars(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """(α, γ, β) as 0-d views of the shape-(1,) parameters (None for the SNELL distance kernel)."""
@@ -279,7 +280,7 @@ class SNELLAAdapter(MethodAdapter):
         if use_kernel:
             y = self._kernel_apply(x)
         else:
-            y = snella_apply(x, self.in_qs, self.out_qs, *self._kernel_scalars(), self.scale[0], self._plan())
+            y = snella_apply(x, self.in_qs, self.out_qs, *self._kernel_scalars(), self.scale[0], self._plan(base))
         if self.training and self.drop_path > 0:
             y = self._drop_path(y)
         return y

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .base import FrozenBase
 from .geometry import LayerGeometry
 from .snella_kernel import (
     DIST_EPS,
@@ -45,6 +46,13 @@ class LayerPlan:
     spec: KernelSpec
     kept: int
     geometry: LayerGeometry
+    base: Optional[FrozenBase] = None  # the layer, for convs with their own forward (e.g. "same" padding)
+
+    def apply(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """op(x, weight) (+ bias) with the layer's settings (its own forward for nonstandard convs)."""
+        if self.base is None:
+            return self.geometry.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return self.base.apply_weight(x, weight, bias)
 
 
 def _abs_and_sign(factors: tuple, spec: KernelSpec, m: int, n: int) -> tuple[Tensor, Tensor]:
@@ -78,12 +86,12 @@ def _weight_in_place(
     return magnitude
 
 
-def _conv_vjp(geometry: LayerGeometry, x: Tensor, grad_out: Tensor, weight: Tensor, need_x: bool):
+def _conv_vjp(plan: LayerPlan, x: Tensor, grad_out: Tensor, weight: Tensor, need_x: bool):
     """(∂L/∂x, ∂L/∂W) of y = conv(x, W): one extra conv forward, exact for every padding mode."""
     with torch.enable_grad():
         w_leaf = weight.detach().to(x.dtype).requires_grad_(True)
         x_leaf = x.detach().requires_grad_(need_x)
-        y = geometry.apply(x_leaf, w_leaf)
+        y = plan.apply(x_leaf, w_leaf)
         grads = torch.autograd.grad(y, (x_leaf, w_leaf) if need_x else (w_leaf,), grad_out)
     return (grads[0] if need_x else None), grads[-1]
 
@@ -104,7 +112,7 @@ class SNELLAFunction(torch.autograd.Function):
         w = _weight_in_place(magnitude, negative, tau, tie_index, spec, float(scale), weight)
         del negative
         w = w.view(geometry.weight_shape)  # (m, n) -> (out, in/g, *k)
-        out = geometry.apply(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        out = plan.apply(x, w, bias)
         ctx.save_for_backward(x, in_qs, out_qs, alpha, gamma, beta, scale, weight, tie_index)
         ctx.plan, ctx.tau = plan, tau
         return out
@@ -130,7 +138,7 @@ class SNELLAFunction(torch.autograd.Function):
             magnitude, negative = _abs_and_sign(factors, spec, m, n)
             w = _weight_in_place(magnitude, negative, ctx.tau, tie_index, spec, s, weight)
             del negative
-            grad_x, G_full = _conv_vjp(geometry, x, grad_out, w.view(geometry.weight_shape), need_x)  # (m, n) -> kernel
+            grad_x, G_full = _conv_vjp(plan, x, grad_out, w.view(geometry.weight_shape), need_x)  # (m, n) -> kernel
             del w, magnitude
             G_full = G_full.reshape(m, n).to(dtype)  # (out, in/g, *k) -> (m, n)
         grad_in, grad_outq = torch.zeros_like(in_qs), torch.zeros_like(out_qs)

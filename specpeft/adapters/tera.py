@@ -351,7 +351,7 @@ class TeRAAdapter(MethodAdapter):
             return self._factored_delta(x)
         if self.geometry.kind == "linear":
             return TeRALinearFunction.apply(x, self, base, False, self.grad_plan(tokens), *self.vectors())
-        run = lambda inp, *vecs: self.geometry.apply(inp, self._build(*vecs).to(inp.dtype))  # noqa: E731
+        run = lambda inp, *vecs: base.apply_weight(inp, self._build(*vecs))  # noqa: E731
         return checkpoint(run, x, *self.vectors(), use_reentrant=False)
 
     # -- fused kernel path (specpeft.kernels, issue 9) ------------------------------------------------------------

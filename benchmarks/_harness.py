@@ -1,0 +1,104 @@
+"""Shared helpers of benchmarks/quality.py and benchmarks/speed.py: run header, memory probe, output files.
+
+Not a benchmark itself. Everything here is measurement plumbing; the methods and their configs live in the scripts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_header(title: str, argv: list[str] | None) -> dict[str, Any]:
+    """Exact command, machine, threads, load average and UTC date of this run (written at the top of every table)."""
+    script = os.path.relpath(sys.argv[0]) if argv is None else f"benchmarks/{title}.py"
+    args = sys.argv[1:] if argv is None else argv
+    import peft
+
+    return {
+        "command": " ".join(["python", script, *map(shlex.quote, args)]),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores",
+        "threads": torch.get_num_threads(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": f"python {platform.python_version()}, torch {torch.__version__}, peft {peft.__version__}",
+    }
+
+
+def header_markdown(header: dict[str, Any], extra: str = "") -> str:
+    """The header block as markdown lines."""
+    load = ", ".join(f"{v:.2f}" for v in header["load_average"])
+    lines = [
+        f"Command: `{header['command']}`  ",
+        f"Machine: {header['machine']}; torch threads {header['threads']}; load average at start {load}"
+        + (f" (at end {', '.join(f'{v:.2f}' for v in header['load_average_end'])})" if "load_average_end" in header
+           else "") + "  ",
+        f"Date: {header['date']}; {header['versions']}" + (f"; wall time {header['wall_s']:.0f} s" if "wall_s" in header
+                                                           else ""),
+    ]
+    if extra:
+        lines += ["", extra]
+    return "\n".join(lines) + "\n"
+
+
+def count(params: Iterable[nn.Parameter]) -> int:
+    """Number of scalars over distinct parameters."""
+    seen: set[int] = set()
+    total = 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def tensor_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of the distinct storages among `tensors` (non-tensors ignored)."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def step_peak_bytes(step: Callable[[], None]) -> int:
+    """Peak of the CPU allocator's running total during `step`, relative to its start (torch.profiler).
+
+    CPU torch has no `max_memory_allocated`; the profiler's allocation events carry the allocator's running total
+    (same method as benchmarks/snella_memory.py). On CUDA, use torch.cuda.max_memory_allocated instead.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    peak = 0
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            peak = max(peak, node.extra_fields.total_allocated)
+        stack.extend(node.children)
+    return peak
+
+
+def write_outputs(out_dir: Path, stem: str, table: str, payload: dict[str, Any]) -> tuple[Path, Path]:
+    """Write `<stem>.md` and `<stem>.json` under out_dir; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
+    md.write_text(table)
+    js.write_text(json.dumps(payload, indent=1, default=str))
+    return md, js

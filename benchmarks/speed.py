@@ -1,0 +1,259 @@
+"""Per-layer fwd+bwd time of every specpeft method ÷ the frozen base layer and ÷ its nearest peft method, one run.
+
+    python benchmarks/speed.py            # W 4096×4096 and 4096×11008 (d_out×d_in), T = 1024 tokens
+    python benchmarks/speed.py --quick    # W 1024×1024 and 1024×2752, T = 256, 2 repeats
+
+Each variant wraps one nn.Linear(d_in, d_out) (fp32, same seeded weight) in a one-layer model through its library's
+public API (`specpeft.get_adapter_model`, `peft.get_peft_model`) and times `model(x).backward(g)` with
+`x.requires_grad=True` (a layer inside a network: the frozen base pays for y and dX). Pairings (ours → peft):
+SVFit r=8 → LoRA r=8 (and PiSSA r=8: same rank; SVFit trains 8 numbers, so no count match exists);
+SoKA r_kp=1 → LoKr with the (decompose_factor, r, decompose_both) whose trainable count is closest;
+TeRA R=16 → VeRA r=16 (VeRA's count d_out + r is its minimum, still far above TeRA's);
+FLoRA r=(8, 8) → LoRA r=8 (65,600 vs 65,536 at 4096²); FedSVD r=8 → LoRA r=8 (same factors, A frozen);
+SNELLA d=8 → LoRA r=8 (same low-rank dim d). All variants run round-robin inside every repeat, the order rotated
+each repeat, so machine noise hits them alike; the table holds medians over `--repeats` after `--warmup` rounds.
+CUDA (when present) runs the same cases with synchronization around each step.
+Results: benchmarks/results/speed{,_quick}.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
+
+import specpeft  # noqa: E402
+
+
+class OneLayer(nn.Module):
+    """The benchmarked layer as the only child "lin", so both libraries wrap it as they wrap real models."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        self.lin = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def lokr_params(d_out: int, d_in: int, factor: int, r: int, both: bool) -> int:
+    """Trainable count of peft LoKr on a Linear (peft/tuners/lokr/layer.py update_layer), as in soka_speed.py."""
+    from peft.tuners.lokr.layer import factorization
+
+    in_m, in_n = factorization(d_in, factor)
+    out_l, out_k = factorization(d_out, factor)
+    use_w1 = not (both and r < max(out_l, in_m) / 2)
+    use_w2 = not (r < max(out_k, in_n) / 2)
+    w1 = out_l * in_m if use_w1 else r * (out_l + in_m)
+    w2 = out_k * in_n if use_w2 else r * (out_k + in_n)
+    return w1 + w2
+
+
+def matched_lokr(d_out: int, d_in: int, target: int) -> dict[str, Any]:
+    """The LoKr (decompose_factor, r, decompose_both) whose trainable count is closest to `target`."""
+    grid = itertools.product([-1, 2, 4, 8, 16, 32, 64, 128, 256], [1, 2, 4, 8, 16, 32, 64, 128, 256], [False, True])
+    best = min(grid, key=lambda c: (abs(lokr_params(d_out, d_in, *c) - target), c[1]))
+    return {"decompose_factor": best[0], "r": best[1], "decompose_both": best[2]}
+
+
+@dataclass
+class Variant:
+    label: str
+    library: str  # "base", "peft" or "specpeft"
+    build: Callable[[nn.Linear], nn.Module]
+    nearest: str | None = None  # label of the peft variant it is compared with
+
+
+def _peft(config: Any) -> Callable[[nn.Linear], nn.Module]:
+    import peft
+
+    return lambda layer: peft.get_peft_model(OneLayer(layer), config)
+
+
+def _ours(config: Any) -> Callable[[nn.Linear], nn.Module]:
+    return lambda layer: specpeft.get_adapter_model(OneLayer(layer), config)
+
+
+def variants(d_out: int, d_in: int, soka_count: int) -> list[Variant]:
+    import peft
+
+    t = ["lin"]
+    lokr = matched_lokr(d_out, d_in, soka_count)
+    lokr_label = f"peft LoKr (factor {lokr['decompose_factor']}, r={lokr['r']}" + (", both)" if lokr["decompose_both"]
+                                                                                  else ")")
+    return [
+        Variant("frozen base", "base", lambda layer: OneLayer(layer).requires_grad_(False)),
+        Variant("peft LoRA r=8", "peft", _peft(peft.LoraConfig(target_modules=t, r=8, lora_alpha=16))),
+        Variant("peft PiSSA r=8", "peft", _peft(peft.LoraConfig(target_modules=t, r=8, lora_alpha=8,
+                                                                 init_lora_weights="pissa_niter_4"))),
+        Variant(lokr_label, "peft", _peft(peft.LoKrConfig(target_modules=t, alpha=lokr["r"], **lokr))),
+        Variant("peft VeRA r=16", "peft", _peft(peft.VeraConfig(target_modules=t, r=16))),
+        Variant("SVFit r=8", "specpeft", _ours(specpeft.SVFitConfig(
+            target_modules=t, r=8, svd=specpeft.SVDInit(kind="randomized"))), "peft LoRA r=8"),
+        Variant("SoKA r_kp=1", "specpeft", _ours(specpeft.SoKAConfig(target_modules=t, r=1)), lokr_label),
+        Variant("TeRA R=16", "specpeft", _ours(specpeft.TeRAConfig(target_modules=t, rank=16)), "peft VeRA r=16"),
+        Variant("FLoRA r=(8, 8)", "specpeft", _ours(specpeft.FLoRAConfig(target_modules=t, r=8)), "peft LoRA r=8"),
+        Variant("FedSVD r=8", "specpeft", _ours(specpeft.FedSVDConfig(target_modules=t, r=8)), "peft LoRA r=8"),
+        Variant("SNELLA d=8", "specpeft", _ours(specpeft.SNELLAConfig(target_modules=t, low_rank_dim=8)),
+                "peft LoRA r=8"),
+    ]
+
+
+def soka_trainable(d_out: int, d_in: int) -> int:
+    """SoKA r_kp=1's trainable count for this shape, read from its layer record (no KPSVD: meta weight)."""
+    with torch.device("meta"):
+        layer = nn.Linear(d_in, d_out)
+    model = specpeft.get_adapter_model(OneLayer(layer), specpeft.SoKAConfig(target_modules=["lin"], r=1))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def fwd_bwd(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(x).backward(grad)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_shape(d_out: int, d_in: int, tokens: int, device: str, repeats: int, warmup: int) -> list[dict]:
+    torch.manual_seed(0)
+    weight_layer = nn.Linear(d_in, d_out)
+    try:
+        soka_count = soka_trainable(d_out, d_in)
+    except Exception:  # noqa: BLE001 - a meta-device build may be unsupported; build it for real then
+        soka_count = sum(p.numel() for p in specpeft.get_adapter_model(
+            OneLayer(_copy(weight_layer)), specpeft.SoKAConfig(target_modules=["lin"], r=1)).parameters()
+            if p.requires_grad)
+    specs = variants(d_out, d_in, soka_count)
+    models, init_s = {}, {}
+    for v in specs:
+        start = time.perf_counter()
+        models[v.label] = v.build(_copy(weight_layer)).to(device)
+        init_s[v.label] = time.perf_counter() - start
+        print(f"  built {v.label} in {init_s[v.label]:.1f} s", file=sys.stderr, flush=True)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, d_in, generator=gen).to(device).requires_grad_(True)
+    grad = torch.randn(tokens, d_out, generator=gen).to(device)
+    times: dict[str, list[float]] = {v.label: [] for v in specs}
+    for step in range(warmup + repeats):
+        order = specs[step % len(specs):] + specs[: step % len(specs)]  # rotate: no fixed position bias
+        for v in order:
+            elapsed = fwd_bwd(models[v.label], x, grad)
+            if step >= warmup:
+                times[v.label].append(elapsed)
+        print(f"  round {step + 1}/{warmup + repeats} done", file=sys.stderr, flush=True)
+    med = {label: statistics.median(ts) for label, ts in times.items()}
+    rows = []
+    for v in specs:
+        rows.append({
+            "d_out": d_out, "d_in": d_in, "tokens": tokens, "device": device, "method": v.label,
+            "library": v.library, "nearest_peft": v.nearest,
+            "trainable": 0 if v.library == "base" else sum(p.numel() for p in models[v.label].parameters()
+                                                           if p.requires_grad),
+            "ms": 1e3 * med[v.label], "ms_all": [1e3 * t for t in times[v.label]],
+            "vs_base": med[v.label] / med["frozen base"],
+            "vs_peft": med[v.label] / med[v.nearest] if v.nearest else None,
+            "init_s": init_s[v.label],
+        })
+    return rows
+
+
+def _copy(layer: nn.Linear) -> nn.Linear:
+    clone = nn.Linear(layer.in_features, layer.out_features)
+    clone.load_state_dict(layer.state_dict())
+    return clone
+
+
+def markdown(rows: list[dict], header: dict, args: argparse.Namespace) -> str:
+    extra = (f"One nn.Linear per case, fwd+bwd with x.requires_grad (loss = Σ y·g), fp32, median of {args.repeats} "
+             f"round-robin repeats after {args.warmup} warm-up round(s). ÷ base = variant ÷ frozen base layer; "
+             "÷ peft = specpeft method ÷ its nearest peft method (pairing in the script docstring).")
+    lines = ["# Per-layer speed: specpeft methods vs frozen base and peft", "", _harness.header_markdown(header, extra),
+             "| device | W (d_out×d_in) | T | method | trainable | ms | ÷ base | nearest peft | ÷ peft | init s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs_peft = f"**{r['vs_peft']:.2f}**" if r["vs_peft"] is not None else "—"
+        lines.append(f"| {r['device']} | {r['d_out']}×{r['d_in']} | {r['tokens']} | {r['method']} | "
+                     f"{r['trainable']:,} | {r['ms']:.0f} | {r['vs_base']:.2f} | {r['nearest_peft'] or '—'} | "
+                     f"{vs_peft} | {r['init_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({(r["device"], r["d_out"], r["d_in"], r["tokens"]) for r in rows}, key=str)
+    fig, axes = plt.subplots(1, len(cases), figsize=(7 * len(cases), 4.5), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        ours = [r for r in rows if (r["device"], r["d_out"], r["d_in"], r["tokens"]) == case
+                and r["library"] == "specpeft"]
+        xs = range(len(ours))
+        ax.bar([i - 0.2 for i in xs], [r["vs_base"] for r in ours], 0.4, label="÷ frozen base")
+        ax.bar([i + 0.2 for i in xs], [r["vs_peft"] for r in ours], 0.4, label="÷ nearest peft method")
+        ax.axhline(1.0, color="grey", lw=1)
+        ax.set_yscale("log")  # ratios span 0.5× to 30×
+        ax.set_xticks(list(xs), [r["method"] + "\nvs " + r["nearest_peft"].removeprefix("peft ")[:22]
+                                 for r in ours], fontsize=7)
+        ax.set_ylabel("fwd+bwd time ratio (log; lower is faster)")
+        ax.set_title(f"{case[0]}: W {case[1]}×{case[2]}, T = {case[3]}", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1024-wide layers, T = 256, 2 repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; quick 2)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(_harness.RESULTS))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    header = _harness.run_header("speed", argv)
+    wall = time.perf_counter()
+    shapes, tokens = ([(1024, 1024), (1024, 2752)], 256) if args.quick else ([(4096, 4096), (4096, 11008)], 1024)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for device in devices:
+        for d_out, d_in in shapes:
+            start = time.perf_counter()
+            rows.extend(bench_shape(d_out, d_in, tokens, device, args.repeats, args.warmup))
+            print(f"[{device} {d_out}×{d_in}, T={tokens}] {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    header["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    header["wall_s"] = time.perf_counter() - wall
+    table = markdown(rows, header, args)
+    print(table)
+    stem = "speed_quick" if args.quick else "speed"
+    out = Path(args.out)
+    _harness.write_outputs(out, stem, table, {"header": header, "args": vars(args), "rows": rows})
+    plot(rows, out / f"{stem}.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
