@@ -21,33 +21,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import assets  # noqa: E402
+from text_classification import predict, train  # noqa: E402
 
 import specpeft  # noqa: E402
 from specpeft.adapters.snella_allocator import snella_layers  # noqa: E402
-
-
-def batches(texts: list[str], labels: list[int], tokenizer, size: int, generator: torch.Generator):
-    order = torch.randperm(len(texts), generator=generator).tolist()
-    for start in range(0, len(order) - size + 1, size):
-        idx = order[start : start + size]
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        yield enc, torch.tensor([labels[i] for i in idx])
-
-
-@torch.no_grad()
-def predict(model, texts: list[str], tokenizer) -> torch.Tensor:
-    model.eval()
-    preds = []
-    for start in range(0, len(texts), 64):
-        enc = tokenizer(texts[start : start + 64], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        preds.append(model(**enc).logits.argmax(-1))
-    return torch.cat(preds)
 
 
 def short(name: str) -> str:
@@ -90,20 +72,15 @@ def main() -> None:
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / 10) * (1 - t / args.steps))
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    start = time.perf_counter()
-    for step, (enc, y) in enumerate(batches(data.train_text, data.train_labels, tokenizer, args.batch_size, generator)):
-        loss = torch.nn.functional.cross_entropy(model(**enc).logits, y)
-        loss.backward()
-        optimizer.step()
+
+    def on_step(step: int) -> None:
         schedule.step()
         allocator.step(step + 1)  # scores from this step's gradients, then the cubic budget at t = step + 1
-        optimizer.zero_grad()
         if step % 25 == 0 or step == args.steps - 1:
             kept = sum(int(layer.kept) for layer in allocator.layers.values())
-            print(f"step {step:4d}  loss {loss.item():.4f}  kept {kept:,} ({kept / sum(allocator.caps):.1%})")
-    print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f}s")
+            print(f"step {step:4d}  kept {kept:,} ({kept / sum(allocator.caps):.1%})")
+
+    train(model, optimizer, data, tokenizer, args.batch_size, on_step=on_step)
 
     preds = predict(model, data.test_text, tokenizer)
     acc_after = (preds == labels).float().mean().item()

@@ -14,34 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
 import assets  # noqa: E402
+from text_classification import text_logits, train  # noqa: E402
 
 import specpeft  # noqa: E402
 from specpeft.adapters.bridge import AdapterLayer  # noqa: E402
-
-
-def batches(texts: list[str], labels: list[int], tokenizer, size: int, generator: torch.Generator):
-    order = torch.randperm(len(texts), generator=generator).tolist()
-    for start in range(0, len(order) - size + 1, size):
-        idx = order[start : start + size]
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        yield enc, torch.tensor([labels[i] for i in idx])
-
-
-@torch.no_grad()
-def logits_of(model, texts: list[str], tokenizer) -> torch.Tensor:
-    model.eval()
-    out = []
-    for start in range(0, len(texts), 64):
-        enc = tokenizer(texts[start : start + 64], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        out.append(model(**enc).logits)
-    return torch.cat(out)
 
 
 def main() -> None:
@@ -73,26 +55,16 @@ def main() -> None:
     print(f"trainable TeRA vectors: {tera_params:,} (+ classifier head); frozen shared floats: "
           f"{sum(b.numel() for b in store.buffers()):,}")
     model.print_trainable_parameters()
-    acc_before = (logits_of(model, data.test_text, tokenizer).argmax(-1) == labels).float().mean().item()
+    acc_before = (text_logits(model, data.test_text, tokenizer).argmax(-1) == labels).float().mean().item()
 
     vectors = [p for n, p in model.named_parameters() if p.requires_grad and "tera_" in n]
     head = [p for n, p in model.named_parameters() if p.requires_grad and "tera_" not in n]
     # No weight decay on the vectors: Δ is invariant to λ_1 ← cλ_1, λ_2 ← λ_2/c (spec §1.5).
     optimizer = torch.optim.AdamW([{"params": vectors, "lr": args.lr, "weight_decay": 0.0},
                                    {"params": head, "lr": args.head_lr, "weight_decay": 0.0}])
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    start = time.perf_counter()
-    for step, (enc, y) in enumerate(batches(data.train_text, data.train_labels, tokenizer, args.batch_size, generator)):
-        loss = torch.nn.functional.cross_entropy(model(**enc).logits, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if step % 20 == 0:
-            print(f"step {step:4d}  loss {loss.item():.4f}")
-    print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f}s")
+    train(model, optimizer, data, tokenizer, args.batch_size, log_every=20)
 
-    trained = logits_of(model, data.test_text, tokenizer)
+    trained = text_logits(model, data.test_text, tokenizer)
     acc_after = (trained.argmax(-1) == labels).float().mean().item()
     name, layer = layers[0]
     delta = layer.get_delta_weight("default")
@@ -105,9 +77,9 @@ def main() -> None:
     fresh, _ = assets.minilm_classifier(num_labels=2, seed=0)
     fresh.classifier.load_state_dict(head_state)
     reloaded = specpeft.load_adapter_model(fresh, args.out)
-    reloaded_logits = logits_of(reloaded, data.test_text, tokenizer)
+    reloaded_logits = text_logits(reloaded, data.test_text, tokenizer)
     merged = reloaded.merge_and_unload()
-    merged_logits = logits_of(merged, data.test_text, tokenizer)
+    merged_logits = text_logits(merged, data.test_text, tokenizer)
     merge_error = (merged_logits - trained).abs().max().item()
 
     print(f"\ntest accuracy (held-out movies, {len(labels)} snippets): "
