@@ -1,4 +1,4 @@
-"""Shared helpers of benchmarks/quality.py and benchmarks/speed.py: run header, memory probe, output files.
+"""Shared measurement plumbing of the benchmark scripts: run header, layer timing, memory probe, output files.
 
 Not a benchmark itself. Everything here is measurement plumbing; the methods and their configs live in the scripts.
 """
@@ -6,11 +6,14 @@ Not a benchmark itself. Everything here is measurement plumbing; the methods and
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import platform
 import shlex
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -102,3 +105,66 @@ def write_outputs(out_dir: Path, stem: str, table: str, payload: dict[str, Any])
     md.write_text(table)
     js.write_text(json.dumps(payload, indent=1, default=str))
     return md, js
+
+
+# -- one-layer timing ---------------------------------------------------------------------------------------------
+
+
+class OneLayer(nn.Module):
+    """The benchmarked layer as the only child "lin", so both libraries wrap it as they wrap real models."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.lin = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def fwd_bwd_seconds(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    """Wall seconds of one `model(x).backward(grad)` (x.requires_grad: the layer sits inside a network)."""
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(x).backward(grad)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(models: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int,
+                        warmup: int, progress: bool = False) -> dict[str, float]:
+    """Median fwd+bwd seconds per model, all models timed round-robin in every round with the order rotated, so
+    machine load drifts hit every variant alike (the ratios are what the benchmarks report)."""
+    labels = list(models)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for step in range(warmup + repeats):
+        for label in labels[step % len(labels):] + labels[: step % len(labels)]:
+            elapsed = fwd_bwd_seconds(models[label], x, grad)
+            if step >= warmup:
+                times[label].append(elapsed)
+        if progress:
+            print(f"  round {step + 1}/{warmup + repeats} done", file=sys.stderr, flush=True)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def lokr_params(d_out: int, d_in: int, factor: int, r: int, both: bool) -> int:
+    """Trainable count of peft LoKr on a Linear (peft/tuners/lokr/layer.py update_layer + create_adapter_parameters)."""
+    from peft.tuners.lokr.layer import factorization
+
+    in_m, in_n = factorization(d_in, factor)
+    out_l, out_k = factorization(d_out, factor)
+    use_w1 = not (both and r < max(out_l, in_m) / 2)
+    use_w2 = not (r < max(out_k, in_n) / 2)
+    w1 = out_l * in_m if use_w1 else r * (out_l + in_m)
+    w2 = out_k * in_n if use_w2 else r * (out_k + in_n)
+    return w1 + w2
+
+
+def matched_lokr(d_out: int, d_in: int, target: int) -> dict[str, Any]:
+    """The LoKr (decompose_factor, r, decompose_both) whose trainable count is closest to `target`."""
+    grid = itertools.product([-1, 2, 4, 8, 16, 32, 64, 128, 256], [1, 2, 4, 8, 16, 32, 64, 128, 256], [False, True])
+    best = min(grid, key=lambda c: (abs(lokr_params(d_out, d_in, *c) - target), c[1]))
+    return {"decompose_factor": best[0], "r": best[1], "decompose_both": best[2]}

@@ -35,22 +35,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
 import specpeft  # noqa: E402
 from specpeft.adapters.flora import FLoRAAdapter  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-class OneLayer(nn.Module):
-    """A model holding just the benchmarked layer, so both libraries wrap it the way they wrap real models."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 @dataclass
@@ -76,12 +67,12 @@ def trainable(model: nn.Module) -> int:
 def build_variants(setting: Setting) -> tuple[dict[str, nn.Module], dict[str, int], str]:
     torch.manual_seed(0)
     layer = setting.make_layer()
-    base = OneLayer(layer).requires_grad_(False)
+    base = _harness.OneLayer(layer).requires_grad_(False)
     variants: dict[str, nn.Module] = {"frozen base": base}
     counts: dict[str, int] = {}
     for mode in ("factored", "materialized", "auto"):
-        config = specpeft.FLoRAConfig(target_modules=["layer"], r=setting.flora_r, forward_mode=mode)
-        model = specpeft.get_adapter_model(OneLayer(copy.deepcopy(layer)), config)
+        config = specpeft.FLoRAConfig(target_modules=["lin"], r=setting.flora_r, forward_mode=mode)
+        model = specpeft.get_adapter_model(_harness.OneLayer(copy.deepcopy(layer)), config)
         with torch.no_grad():  # a trained-looking core, so no path can shortcut a zero update
             for name, p in model.named_parameters():
                 if name.endswith(".core"):
@@ -89,8 +80,8 @@ def build_variants(setting: Setting) -> tuple[dict[str, nn.Module], dict[str, in
         variants[f"FLoRA {mode}"] = model
     counts["FLoRA"] = trainable(variants["FLoRA auto"])
     lora_r = min(range(1, 257), key=lambda r: abs(lora_count(layer, r) - counts["FLoRA"]))
-    lora_config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["layer"])
-    lora = get_peft_model(OneLayer(copy.deepcopy(layer)), lora_config)
+    lora_config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["lin"])
+    lora = get_peft_model(_harness.OneLayer(copy.deepcopy(layer)), lora_config)
     with torch.no_grad():  # B = 0 at init; make it non-zero like a trained adapter
         for name, p in lora.named_parameters():
             if "lora_B" in name:

@@ -40,6 +40,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
 import specpeft  # noqa: E402
 from specpeft import SNELLAConfig  # noqa: E402
 
@@ -48,32 +50,6 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 # -- measurement ------------------------------------------------------------------------------------------------
-
-
-def tensor_bytes(tensors) -> int:  # type: ignore[no-untyped-def]
-    seen, total = set(), 0
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
-def step_peak_bytes(step: Callable[[], None]) -> int:
-    """Peak of the CPU allocator's running total during `step`, relative to its start (torch.profiler)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    peak = 0
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            peak = max(peak, node.extra_fields.total_allocated)
-        stack.extend(node.children)
-    return peak
 
 
 def saved_activation_bytes(forward: Callable[[], torch.Tensor], params: set[int]) -> int:
@@ -105,10 +81,10 @@ def measure(name: str, model: nn.Module, loss_fn: Callable[[], torch.Tensor], ex
     for _ in range(2):
         step()
     state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    resident = tensor_bytes([*model.parameters(), *model.buffers(), *state, *extra])
+    resident = _harness.tensor_bytes([*model.parameters(), *model.buffers(), *state, *extra])
     params = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved = saved_activation_bytes(loss_fn, params)
-    peak = step_peak_bytes(step)
+    peak = _harness.step_peak_bytes(step)
     walls, cpus = [], []
     for _ in range(repeats):
         wall, cpu = time.perf_counter(), time.process_time()
@@ -117,7 +93,7 @@ def measure(name: str, model: nn.Module, loss_fn: Callable[[], torch.Tensor], ex
         cpus.append(time.process_time() - cpu)
     row = {
         "method": name, "trainable": sum(p.numel() for p in trainable), "resident_bytes": resident,
-        "optimizer_state_bytes": tensor_bytes(state), "saved_activation_bytes": saved, "step_peak_bytes": peak,
+        "optimizer_state_bytes": _harness.tensor_bytes(state), "saved_activation_bytes": saved, "step_peak_bytes": peak,
         "peak_bytes": resident + peak, "step_s": statistics.median(walls), "step_cpu_s": statistics.median(cpus),
         "step_s_all": walls,
     }
@@ -129,8 +105,8 @@ def measure(name: str, model: nn.Module, loss_fn: Callable[[], torch.Tensor], ex
 def frozen_row(model: nn.Module, forward: Callable[[], torch.Tensor]) -> dict:
     with torch.no_grad():
         forward()
-        peak = step_peak_bytes(forward)
-    resident = tensor_bytes([*model.parameters(), *model.buffers()])
+        peak = _harness.step_peak_bytes(forward)
+    resident = _harness.tensor_bytes([*model.parameters(), *model.buffers()])
     walls = []
     with torch.no_grad():
         for _ in range(3):

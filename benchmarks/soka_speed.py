@@ -17,7 +17,6 @@ Results: benchmarks/results/soka_speed{,_quick}{,_t<threads>}.{md,json} (no thre
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -29,44 +28,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Replace the script's own folder on sys.path by the repo root: benchmarks/kernels.py would otherwise shadow the
-# `kernels` package that transformers probes for at import.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
 import peft  # noqa: E402
-from peft.tuners.lokr.layer import factorization  # noqa: E402
 
 import specpeft  # noqa: E402
 from specpeft import SoKAConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_VS_BASE = 1.25
-
-
-class Wrapper(nn.Module):
-    def __init__(self, layer: nn.Linear) -> None:
-        super().__init__()
-        self.lin = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)
-
-
-def lokr_params(d_out: int, d_in: int, factor: int, r: int, both: bool) -> int:
-    """Trainable count of peft LoKr on a Linear (peft/tuners/lokr/layer.py update_layer + create_adapter_parameters)."""
-    in_m, in_n = factorization(d_in, factor)
-    out_l, out_k = factorization(d_out, factor)
-    use_w1 = not (both and r < max(out_l, in_m) / 2)
-    use_w2 = not (r < max(out_k, in_n) / 2)
-    w1 = out_l * in_m if use_w1 else r * (out_l + in_m)
-    w2 = out_k * in_n if use_w2 else r * (out_k + in_n)
-    return w1 + w2
-
-
-def matched_lokr(d_out: int, d_in: int, target: int) -> dict:
-    """The LoKr (decompose_factor, r, decompose_both) whose trainable count is closest to `target`."""
-    grid = itertools.product([-1, 2, 4, 8, 16, 32, 64, 128, 256], [1, 2, 4, 8, 16, 32, 64, 128, 256], [False, True])
-    best = min(grid, key=lambda c: (abs(lokr_params(d_out, d_in, *c) - target), c[1]))
-    return {"decompose_factor": best[0], "r": best[1], "decompose_both": best[2]}
 
 
 def soka_step_macs(a_shape: tuple[int, int], b_shape: tuple[int, int], r: int) -> int:
@@ -99,15 +69,15 @@ def bench_shape(d_out: int, d_in: int, tokens: int, ranks: list[int], repeats: i
     base_layer = nn.Linear(d_in, d_out).requires_grad_(False)
     x = torch.randn(tokens, d_in, requires_grad=True)
     grad = torch.randn(tokens, d_out)
-    variants: dict[str, nn.Module] = {"base": Wrapper(base_layer)}
+    variants: dict[str, nn.Module] = {"base": _harness.OneLayer(base_layer)}
     meta: dict[str, dict] = {}
     for r in ranks:
         start = time.perf_counter()
-        soka = specpeft.get_adapter_model(Wrapper(base_layer), SoKAConfig(target_modules=["lin"], r=r))
+        soka = specpeft.get_adapter_model(_harness.OneLayer(base_layer), SoKAConfig(target_modules=["lin"], r=r))
         init_s = time.perf_counter() - start
         record = next(iter(soka.peft_config["default"].layer_records.values()))
-        lokr_cfg = matched_lokr(d_out, d_in, trainable(soka))
-        lokr = peft.get_peft_model(Wrapper(base_layer), peft.LoKrConfig(target_modules=["lin"], **lokr_cfg))
+        lokr_cfg = _harness.matched_lokr(d_out, d_in, trainable(soka))
+        lokr = peft.get_peft_model(_harness.OneLayer(base_layer), peft.LoKrConfig(target_modules=["lin"], **lokr_cfg))
         variants[f"soka{r}"], variants[f"lokr{r}"] = soka, lokr
         meta[f"soka{r}"] = {"params": trainable(soka), "init_s": init_s, "factors": [record["a_shape"], record["b_shape"]]}
         meta[f"lokr{r}"] = {"params": trainable(lokr), "config": lokr_cfg}

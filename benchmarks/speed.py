@@ -19,9 +19,7 @@ Results: benchmarks/results/speed{,_quick}.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -38,37 +36,6 @@ import _harness  # noqa: E402
 import specpeft  # noqa: E402
 
 
-class OneLayer(nn.Module):
-    """The benchmarked layer as the only child "lin", so both libraries wrap it as they wrap real models."""
-
-    def __init__(self, layer: nn.Linear) -> None:
-        super().__init__()
-        self.lin = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)
-
-
-def lokr_params(d_out: int, d_in: int, factor: int, r: int, both: bool) -> int:
-    """Trainable count of peft LoKr on a Linear (peft/tuners/lokr/layer.py update_layer), as in soka_speed.py."""
-    from peft.tuners.lokr.layer import factorization
-
-    in_m, in_n = factorization(d_in, factor)
-    out_l, out_k = factorization(d_out, factor)
-    use_w1 = not (both and r < max(out_l, in_m) / 2)
-    use_w2 = not (r < max(out_k, in_n) / 2)
-    w1 = out_l * in_m if use_w1 else r * (out_l + in_m)
-    w2 = out_k * in_n if use_w2 else r * (out_k + in_n)
-    return w1 + w2
-
-
-def matched_lokr(d_out: int, d_in: int, target: int) -> dict[str, Any]:
-    """The LoKr (decompose_factor, r, decompose_both) whose trainable count is closest to `target`."""
-    grid = itertools.product([-1, 2, 4, 8, 16, 32, 64, 128, 256], [1, 2, 4, 8, 16, 32, 64, 128, 256], [False, True])
-    best = min(grid, key=lambda c: (abs(lokr_params(d_out, d_in, *c) - target), c[1]))
-    return {"decompose_factor": best[0], "r": best[1], "decompose_both": best[2]}
-
-
 @dataclass
 class Variant:
     label: str
@@ -80,22 +47,22 @@ class Variant:
 def _peft(config: Any) -> Callable[[nn.Linear], nn.Module]:
     import peft
 
-    return lambda layer: peft.get_peft_model(OneLayer(layer), config)
+    return lambda layer: peft.get_peft_model(_harness.OneLayer(layer), config)
 
 
 def _ours(config: Any) -> Callable[[nn.Linear], nn.Module]:
-    return lambda layer: specpeft.get_adapter_model(OneLayer(layer), config)
+    return lambda layer: specpeft.get_adapter_model(_harness.OneLayer(layer), config)
 
 
 def variants(d_out: int, d_in: int, soka_count: int) -> list[Variant]:
     import peft
 
     t = ["lin"]
-    lokr = matched_lokr(d_out, d_in, soka_count)
+    lokr = _harness.matched_lokr(d_out, d_in, soka_count)
     lokr_label = f"peft LoKr (factor {lokr['decompose_factor']}, r={lokr['r']}" + (", both)" if lokr["decompose_both"]
                                                                                   else ")")
     return [
-        Variant("frozen base", "base", lambda layer: OneLayer(layer).requires_grad_(False)),
+        Variant("frozen base", "base", lambda layer: _harness.OneLayer(layer).requires_grad_(False)),
         Variant("peft LoRA r=8", "peft", _peft(peft.LoraConfig(target_modules=t, r=8, lora_alpha=16))),
         Variant("peft PiSSA r=8", "peft", _peft(peft.LoraConfig(target_modules=t, r=8, lora_alpha=8,
                                                                  init_lora_weights="pissa_niter_4"))),
@@ -116,20 +83,8 @@ def soka_trainable(d_out: int, d_in: int) -> int:
     """SoKA r_kp=1's trainable count for this shape, read from its layer record (no KPSVD: meta weight)."""
     with torch.device("meta"):
         layer = nn.Linear(d_in, d_out)
-    model = specpeft.get_adapter_model(OneLayer(layer), specpeft.SoKAConfig(target_modules=["lin"], r=1))
+    model = specpeft.get_adapter_model(_harness.OneLayer(layer), specpeft.SoKAConfig(target_modules=["lin"], r=1))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def fwd_bwd(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
-    model.zero_grad(set_to_none=True)
-    x.grad = None
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    model(x).backward(grad)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def bench_shape(d_out: int, d_in: int, tokens: int, device: str, repeats: int, warmup: int) -> list[dict]:
@@ -139,7 +94,7 @@ def bench_shape(d_out: int, d_in: int, tokens: int, device: str, repeats: int, w
         soka_count = soka_trainable(d_out, d_in)
     except Exception:  # noqa: BLE001 - a meta-device build may be unsupported; build it for real then
         soka_count = sum(p.numel() for p in specpeft.get_adapter_model(
-            OneLayer(_copy(weight_layer)), specpeft.SoKAConfig(target_modules=["lin"], r=1)).parameters()
+            _harness.OneLayer(_copy(weight_layer)), specpeft.SoKAConfig(target_modules=["lin"], r=1)).parameters()
             if p.requires_grad)
     specs = variants(d_out, d_in, soka_count)
     models, init_s = {}, {}
@@ -151,15 +106,8 @@ def bench_shape(d_out: int, d_in: int, tokens: int, device: str, repeats: int, w
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, d_in, generator=gen).to(device).requires_grad_(True)
     grad = torch.randn(tokens, d_out, generator=gen).to(device)
-    times: dict[str, list[float]] = {v.label: [] for v in specs}
-    for step in range(warmup + repeats):
-        order = specs[step % len(specs):] + specs[: step % len(specs)]  # rotate: no fixed position bias
-        for v in order:
-            elapsed = fwd_bwd(models[v.label], x, grad)
-            if step >= warmup:
-                times[v.label].append(elapsed)
-        print(f"  round {step + 1}/{warmup + repeats} done", file=sys.stderr, flush=True)
-    med = {label: statistics.median(ts) for label, ts in times.items()}
+    med = _harness.interleaved_medians({v.label: models[v.label] for v in specs}, x, grad, repeats, warmup,
+                                       progress=True)
     rows = []
     for v in specs:
         rows.append({
@@ -167,8 +115,7 @@ def bench_shape(d_out: int, d_in: int, tokens: int, device: str, repeats: int, w
             "library": v.library, "nearest_peft": v.nearest,
             "trainable": 0 if v.library == "base" else sum(p.numel() for p in models[v.label].parameters()
                                                            if p.requires_grad),
-            "ms": 1e3 * med[v.label], "ms_all": [1e3 * t for t in times[v.label]],
-            "vs_base": med[v.label] / med["frozen base"],
+            "ms": 1e3 * med[v.label],             "vs_base": med[v.label] / med["frozen base"],
             "vs_peft": med[v.label] / med[v.nearest] if v.nearest else None,
             "init_s": init_s[v.label],
         })
