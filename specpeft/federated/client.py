@@ -347,63 +347,49 @@ def _train_private(
         # Expected here: no secure RNG (seeded runs), and hooks on lora_B whose input needs no gradient.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        return _private_steps(PrivacyEngine, model, loader, loss_fn, optimizer, steps, trainable, privacy, generator)
-
-
-def _private_steps(
-    engine_cls: type,
-    model: nn.Module,
-    loader: DataLoader,
-    loss_fn: LossFn,
-    optimizer: torch.optim.Optimizer,
-    steps: int,
-    trainable: list[nn.Parameter],
-    privacy: ClientPrivacy,
-    generator: torch.Generator,
-) -> tuple[list[float], dict[str, float]]:
-    engine = engine_cls(accountant=privacy.dp.accountant)
-    engine.accountant = privacy.accountant  # the hook make_private attaches steps this persistent accountant
-    hooks, dp_optimizer, dp_loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=privacy.noise_multiplier,
-        max_grad_norm=privacy.dp.max_grad_norm,
-        poisson_sampling=True,  # the Poisson sampler draws from loader.generator, i.e. `generator`
-        wrap_model=False,
-        noise_generator=generator,
-    )
-    clip = privacy.dp.max_grad_norm
-    losses: list[float] = []
-    clipped = seen = 0
-    start, cpu = time.perf_counter(), time.process_time()
-    try:
-        for batch in _cycle(dp_loader, steps):
+        engine = PrivacyEngine(accountant=privacy.dp.accountant)
+        engine.accountant = privacy.accountant  # the hook make_private attaches steps this persistent accountant
+        hooks, dp_optimizer, dp_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=privacy.dp.max_grad_norm,
+            poisson_sampling=True,  # the Poisson sampler draws from loader.generator, i.e. `generator`
+            wrap_model=False,
+            noise_generator=generator,
+        )
+        clip = privacy.dp.max_grad_norm
+        losses: list[float] = []
+        clipped = seen = 0
+        start, cpu = time.perf_counter(), time.process_time()
+        try:
+            for batch in _cycle(dp_loader, steps):
+                dp_optimizer.zero_grad(set_to_none=True)
+                if _batch_len(batch) == 0:
+                    # An empty Poisson batch is still a DP step: it must add noise and be accounted.
+                    for p in trainable:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                else:
+                    loss = loss_fn(model, batch)
+                    loss.backward()
+                    losses.append(float(loss.detach()))
+                    norms = torch.stack([p.grad_sample.reshape(len(p.grad_sample), -1).norm(dim=1) for p in trainable])
+                    per_sample = norms.norm(dim=0)  # (n_params, batch) -> (batch,): flat clipping norm
+                    clipped += int((per_sample > clip).sum())
+                    seen += per_sample.numel()
+                dp_optimizer.step()
+            timing = {
+                "seconds_per_step": (time.perf_counter() - start) / steps,
+                "cpu_seconds_per_step": (time.process_time() - cpu) / steps,
+            }
+        finally:
             dp_optimizer.zero_grad(set_to_none=True)
-            if _batch_len(batch) == 0:
-                # An empty Poisson batch is still a DP step: it must add noise and be accounted.
-                for p in trainable:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            else:
-                loss = loss_fn(model, batch)
-                loss.backward()
-                losses.append(float(loss.detach()))
-                norms = torch.stack([p.grad_sample.reshape(len(p.grad_sample), -1).norm(dim=1) for p in trainable])
-                per_sample = norms.norm(dim=0)  # (n_params, batch) -> (batch,): flat clipping norm
-                clipped += int((per_sample > clip).sum())
-                seen += per_sample.numel()
-            dp_optimizer.step()
-        timing = {
-            "seconds_per_step": (time.perf_counter() - start) / steps,
-            "cpu_seconds_per_step": (time.process_time() - cpu) / steps,
+            hooks.cleanup()
+        extra = {
+            **timing,
+            "epsilon": privacy.epsilon(),
+            "noise_multiplier": privacy.noise_multiplier,
+            "clip_fraction": clipped / seen if seen else float("nan"),
         }
-    finally:
-        dp_optimizer.zero_grad(set_to_none=True)
-        hooks.cleanup()
-    extra = {
-        **timing,
-        "epsilon": privacy.epsilon(),
-        "noise_multiplier": privacy.noise_multiplier,
-        "clip_fraction": clipped / seen if seen else float("nan"),
-    }
-    return losses, extra
+        return losses, extra
