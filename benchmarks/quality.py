@@ -19,8 +19,9 @@ Protocol (identical for every method): same data split, same number of steps, ba
 every run (peft/specpeft `modules_to_save`) at one fixed head lr; the adapter lr is swept over a per-method grid of 3
 values (4 for the vector methods SVFit, TeRA, VeRA) around the method's known good range (spectral/vector methods
 need larger rates than LoRA); the lr with the best validation accuracy (seed 0) is kept and its test accuracy
-reported, as mean ± std over `--seeds` seeds at that lr. The head-only row (everything frozen but the head, lr swept for the head itself) is the floor; "untrained" is
-the model before any step (fresh head), the baseline the smoke test checks improvement against.
+reported, as mean ± std over `--seeds` seeds at that lr. The head-only row (everything frozen but the head, lr swept
+for the head itself) is the floor; "untrained" is the model before any step (fresh head), the baseline the smoke
+test checks improvement against.
 Trainable counts exclude the head (reported in its own column). Step time: median wall seconds of the training
 steps (first 2 and the profiled step excluded). Peak memory: resident bytes (parameters, buffers, AdamW state) +
 the CPU allocator's peak during one profiled training step (benchmarks/_harness.step_peak_bytes).
