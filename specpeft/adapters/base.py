@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..kernels import kernel_backend
 from .geometry import LayerGeometry, forward_with_weight
 
 
@@ -126,8 +127,6 @@ class MethodAdapter(nn.Module):
 
         The config's `kernel_backend` wins when it forces one; "auto" defers to `SPECPEFT_KERNELS` and the device.
         """
-        from ..kernels import kernel_backend  # kernels import triton lazily; keep base importable without it
-
         return kernel_backend(*tensors, backend=None if self.kernel_backend == "auto" else self.kernel_backend)
 
     def record(self) -> dict:

@@ -207,8 +207,7 @@ class SNELLAAdapter(MethodAdapter):
     # -- math ---------------------------------------------------------------------------------------------------
 
     def _plan(self, base: Optional[FrozenBase] = None) -> LayerPlan:
-        custom_conv = base is not None and self.geometry.is_conv and not self.geometry.standard_forward
-        return LayerPlan(self.spec, int(self.kept), self.geometry, base if custom_conv else None)
+        return LayerPlan(self.spec, int(self.kept), self.geometry, base)
 
     def _kernel_scalars(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """(α, γ, β) as 0-d views of the shape-(1,) parameters (None for the SNELL distance kernel)."""

@@ -46,10 +46,10 @@ class LayerPlan:
     spec: KernelSpec
     kept: int
     geometry: LayerGeometry
-    base: Optional[FrozenBase] = None  # the layer, for convs with their own forward (e.g. "same" padding)
+    base: Optional[FrozenBase] = None  # the layer: convs with their own forward (e.g. "same" padding) run it
 
     def apply(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-        """op(x, weight) (+ bias) with the layer's settings (its own forward for nonstandard convs)."""
+        """op(x, weight) (+ bias) with the layer's settings (`FrozenBase.apply_weight` when the layer is known)."""
         if self.base is None:
             return self.geometry.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         return self.base.apply_weight(x, weight, bias)
