@@ -90,6 +90,9 @@ def register_method(
     if builder is None:
         if adapter_cls is None or not issubclass(adapter_cls, MethodAdapter):
             raise TypeError(f"register_method('{name}'): adapter_cls must be a MethodAdapter subclass.")
+        missing = sorted(getattr(adapter_cls, "__abstractmethods__", ()))
+        if missing:
+            raise TypeError(f"register_method('{name}'): {adapter_cls.__name__} does not implement {missing}.")
         if not issubclass(config_cls, SpecPeftConfig):
             raise TypeError(f"register_method('{name}'): config_cls must subclass specpeft.SpecPeftConfig.")
         if config_cls.METHOD != peft_type:

@@ -181,6 +181,12 @@ def test_register_third_party_method(tmp_path) -> None:
         specpeft.register_method("rowscale", RowScaleConfig, RowScaleAdapter)
     with pytest.raises(ValueError, match="clashes with peft"):
         specpeft.register_method("lora", RowScaleConfig, RowScaleAdapter)
+
+    class NoDelta(MethodAdapter):  # forgot delta_weight: refused at registration, naming what is missing
+        create = RowScaleAdapter.create
+
+    with pytest.raises(TypeError, match=r"NoDelta does not implement \['delta_weight'\]"):
+        specpeft.register_method("nodelta", RowScaleConfig, NoDelta)
     model = specpeft.get_adapter_model(_mlp(), RowScaleConfig(target_modules=["lin0", "lin1"]))
     x = MODEL_CASES["mlp"].inputs()["x"]
     torch.testing.assert_close(model(x), _mlp()(x), atol=0, rtol=0)

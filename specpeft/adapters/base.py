@@ -11,6 +11,7 @@ Conventions every method follows (design.md §4):
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -68,11 +69,11 @@ class FrozenBase:
         return forward_with_weight(self.module, self.geometry, x, weight + delta.to(weight.dtype))
 
 
-class MethodAdapter(nn.Module):
+class MethodAdapter(nn.Module, metaclass=ABCMeta):
     """Base class of a method's per-layer adapter.
 
-    Subclasses implement `create`, `record` and `delta_weight`, and override `forward` / `delta_forward` with the
-    efficient form of their spec.
+    Subclasses implement `create` and `delta_weight` (abstract), usually `record`, and override `forward` /
+    `delta_forward` with the efficient form of their spec.
 
     Class attributes:
         supported_kinds: geometry kinds the method adapts ("linear", "conv1d", "conv2d", "conv3d").
@@ -98,6 +99,7 @@ class MethodAdapter(nn.Module):
         self.geometry = geometry
 
     @classmethod
+    @abstractmethod
     def create(
         cls, geometry: LayerGeometry, config: Any, weight: Tensor | None, record: dict | None, name: str = ""
     ) -> MethodAdapter:
@@ -112,7 +114,6 @@ class MethodAdapter(nn.Module):
             record: this layer's saved decisions (`record()` of an earlier run), or None on a fresh init.
             name: the module's name, for error messages and per-module options.
         """
-        raise NotImplementedError(f"{cls.__name__} must implement create()")
 
     @classmethod
     def after_injection(cls, adapters: dict[str, MethodAdapter], config: Any) -> None:
@@ -133,9 +134,9 @@ class MethodAdapter(nn.Module):
         """JSON-serializable per-layer decisions (ranks, shapes, seeds) that `create` needs without `weight`."""
         return {}
 
+    @abstractmethod
     def delta_weight(self) -> Tensor:
         """ΔW in normalized layout `(out, in/groups, *kernel)`, fp32, differentiable in the trainables."""
-        raise NotImplementedError(f"{type(self).__name__} must implement delta_weight()")
 
     def delta_forward(self, x: Tensor, base: FrozenBase) -> Tensor:
         """The adapter's additive output term, `op(x, ΔW)`; used when several adapters are active."""
