@@ -85,6 +85,10 @@ METHODS: dict[str, Method] = {
         target_modules=t, modules_to_save=[h])),
     "soka": Method("SoKA (r_kp ≤ 4)", "specpeft", (1e-3, 3e-3, 1e-2), lambda t, h, s: specpeft.SoKAConfig(
         target_modules=t, modules_to_save=[h], max_rank=4)),
+    "soka_default": Method("SoKA (default, r_kp = 1)", "specpeft", (1e-3, 3e-3, 1e-2),
+                           lambda t, h, s: specpeft.SoKAConfig(target_modules=t, modules_to_save=[h])),
+    "tera_default": Method("TeRA (default ranks)", "specpeft", (3e-3, 1e-2, 3e-2, 1e-1),
+                           lambda t, h, s: specpeft.TeRAConfig(target_modules=t, modules_to_save=[h])),
     "tera": Method("TeRA (R=16)", "specpeft", (3e-3, 1e-2, 3e-2, 1e-1), lambda t, h, s: specpeft.TeRAConfig(
         target_modules=t, modules_to_save=[h], rank=16)),
     "flora": Method("FLoRA (r=8, s=4)", "specpeft", (1e-3, 3e-3, 1e-2), lambda t, h, s: specpeft.FLoRAConfig(

@@ -1,6 +1,6 @@
 """Forward+backward time of a SoKA layer ÷ the frozen base layer and ÷ peft LoKr at the same trainable-parameter count.
 
-    python benchmarks/soka_speed.py            # W 4096×4096 and 4096×11008 (d_out×d_in), T = 1024, r_kp ∈ {1, 4}
+    python benchmarks/soka_speed.py            # W 4096×4096 and 4096×11008 (d_out×d_in), T = 1024, r_kp ∈ {1 (default), 2, 4}
     python benchmarks/soka_speed.py --quick    # W 1024×1024 and 1024×2752, T = 256
 
 Each layer is one nn.Linear (fp32, CPU, 2 threads) whose input requires grad, as inside a network: the frozen base
@@ -134,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1024-sized layers, T = 256 (under a minute)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 5)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4], help="SoKA components r_kp")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="SoKA components r_kp (1: default)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

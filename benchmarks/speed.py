@@ -7,8 +7,8 @@ Each variant wraps one nn.Linear(d_in, d_out) (fp32, same seeded weight) in a on
 public API (`specpeft.get_adapter_model`, `peft.get_peft_model`) and times `model(x).backward(g)` with
 `x.requires_grad=True` (a layer inside a network: the frozen base pays for y and dX). Pairings (ours → peft):
 SVFit r=8 → LoRA r=8 (and PiSSA r=8: same rank; SVFit trains 8 numbers, so no count match exists);
-SoKA r_kp=1 → LoKr with the (decompose_factor, r, decompose_both) whose trainable count is closest;
-TeRA R=16 → VeRA r=16 (VeRA's count d_out + r is its minimum, still far above TeRA's);
+SoKA default (r_kp = 1) → LoKr with the (decompose_factor, r, decompose_both) of the closest trainable count;
+TeRA (default ranks: one R_k = 1) → VeRA r=16 (VeRA's count d_out + r is its minimum, still far above TeRA's);
 FLoRA r=(8, 8) → LoRA r=8 (65,600 vs 65,536 at 4096²); FedSVD r=8 → LoRA r=8 (same factors, A frozen);
 SNELLA d=8 → LoRA r=8 (same low-rank dim d). All variants run round-robin inside every repeat, the order rotated
 each repeat, so machine noise hits them alike; the table holds medians over `--repeats` after `--warmup` rounds.
@@ -70,8 +70,8 @@ def variants(d_out: int, d_in: int, soka_count: int) -> list[Variant]:
         Variant("peft VeRA r=16", "peft", _peft(peft.VeraConfig(target_modules=t, r=16))),
         Variant("SVFit r=8", "specpeft", _ours(specpeft.SVFitConfig(
             target_modules=t, r=8, svd=specpeft.SVDInit(kind="randomized"))), "peft LoRA r=8"),
-        Variant("SoKA r_kp=1", "specpeft", _ours(specpeft.SoKAConfig(target_modules=t, r=1)), lokr_label),
-        Variant("TeRA R=16", "specpeft", _ours(specpeft.TeRAConfig(target_modules=t, rank=16)), "peft VeRA r=16"),
+        Variant("SoKA r_kp=1 (default)", "specpeft", _ours(specpeft.SoKAConfig(target_modules=t)), lokr_label),
+        Variant("TeRA default ranks", "specpeft", _ours(specpeft.TeRAConfig(target_modules=t)), "peft VeRA r=16"),
         Variant("FLoRA r=(8, 8)", "specpeft", _ours(specpeft.FLoRAConfig(target_modules=t, r=8)), "peft LoRA r=8"),
         Variant("FedSVD r=8", "specpeft", _ours(specpeft.FedSVDConfig(target_modules=t, r=8)), "peft LoRA r=8"),
         Variant("SNELLA d=8", "specpeft", _ours(specpeft.SNELLAConfig(target_modules=t, low_rank_dim=8)),

@@ -53,7 +53,8 @@ def main() -> None:
     parser.add_argument("--head-lr", type=float, default=2e-3, help="for the new classifier head")
     parser.add_argument("--rank-rule", default="min", choices=["min", "max", "energy", "elbow"])
     parser.add_argument("--energy", type=float, default=0.9, help="energy threshold τ")
-    parser.add_argument("--max-rank", type=int, default=4)
+    parser.add_argument("--max-rank", type=int, default=4,
+                        help="clamp on each layer's rank (library default 1, the paper's budget; 4 shows the selection)")
     parser.add_argument("--budget", type=int, default=None, help="global trainable-parameter budget for the factors")
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--out", default="out/soka_minilm")

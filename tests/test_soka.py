@@ -19,7 +19,8 @@ from specpeft.adapters import soka_function
 from specpeft.adapters.soka import SoKAAdapter
 from specpeft.init.kronecker import allocate_budget
 
-CASE = MethodCase(make_config=lambda targets: SoKAConfig(target_modules=targets), trainable={"A", "B"})
+# max_rank=4: the matrix runs several stacked components per layer (the default clamp of 1 is one of them)
+CASE = MethodCase(make_config=lambda targets: SoKAConfig(target_modules=targets, max_rank=4), trainable={"A", "B"})
 F64 = torch.float64
 
 
@@ -194,14 +195,15 @@ def test_rank_selection_finds_planted_components() -> None:
     base = nn.Linear(16, 16)
     with torch.no_grad():
         base.weight.copy_(w)
-    adapter = _adapter(base)  # default: min(energy 90 %, elbow), max_rank 8
+    adapter = _adapter(base, max_rank=None)  # min(energy 90 %, elbow), unclamped
     record = adapter.record()
     assert record["r"] == 3 and record["a_shape"] == [4, 4] and record["b_shape"] == [4, 4]
     assert record["padding"] == [0, 0] and record["energy"] > 0.9999
     assert (record["rank_energy"], record["rank_elbow"]) == (3, 4)  # τ = 0.9 needs all 3; the knee is the 4th
     torch.testing.assert_close(torch.tensor(record["sigma"]), torch.tensor([3.0, 2.0, 1.5]), atol=2e-3, rtol=0)
-    assert _adapter(base, rank_rule="elbow").rank == 4  # Kneedle's corner is the first negligible component
+    assert _adapter(base, rank_rule="elbow", max_rank=None).rank == 4  # Kneedle's corner: first negligible one
     assert _adapter(base, max_rank=2).rank == 2
+    assert _adapter(base).rank == 1  # the default clamp: the paper's one component per matrix
 
 
 class ThreeLayers(nn.Module):
@@ -217,11 +219,12 @@ class ThreeLayers(nn.Module):
 
 def test_global_param_budget() -> None:
     torch.manual_seed(0)
-    free = specpeft.get_adapter_model(ThreeLayers(), SoKAConfig(target_modules=["a", "b", "c"]))
+    free = specpeft.get_adapter_model(ThreeLayers(), SoKAConfig(target_modules=["a", "b", "c"], max_rank=None))
     free_records = free.peft_config["default"].layer_records
     budget = 200
     torch.manual_seed(0)
-    model = specpeft.get_adapter_model(ThreeLayers(), SoKAConfig(target_modules=["a", "b", "c"], param_budget=budget))
+    model = specpeft.get_adapter_model(ThreeLayers(), SoKAConfig(target_modules=["a", "b", "c"], max_rank=None,
+                                                                 param_budget=budget))
     records = model.peft_config["default"].layer_records
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable <= budget < sum(r["r"] * _cost(r) for r in free_records.values())

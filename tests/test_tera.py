@@ -21,7 +21,7 @@ from specpeft import FrozenBase, LayerGeometry, TeRAConfig  # noqa: E402
 from specpeft.adapters import tera as tera_module  # noqa: E402
 from specpeft.adapters import tera_function  # noqa: E402
 from specpeft.adapters.tera import TeRAAdapter  # noqa: E402
-from specpeft.init.tucker import TuckerShape, shared_random_factors, split_shared  # noqa: E402
+from specpeft.init.tucker import TuckerShape, apply_macs, best_mode, shared_random_factors, split_shared  # noqa: E402
 
 
 TRAINABLE = {f"{side}_scale_{k}" for side in ("mode", "rank") for k in range(3)}
@@ -111,9 +111,12 @@ def test_closed_form_with_unit_rank_scales() -> None:
 
 def test_rank_exceeds_trainable_count() -> None:
     """Spec §1.2/§1.9 check 4: rank(Δ) = min(m, n) with far fewer trainables; R = 1 gives ∏ min(m_k, n_k)."""
-    adapter = _adapter(256, 256)
+    adapter = _adapter(256, 256, rank=16)
     assert adapter.shape.ranks == (16, 16, 16) and adapter.num_trainable() == 144 + 48
     assert torch.linalg.matrix_rank(adapter.delta_weight()).item() == 256 > adapter.num_trainable()
+    default = _adapter(256, 256)  # one rank-1 mode: Δ = P ⊗ M_1
+    assert default.shape.ranks == (1, 16, 16) and default.num_trainable() == 144 + 33
+    assert torch.linalg.matrix_rank(default.delta_weight()).item() == 256 > default.num_trainable()
     wide = _adapter(192, 480, rank=4)  # modes (8, 6, 4) × (10, 8, 6): 152 + 12 trainables
     assert torch.linalg.matrix_rank(wide.delta_weight()).item() == 192 > wide.num_trainable() == 164
     single = _adapter(60, 24, rank=1, mode_sizes={"60x24": [[4, 3, 5], [2, 4, 3]]})
@@ -121,10 +124,31 @@ def test_rank_exceeds_trainable_count() -> None:
 
 
 def test_trainable_count_matches_spec_table() -> None:
-    """Spec §1.9 check 9: Σ J_k + Σ R_k per layer (816 for 4096² at the defaults, 1,248 for 11008×4096)."""
-    assert _adapter(4096, 4096, dtype=torch.float32).num_trainable() == 816
-    assert _adapter(11008, 4096, dtype=torch.float32).num_trainable() == 1248
+    """Spec §1.9 check 9: Σ J_k + Σ R_k per layer (816 for 4096² at R = 16, 1,248 for 11008×4096)."""
+    assert _adapter(4096, 4096, dtype=torch.float32, rank=16).num_trainable() == 816
+    assert _adapter(11008, 4096, dtype=torch.float32, rank=16).num_trainable() == 1248
     assert _adapter(4096, 4096, dtype=torch.float32, scale_sides="mode").num_trainable() == 768
+    assert _adapter(4096, 4096, dtype=torch.float32).num_trainable() == 768 + 1 + 16 + 16  # default: one R_k = 1
+
+
+@pytest.mark.parametrize(("d_out", "d_in", "ranks"), [
+    (4096, 4096, (1, 16, 16)),  # square: every mode costs the same, the first wins
+    (4096, 11008, (1, 16, 16)),  # in-modes (43, 16, 16): the widest in-mode makes (n/n_k)·m smallest
+    (11008, 4096, (16, 1, 16)),  # out-modes (43, 16, 16): a rank-1 mode 1 would pay n·43 per token
+])
+def test_default_ranks_pick_the_cheapest_rank_one_mode(d_out: int, d_in: int, ranks: tuple[int, ...]) -> None:
+    """rank=None: R_k = 16 except one mode with R_k = 1, the one whose unmerged contraction is cheapest per token
+    (checked against `apply_macs` of every alternative); the factored path then contracts that mode."""
+    shape = TeRAConfig(target_modules=["x"]).shape_for(d_out, d_in)
+    assert shape.ranks == ranks
+    costs = []
+    for k in range(3):
+        alt = TuckerShape(shape.out_modes, shape.in_modes, tuple(1 if l == k else 16 for l in range(3)))
+        costs.append(apply_macs(alt, k)[1])
+    assert costs[ranks.index(1)] == min(costs)
+    assert best_mode(shape) == ranks.index(1)
+    override = TeRAConfig(target_modules=["x"], mode_sizes={"12x20": [[3, 2, 2], [5, 2, 2]]}).shape_for(12, 20)
+    assert sorted(override.ranks) == [1, 4, 4] and override.out_modes == (3, 2, 2)
 
 
 @pytest.mark.parametrize("mode", ["factored", "materialized"])
@@ -244,10 +268,12 @@ def test_materialized_forward_saves_no_dense_delta(quantized: bool, plan: str, m
 
 
 def test_auto_mode_picks_by_token_count() -> None:
-    """The winners measured in benchmarks/results/tera_speed.md: factored for few tokens or a Kronecker Δ at 4096²."""
-    adapter = _adapter(4096, 4096, dtype=torch.float32)
+    """The winners measured in benchmarks/results/tera_speed.md: factored for few tokens, for a Kronecker Δ and for
+    the default ranks (one rank-1 mode) at 4096²; R = 16 on every mode merges for many tokens."""
+    adapter = _adapter(4096, 4096, dtype=torch.float32, rank=16)
     assert adapter.use_factored(1) and adapter.use_factored(8)
     assert not adapter.use_factored(512) and not adapter.use_factored(4096)
+    assert all(_adapter(4096, 4096, dtype=torch.float32).use_factored(t) for t in (1, 512, 4096, 16384))
     assert _adapter(4096, 4096, dtype=torch.float32, rank=1).use_factored(512)
     assert not _adapter(384, 384, dtype=torch.float32, rank=1).use_factored(2048)
 

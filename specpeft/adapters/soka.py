@@ -59,9 +59,13 @@ class SoKAConfig(SpecPeftConfig):
             negligible), "max" (only if both do), "energy" or "elbow" alone.
         energy_threshold: τ of the energy rank, min{k : Σ_{i≤k} σ_i² ≥ τ‖W‖_F²} over the spectrum of R(W).
         elbow_log: find the elbow on log σ instead of σ.
-        max_rank: clamp on the selected rank (None: `spectrum_size`). Each component adds 2 stacked Kronecker
+        max_rank: clamp on the selected rank (None: `spectrum_size`). The default 1 is the paper's budget: 0.99M
+            parameters on LLaMA2-7B ≈ one 64×64 ⊗ 64×64 component (8,192) per q/k/v/o matrix (spec §2.5). On
+            pretrained weights the clamp decides every layer (τ = 0.9 needs more than 64 σ; elbows fall at 5–30),
+            so raise it, or set `param_budget`, to let energy/elbow choose. Each component adds 2 stacked Kronecker
             products to the forward, about 2·(n1·m2·(n2 + m1))/(d_out·d_in) of the base layer's FLOPs (6 % for
-            64×64 ⊗ 64×64 on 4096×4096, 21 % for 16×16 ⊗ 24×24 on 384×384), so the default keeps it small.
+            64×64 ⊗ 64×64 on 4096×4096, 21 % for 16×16 ⊗ 24×24 on 384×384): fwd+bwd ÷ frozen base is ≈ 1.1 at
+            r = 1, 1.3 at r = 2 and 1.5 at r = 4 on 4096² (benchmarks/soka_speed.py).
         spectrum_size: how many leading σ of R(W) the selection sees (the energy rank is capped by it).
         param_budget: optional total trainable parameters over all adapted layers; when the selected ranks exceed
             it, components are dropped globally, lowest captured energy per parameter first (each layer keeps one).
@@ -77,7 +81,7 @@ class SoKAConfig(SpecPeftConfig):
     rank_rule: RankRule = "min"
     energy_threshold: float = 0.9
     elbow_log: bool = False
-    max_rank: Optional[int] = 4
+    max_rank: Optional[int] = 1
     spectrum_size: int = 64
     param_budget: Optional[int] = None
     svd: SVDInit = field(default_factory=lambda: SVDInit(kind="randomized"))

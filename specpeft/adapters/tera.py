@@ -62,7 +62,11 @@ class TeRAConfig(SpecPeftConfig):
 
     Attributes:
         tensor_order: N, the number of modes each weight is tensorized into (≥ 2).
-        rank: Tucker ranks: an int r gives R_k = min(r, J_k); a list gives R_k per mode (clipped to J_k).
+        rank: Tucker ranks: an int r gives R_k = min(r, J_k); a list gives R_k per mode (clipped to J_k); None
+            (default) gives R_k = min(16, J_k) on every mode but the one that is cheapest to contract per token, which
+            gets 1 (`init.tucker.cheap_mode_ranks`). Then Δ = P ⊗ M_k, applied without forming Δ at ~1.1× the frozen
+            layer's fwd+bwd (4096² and 4096×11008, T = 1024); any full-rank mode forces an extra m·n GEMM per step
+            (≥ 1.5×, benchmarks/tera_speed.py). rank(Δ) is min(d_out, d_in) either way.
         mode_sizes: per weight shape "{d_out}x{d_in}" → [[m_1..m_N], [n_1..n_N]], overriding the balanced default.
         scale_sides: trainable diagonals on the "mode" side (λ_k, length J_k), the "rank" side (μ_k, length R_k), or
             "both" (VeRA's output-side + rank-side pattern).
@@ -79,7 +83,7 @@ class TeRAConfig(SpecPeftConfig):
     METHOD = "TERA"
 
     tensor_order: int = 3
-    rank: Union[int, list[int]] = 16
+    rank: Union[int, list[int], None] = None
     mode_sizes: dict[str, list[list[int]]] = field(default_factory=dict)
     scale_sides: ScaleSides = "both"
     alpha: float = 1.0
@@ -90,7 +94,7 @@ class TeRAConfig(SpecPeftConfig):
     def validate(self) -> None:
         if self.tensor_order < 2:
             raise ValueError(f"TeRAConfig.tensor_order={self.tensor_order}: must be ≥ 2 (3 is the spec default).")
-        ranks = [self.rank] if isinstance(self.rank, int) else list(self.rank)
+        ranks = [1] if self.rank is None else [self.rank] if isinstance(self.rank, int) else list(self.rank)
         if isinstance(self.rank, list) and len(ranks) != self.tensor_order:
             raise ValueError(
                 f"TeRAConfig.rank={self.rank}: a per-mode list needs tensor_order={self.tensor_order} entries; "
@@ -116,9 +120,7 @@ class TeRAConfig(SpecPeftConfig):
         override = self.mode_sizes.get(f"{d_out}x{d_in}")
         if override is None:
             return TuckerShape.for_matrix(d_out, d_in, self.tensor_order, self.rank)
-        sizes = [m * n for m, n in zip(*override)]
-        ranks = [self.rank] * self.tensor_order if isinstance(self.rank, int) else self.rank
-        return TuckerShape(tuple(override[0]), tuple(override[1]), tuple(min(r, j) for r, j in zip(ranks, sizes)))
+        return TuckerShape.with_ranks(override[0], override[1], self.rank)
 
 
 class TeRAAdapter(MethodAdapter):

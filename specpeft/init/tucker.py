@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -117,14 +118,23 @@ class TuckerShape:
                 raise ValueError(f"TuckerShape: rank R_{k + 1}={rank} must be in [1, J_{k + 1}={size}].")
 
     @classmethod
-    def for_matrix(cls, d_out: int, d_in: int, order: int, ranks: int | tuple[int, ...] | list[int]) -> TuckerShape:
-        """Balanced modes for a d_out×d_in matrix; an int rank r gives R_k = min(r, J_k), a list is clipped to J_k."""
-        out_modes, in_modes = balanced_factors(d_out, order), balanced_factors(d_in, order)
+    def for_matrix(cls, d_out: int, d_in: int, order: int,
+                   ranks: int | tuple[int, ...] | list[int] | None) -> TuckerShape:
+        """Balanced modes for a d_out×d_in matrix; an int rank r gives R_k = min(r, J_k), a list is clipped to J_k,
+        None gives `cheap_mode_ranks`."""
+        return cls.with_ranks(balanced_factors(d_out, order), balanced_factors(d_in, order), ranks)
+
+    @classmethod
+    def with_ranks(cls, out_modes: Sequence[int], in_modes: Sequence[int],
+                   ranks: int | tuple[int, ...] | list[int] | None) -> TuckerShape:
+        """Given modes, with an int rank (R_k = min(r, J_k)), a per-mode list (clipped) or None (`cheap_mode_ranks`)."""
         sizes = [m * n for m, n in zip(out_modes, in_modes)]
-        wanted = [ranks] * order if isinstance(ranks, int) else list(ranks)
-        if len(wanted) != order:
-            raise ValueError(f"TuckerShape.for_matrix: {len(wanted)} ranks given for tensor order {order}.")
-        return cls(out_modes, in_modes, tuple(min(r, j) for r, j in zip(wanted, sizes)))
+        if ranks is None:
+            return cheap_mode_ranks(tuple(out_modes), tuple(in_modes))
+        wanted = [ranks] * len(sizes) if isinstance(ranks, int) else list(ranks)
+        if len(wanted) != len(sizes):
+            raise ValueError(f"TuckerShape: {len(wanted)} ranks given for tensor order {len(sizes)}.")
+        return cls(tuple(out_modes), tuple(in_modes), tuple(min(r, j) for r, j in zip(wanted, sizes)))
 
     @property
     def order(self) -> int:
@@ -277,6 +287,22 @@ def best_mode(shape: TuckerShape, unmerged: bool = False) -> int:
     among unmerged-mode plans even for a Kronecker shape (the projected gradients of adapters/tera.py)."""
     kron = is_kronecker(shape) and not unmerged
     return min(range(shape.order), key=lambda k: (apply_macs(shape, k, unmerged)[1] if not kron else 0, k))
+
+
+def cheap_mode_ranks(out_modes: tuple[int, ...], in_modes: tuple[int, ...], rank: int = 16) -> TuckerShape:
+    """R_k = min(rank, J_k) on every mode but one, which gets R_k = 1: the one whose per-token contraction
+    (`apply_macs` with that mode unmerged: n·m_k + (n/n_k)·m) is cheapest, first on ties.
+
+    With one rank-1 mode Δ = P ⊗ M_k (P a rank-`rank` Tucker network over the other modes), so x Δᵀ costs
+    ≈ n·m/n_k MACs per token, not the m·n GEMM that a full-rank mode forces (spec §1.6); rank(Δ) stays
+    min(d_out, d_in) for generic vectors.
+    """
+    sizes = [m * n for m, n in zip(out_modes, in_modes)]
+    wide = [min(rank, j) for j in sizes]
+    shapes = [TuckerShape(out_modes, in_modes, tuple(1 if l == k else r for l, r in enumerate(wide)))
+              for k in range(len(sizes))]
+    k = min(range(len(shapes)), key=lambda k: apply_macs(shapes[k], k)[1])
+    return shapes[k]
 
 
 def _kronecker_chain(x: Tensor, mats: list[Tensor]) -> Tensor:
