@@ -1,6 +1,6 @@
 """Fine-tune a real pretrained encoder with TeRA, offline: MiniLM-L6 on Rotten Tomatoes sentiment.
 
-    python examples/tera_minilm.py [--steps 120] [--rank 16] [--out out/tera_minilm]
+    python examples/tera_minilm.py [--steps 120] [--rank R] [--out out/tera_minilm]
 
 Adapts every attention and MLP projection of MiniLM (query, key, value, and all "dense" layers) with TeRA: the
 frozen random Tucker core and factors are shared by all layers of one weight shape (three shapes, three buffers),
@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-2, help="TeRA vectors (vector methods want large rates)")
     parser.add_argument("--head-lr", type=float, default=2e-3)
-    parser.add_argument("--rank", type=int, default=16, help="Tucker rank R_k = min(rank, J_k)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="Tucker rank R_k = min(rank, J_k) on every mode (default: the library's, 16 with one mode 1)")
     parser.add_argument("--n-test", type=int, default=400)
     parser.add_argument("--out", default="out/tera_minilm")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on an oversubscribed machine)")
