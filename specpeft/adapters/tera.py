@@ -94,13 +94,13 @@ class TeRAConfig(SpecPeftConfig):
     def validate(self) -> None:
         if self.tensor_order < 2:
             raise ValueError(f"TeRAConfig.tensor_order={self.tensor_order}: must be ≥ 2 (3 is the spec default).")
-        ranks = [1] if self.rank is None else [self.rank] if isinstance(self.rank, int) else list(self.rank)
+        ranks = [] if self.rank is None else [self.rank] if isinstance(self.rank, int) else list(self.rank)
         if isinstance(self.rank, list) and len(ranks) != self.tensor_order:
             raise ValueError(
                 f"TeRAConfig.rank={self.rank}: a per-mode list needs tensor_order={self.tensor_order} entries; "
                 "pass one int for all modes or fix the list."
             )
-        if min(ranks) < 1:
+        if any(rank < 1 for rank in ranks):
             raise ValueError(f"TeRAConfig.rank={self.rank}: ranks must be ≥ 1.")
         for key, modes in self.mode_sizes.items():
             match = _SHAPE_KEY.match(key)

@@ -297,10 +297,9 @@ def cheap_mode_ranks(out_modes: tuple[int, ...], in_modes: tuple[int, ...], rank
     ≈ n·m/n_k MACs per token, not the m·n GEMM that a full-rank mode forces (spec §1.6); rank(Δ) stays
     min(d_out, d_in) for generic vectors.
     """
-    sizes = [m * n for m, n in zip(out_modes, in_modes)]
-    wide = [min(rank, j) for j in sizes]
+    wide = [min(rank, m * n) for m, n in zip(out_modes, in_modes)]
     shapes = [TuckerShape(out_modes, in_modes, tuple(1 if l == k else r for l, r in enumerate(wide)))
-              for k in range(len(sizes))]
+              for k in range(len(wide))]
     k = min(range(len(shapes)), key=lambda k: apply_macs(shapes[k], k)[1])
     return shapes[k]
 
