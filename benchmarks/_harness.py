@@ -31,7 +31,8 @@ def run_header(title: str, argv: list[str] | None) -> dict[str, Any]:
 
     return {
         "command": " ".join(["python", script, *map(shlex.quote, args)]),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores",
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores"
+        + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "threads": torch.get_num_threads(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -121,28 +122,32 @@ class OneLayer(nn.Module):
         return self.lin(x)
 
 
-def fwd_bwd_seconds(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
-    """Wall seconds of one `model(x).backward(grad)` (x.requires_grad: the layer sits inside a network)."""
-    model.zero_grad(set_to_none=True)
-    x.grad = None
+def fwd_bwd_seconds(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, steps: int = 1) -> float:
+    """Seconds per `model(x).backward(grad)` (x.requires_grad: the layer sits inside a network), averaged over
+    `steps` back-to-back steps. On CUDA the steps are queued between two synchronizes, so a sub-millisecond step
+    is timed as the device runs it rather than as one launch-bound round trip."""
     if x.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    model(x).backward(grad)
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        model(x).backward(grad)
     if x.is_cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / steps
 
 
 def interleaved_medians(models: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int,
-                        warmup: int, progress: bool = False) -> dict[str, float]:
+                        warmup: int, progress: bool = False, steps: int = 1) -> dict[str, float]:
     """Median fwd+bwd seconds per model, all models timed round-robin in every round with the order rotated, so
-    machine load drifts hit every variant alike (the ratios are what the benchmarks report)."""
+    machine load drifts hit every variant alike (the ratios are what the benchmarks report). Each timing averages
+    `steps` steps (`fwd_bwd_seconds`)."""
     labels = list(models)
     times: dict[str, list[float]] = {label: [] for label in labels}
     for step in range(warmup + repeats):
         for label in labels[step % len(labels):] + labels[: step % len(labels)]:
-            elapsed = fwd_bwd_seconds(models[label], x, grad)
+            elapsed = fwd_bwd_seconds(models[label], x, grad, steps)
             if step >= warmup:
                 times[label].append(elapsed)
         if progress:

@@ -16,7 +16,7 @@ Families and settings (issue 9; targets from anchors/performance.md §0, M1-M4, 
     snella        y = x (W + s·K_eff)ᵀ, d = 32 (2 heads), 50 % kept, "code" mask           ≥ 0.7× LoRA r = 32 throughput
 Paths: "kernel" is the public op on its automatic backend (Triton on CUDA); "eager" is its `*_reference`
 (plain torch ops, autograd). Without CUDA both would be the same torch code, so only the eager path is timed and
-every row says so: the Triton numbers are pending a GPU run.
+every row says so: the Triton numbers come from a CUDA run (kernels_cuda.md).
 
 Timing: warm-up rounds (Triton autotuning happens there), then `--repeats` rounds in which every variant runs once
 in turn; a ratio is the median over rounds of (variant time ÷ frozen-base time in the same round), which cancels load
@@ -291,7 +291,7 @@ def main() -> None:
               f"1-min load average at start {load:.1f} on {os.cpu_count()} cores (other jobs share the machine).\n")
     if not on_gpu:
         header += ("\n**No GPU: every row times the torch reference path (eager), not a Triton kernel. The Triton "
-                   "numbers and the H100 targets are pending a GPU run** (`python benchmarks/kernel_speed.py` on CUDA).\n")
+                   "numbers come from a CUDA run** (`python benchmarks/kernel_speed.py` on CUDA: kernels_cuda.md).\n")
     rows, snella_rows, raw = [], [], []
     for m, n in shape_list:
         for T in token_list:

@@ -12,8 +12,9 @@ TeRA (default ranks: one R_k = 1) → VeRA r=16 (VeRA's count d_out + r is its m
 FLoRA r=(8, 8) → LoRA r=8 (65,600 vs 65,536 at 4096²); FedSVD r=8 → LoRA r=8 (same factors, A frozen);
 SNELLA d=8 → LoRA r=8 (same low-rank dim d). All variants run round-robin inside every repeat, the order rotated
 each repeat, so machine noise hits them alike; the table holds medians over `--repeats` after `--warmup` rounds.
-CUDA (when present) runs the same cases with synchronization around each step.
-Results: benchmarks/results/speed{,_quick}.{md,json,png}.
+CUDA (when present; `--devices cuda` alone) runs bf16 at T ∈ {1024, 4096}, each of ours also with kernel_backend="torch",
+and times `--cuda-steps` queued steps between synchronizes.
+Results: benchmarks/results/speed{,_quick}{,_cuda}.{md,json,png} (`--stem` names others).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,13 +55,27 @@ def _ours(config: Any) -> Callable[[nn.Linear], nn.Module]:
     return lambda layer: specpeft.get_adapter_model(_harness.OneLayer(layer), config)
 
 
-def variants(d_out: int, d_in: int, soka_count: int) -> list[Variant]:
+def variants(d_out: int, d_in: int, soka_count: int, device: str) -> list[Variant]:
+    """The base, the peft methods and ours; on CUDA each of ours twice: kernel_backend "auto" (Triton) and "torch"."""
     import peft
 
     t = ["lin"]
     lokr = _harness.matched_lokr(d_out, d_in, soka_count)
     lokr_label = f"peft LoKr (factor {lokr['decompose_factor']}, r={lokr['r']}" + (", both)" if lokr["decompose_both"]
                                                                                   else ")")
+    ours = [
+        ("SVFit r=8", specpeft.SVFitConfig(target_modules=t, r=8, svd=specpeft.SVDInit(kind="randomized")),
+         "peft LoRA r=8"),
+        ("SoKA r_kp=1 (default)", specpeft.SoKAConfig(target_modules=t), lokr_label),
+        ("TeRA default ranks", specpeft.TeRAConfig(target_modules=t), "peft VeRA r=16"),
+        ("FLoRA r=(8, 8)", specpeft.FLoRAConfig(target_modules=t, r=8), "peft LoRA r=8"),
+        ("FedSVD r=8", specpeft.FedSVDConfig(target_modules=t, r=8), "peft LoRA r=8"),
+        ("SNELLA d=8", specpeft.SNELLAConfig(target_modules=t, low_rank_dim=8), "peft LoRA r=8"),
+    ]
+    if device == "cuda":  # the torch reference path beside the Triton one: what the kernels buy on this GPU
+        ours = [row for label, config, nearest in ours for row in (
+            [(label, config, nearest)] + ([(f"{label} [torch]", replace(config, kernel_backend="torch"), nearest)]
+                                          if hasattr(config, "kernel_backend") else []))]
     return [
         Variant("frozen base", "base", lambda layer: _harness.OneLayer(layer).requires_grad_(False)),
         Variant("peft LoRA r=8", "peft", _peft(peft.LoraConfig(target_modules=t, r=8, lora_alpha=16))),
@@ -68,14 +83,7 @@ def variants(d_out: int, d_in: int, soka_count: int) -> list[Variant]:
                                                                  init_lora_weights="pissa_niter_4"))),
         Variant(lokr_label, "peft", _peft(peft.LoKrConfig(target_modules=t, alpha=lokr["r"], **lokr))),
         Variant("peft VeRA r=16", "peft", _peft(peft.VeraConfig(target_modules=t, r=16))),
-        Variant("SVFit r=8", "specpeft", _ours(specpeft.SVFitConfig(
-            target_modules=t, r=8, svd=specpeft.SVDInit(kind="randomized"))), "peft LoRA r=8"),
-        Variant("SoKA r_kp=1 (default)", "specpeft", _ours(specpeft.SoKAConfig(target_modules=t)), lokr_label),
-        Variant("TeRA default ranks", "specpeft", _ours(specpeft.TeRAConfig(target_modules=t)), "peft VeRA r=16"),
-        Variant("FLoRA r=(8, 8)", "specpeft", _ours(specpeft.FLoRAConfig(target_modules=t, r=8)), "peft LoRA r=8"),
-        Variant("FedSVD r=8", "specpeft", _ours(specpeft.FedSVDConfig(target_modules=t, r=8)), "peft LoRA r=8"),
-        Variant("SNELLA d=8", "specpeft", _ours(specpeft.SNELLAConfig(target_modules=t, low_rank_dim=8)),
-                "peft LoRA r=8"),
+        *(Variant(label, "specpeft", _ours(config), nearest) for label, config, nearest in ours),
     ]
 
 
@@ -87,7 +95,9 @@ def soka_trainable(d_out: int, d_in: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def bench_shape(d_out: int, d_in: int, tokens: int, device: str, repeats: int, warmup: int) -> list[dict]:
+def bench_shape(d_out: int, d_in: int, tokens: int, device: str, repeats: int, warmup: int,
+                dtype: torch.dtype = torch.float32, steps: int = 1, methods: list[str] | None = None,
+                compile_models: bool = False) -> list[dict]:
     torch.manual_seed(0)
     weight_layer = nn.Linear(d_in, d_out)
     try:
@@ -96,27 +106,32 @@ def bench_shape(d_out: int, d_in: int, tokens: int, device: str, repeats: int, w
         soka_count = sum(p.numel() for p in specpeft.get_adapter_model(
             _harness.OneLayer(_copy(weight_layer)), specpeft.SoKAConfig(target_modules=["lin"], r=1)).parameters()
             if p.requires_grad)
-    specs = variants(d_out, d_in, soka_count)
+    specs = [v for v in variants(d_out, d_in, soka_count, device)
+             if methods is None or v.label == "frozen base" or any(v.label.startswith(m) for m in methods)]
     models, init_s = {}, {}
     for v in specs:
         start = time.perf_counter()
-        models[v.label] = v.build(_copy(weight_layer)).to(device)
+        # as a user would: the base already on its device and dtype, then each library adds its adapter
+        models[v.label] = v.build(_copy(weight_layer).to(device, dtype))
+        if compile_models:  # compiled on the first (warm-up) step
+            models[v.label] = torch.compile(models[v.label])
         init_s[v.label] = time.perf_counter() - start
         print(f"  built {v.label} in {init_s[v.label]:.1f} s", file=sys.stderr, flush=True)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, d_in, generator=gen).to(device).requires_grad_(True)
-    grad = torch.randn(tokens, d_out, generator=gen).to(device)
+    x = torch.randn(tokens, d_in, generator=gen).to(device, dtype).requires_grad_(True)
+    grad = torch.randn(tokens, d_out, generator=gen).to(device, dtype)
     med = _harness.interleaved_medians({v.label: models[v.label] for v in specs}, x, grad, repeats, warmup,
-                                       progress=True)
+                                       progress=True, steps=steps)
     rows = []
     for v in specs:
         rows.append({
-            "d_out": d_out, "d_in": d_in, "tokens": tokens, "device": device, "method": v.label,
+            "d_out": d_out, "d_in": d_in, "tokens": tokens, "device": device, "dtype": str(dtype).removeprefix("torch."),
+            "method": v.label,
             "library": v.library, "nearest_peft": v.nearest,
             "trainable": 0 if v.library == "base" else sum(p.numel() for p in models[v.label].parameters()
                                                            if p.requires_grad),
-            "ms": 1e3 * med[v.label],             "vs_base": med[v.label] / med["frozen base"],
-            "vs_peft": med[v.label] / med[v.nearest] if v.nearest else None,
+            "ms": 1e3 * med[v.label], "vs_base": med[v.label] / med["frozen base"],
+            "vs_peft": med[v.label] / med[v.nearest] if v.nearest in med else None,
             "init_s": init_s[v.label],
         })
     return rows
@@ -129,16 +144,20 @@ def _copy(layer: nn.Linear) -> nn.Linear:
 
 
 def markdown(rows: list[dict], header: dict, args: argparse.Namespace) -> str:
-    extra = (f"One nn.Linear per case, fwd+bwd with x.requires_grad (loss = Σ y·g), fp32, median of {args.repeats} "
-             f"round-robin repeats after {args.warmup} warm-up round(s). ÷ base = variant ÷ frozen base layer; "
-             "÷ peft = specpeft method ÷ its nearest peft method (pairing in the script docstring).")
+    extra = (f"One nn.Linear per case, fwd+bwd with x.requires_grad (loss = Σ y·g), median of {args.repeats} "
+             f"round-robin repeats after {args.warmup} warm-up round(s) (CUDA: each repeat averages "
+             f"{args.cuda_steps} steps between synchronizes). ÷ base = variant ÷ frozen base layer; "
+             "÷ peft = specpeft method ÷ its nearest peft method (pairing in the script docstring); "
+             "[torch] = the same config with kernel_backend=\"torch\" (no Triton)."
+             + (" Every variant runs as torch.compile(model) (compiled in the warm-up round)." if args.compile else ""))
     lines = ["# Per-layer speed: specpeft methods vs frozen base and peft", "", _harness.header_markdown(header, extra),
-             "| device | W (d_out×d_in) | T | method | trainable | ms | ÷ base | nearest peft | ÷ peft | init s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| device | dtype | W (d_out×d_in) | T | method | trainable | ms | ÷ base | nearest peft | ÷ peft | init s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs_peft = f"**{r['vs_peft']:.2f}**" if r["vs_peft"] is not None else "—"
-        lines.append(f"| {r['device']} | {r['d_out']}×{r['d_in']} | {r['tokens']} | {r['method']} | "
-                     f"{r['trainable']:,} | {r['ms']:.0f} | {r['vs_base']:.2f} | {r['nearest_peft'] or '—'} | "
+        ms = f"{r['ms']:.0f}" if r["ms"] >= 10 else f"{r['ms']:.3g}"
+        lines.append(f"| {r['device']} | {r.get('dtype', 'float32')} | {r['d_out']}×{r['d_in']} | {r['tokens']} | "
+                     f"{r['method']} | {r['trainable']:,} | {ms} | {r['vs_base']:.2f} | {r['nearest_peft'] or '—'} | "
                      f"{vs_peft} | {r['init_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -176,6 +195,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; quick 2)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--devices", default=None,
+                        help="comma list of cpu, cuda (default: cpu, plus cuda when present)")
+    parser.add_argument("--cuda-tokens", default="1024,4096", help="comma list of T on CUDA")
+    parser.add_argument("--cuda-dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                        help="base weight and activation dtype on CUDA (CPU runs fp32)")
+    parser.add_argument("--cuda-steps", type=int, default=20, help="steps averaged per CUDA timing")
+    parser.add_argument("--shapes", default=None, help="comma list of OUTxIN (default 4096x4096,4096x11008)")
+    parser.add_argument("--methods", default=None,
+                        help="comma list of label prefixes to run (the frozen base always runs), e.g. 'TeRA,peft VeRA'")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile(model) for every variant")
+    parser.add_argument("--stem", default=None, help="results file stem (default speed[_quick][_cuda])")
     parser.add_argument("--out", default=str(_harness.RESULTS))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -184,18 +214,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = _harness.run_header("speed", argv)
     wall = time.perf_counter()
     shapes, tokens = ([(1024, 1024), (1024, 2752)], 256) if args.quick else ([(4096, 4096), (4096, 11008)], 1024)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.shapes:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+    devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    cuda_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.cuda_dtype]
     rows = []
     for device in devices:
+        on_cuda = device == "cuda"
         for d_out, d_in in shapes:
-            start = time.perf_counter()
-            rows.extend(bench_shape(d_out, d_in, tokens, device, args.repeats, args.warmup))
-            print(f"[{device} {d_out}×{d_in}, T={tokens}] {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            for T in ([int(t) for t in args.cuda_tokens.split(",")] if on_cuda else [tokens]):
+                start = time.perf_counter()
+                rows.extend(bench_shape(d_out, d_in, T, device, args.repeats, args.warmup,
+                                        dtype=cuda_dtype if on_cuda else torch.float32,
+                                        steps=args.cuda_steps if on_cuda else 1,
+                                        methods=args.methods.split(",") if args.methods else None,
+                                        compile_models=args.compile))
+                print(f"[{device} {d_out}×{d_in}, T={T}] {time.perf_counter() - start:.0f} s", file=sys.stderr)
     header["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     header["wall_s"] = time.perf_counter() - wall
     table = markdown(rows, header, args)
     print(table)
-    stem = "speed_quick" if args.quick else "speed"
+    stem = args.stem or ("speed_quick" if args.quick else "speed") + ("_cuda" if devices == ["cuda"] else "")
     out = Path(args.out)
     _harness.write_outputs(out, stem, table, {"header": header, "args": vars(args), "rows": rows})
     plot(rows, out / f"{stem}.png")

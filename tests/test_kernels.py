@@ -364,6 +364,28 @@ def test_config_flag_forces_the_backend_of_every_adapter(monkeypatch: pytest.Mon
         SVFitConfig(target_modules=["0"], kernel_backend="cuda")
 
 
+def test_auto_skips_triton_for_methods_whose_torch_path_trains_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SVFit and SoKA (`triton_by_default = False`) run torch under "auto" where Triton would run (CUDA, stood in for
+    by a dispatcher that picks Triton), and Triton when the config or SPECPEFT_KERNELS forces it; TeRA keeps Triton."""
+    import specpeft.adapters.base as adapter_base
+    from specpeft import SoKAConfig, SVFitConfig, TeRAConfig, get_adapter_model
+
+    monkeypatch.setattr(adapter_base, "kernel_backend", lambda *tensors, backend=None: backend or "triton")
+    monkeypatch.delenv(K.ENV_VAR, raising=False)
+
+    def paths(config_cls, flag: str) -> set[str]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        adapted = get_adapter_model(model, config_cls(target_modules=["0"], kernel_backend=flag))
+        return {m.kernel_path(torch.zeros(2)) for m in adapted.modules() if hasattr(m, "kernel_path")}
+
+    assert paths(SVFitConfig, "auto") == paths(SoKAConfig, "auto") == {"torch"}
+    assert paths(TeRAConfig, "auto") == {"triton"}
+    assert paths(SVFitConfig, "triton") == paths(SoKAConfig, "triton") == {"triton"}
+    monkeypatch.setenv(K.ENV_VAR, "triton")
+    assert paths(SVFitConfig, "auto") == paths(SoKAConfig, "auto") == {"triton"}
+
+
 def test_torch_backend_is_the_reference() -> None:
     x, V, s, U = tensor(5, 8), tensor(8, 2), tensor(2), tensor(6, 2)
     assert torch.equal(K.lowrank_linear(x, V, s, U, backend="torch"), K.lowrank_linear_reference(x, V, s, U))

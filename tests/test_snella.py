@@ -139,6 +139,29 @@ def test_radix_select_equals_kthvalue() -> None:
         assert kth_smallest(values, t) == float(values.double().kthvalue(t).values), t
 
 
+def test_gpu_pieces_are_larger_and_give_the_same_answers(monkeypatch) -> None:
+    """CUDA uses 16x larger column blocks and 64x larger radix chunks (fewer host-side loop trips); the blocks still
+    tile [0, n) in order, and the chunked radix select / tie resolution is exact at any chunk size."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    for m, n in [(4096, 4096), (4096, 11008), (11008, 4096), (768, 3072)]:
+        blocks_cpu, blocks_gpu = snella_kernel.column_blocks(m, n, cpu), snella_kernel.column_blocks(m, n, cuda)
+        for blocks in (blocks_cpu, blocks_gpu):
+            assert blocks[0][0] == 0 and blocks[-1][1] == n and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert len(blocks_gpu) < len(blocks_cpu) or len(blocks_cpu) == snella_kernel.MIN_BLOCKS
+        assert len(blocks_gpu) >= snella_kernel.MIN_BLOCKS
+    gen = torch.Generator().manual_seed(2)
+    values = torch.cat([torch.randn(3000, generator=gen).abs(), torch.full((40,), 0.5)])  # a tie group
+    expected = {t: kth_smallest(values, t) for t in (1, 1500, 2000, 3040)}
+    monkeypatch.setattr(snella_kernel, "RADIX_CHUNK", 7)  # many chunks: the CPU loop, tie search across chunks
+    assert {t: kth_smallest(values, t) for t in expected} == expected
+    kept = int((values > 0.5).sum()) + 20  # the cut runs through the tie group
+    chunked = topk_mask(values, kept)
+    assert chunked[2].numel() == 20 and int(chunked[0].sum()) == kept
+    monkeypatch.setattr(snella_kernel, "RADIX_CHUNK", 1 << 20)  # one chunk
+    whole = topk_mask(values, kept)
+    assert torch.equal(chunked[0], whole[0]) and chunked[1] == whole[1] and torch.equal(chunked[2], whole[2])
+
+
 def test_large_layer_4096x11008_exact_count() -> None:
     """A 45 M-entry layer (> 2^24, where torch.quantile refuses) keeps exactly round((1 − s)·N) entries; at this
     size fp32 |K| has duplicates at the threshold, so the count is exact only because ties are resolved."""
@@ -216,7 +239,7 @@ def test_function_gradients_match_autograd_float64(kernel, p, mode, kind, fused,
         geometry = LayerGeometry("conv2d", (6, 2, 3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=2)
         x = torch.randn(2, 4, 5, 5, dtype=dt)
     m, n = geometry.matrix_shape
-    assert (len(snella_kernel.column_blocks(m, n)) > 1) == (block_elems is not None)
+    assert (len(snella_kernel.column_blocks(m, n, x.device)) > 1) == (block_elems is not None)
     A, B = torch.randn(2, n, 3, dtype=dt), torch.randn(2, m, 3, dtype=dt)
     scalars = [torch.tensor(v, dtype=dt) for v in (0.7, 1.3, 0.1)] if kernel == "snella" else [None] * 3
     weight = torch.randn(geometry.weight_shape, dtype=dt) if fused else None
@@ -231,7 +254,7 @@ def test_function_with_tied_kernel_entries_across_blocks(kept: int, monkeypatch)
     several column blocks, and forward and backward keep exactly the lowest flat indices (as `topk_mask`)."""
     monkeypatch.setattr(snella_kernel, "BLOCK_ELEMS", 8)  # m = 4: one-column blocks
     monkeypatch.setattr(snella_kernel, "SMALL_LAYER", 0)
-    assert len(snella_kernel.column_blocks(4, 6)) > 1
+    assert len(snella_kernel.column_blocks(4, 6, torch.device("cpu"))) > 1
     torch.manual_seed(1)
     dt = torch.float64
     A = torch.randn(2, 3, 2, dtype=dt).repeat(1, 2, 1)  # columns 0-2 repeated as 3-5: (2, 6, 2)

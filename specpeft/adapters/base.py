@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..kernels import kernel_backend
+from ..kernels import kernel_backend, requested_backend
 from .geometry import LayerGeometry, forward_with_weight
 
 
@@ -78,6 +78,8 @@ class MethodAdapter(nn.Module, metaclass=ABCMeta):
     Class attributes:
         supported_kinds: geometry kinds the method adapts ("linear", "conv1d", "conv2d", "conv3d").
         expensive_init: the init runs a decomposition (an SVD); the bridge shows a progress bar over layers.
+        triton_by_default: "auto" runs this method's Triton path on CUDA tensors. False for a method whose torch
+            path trained faster on a GPU (then Triton runs only when forced by the config or `SPECPEFT_KERNELS`).
         uses_shared_state: the method keeps frozen tensors shared by many layers (peft VeRA's pattern). The tuner
             then owns one `BufferDict` per adapter (`<prefix>shared.<adapter>`) and passes it to `create` as the
             keyword `shared=`; adapters keep a reference to it (never a copy, never an nn.Parameter).
@@ -86,6 +88,7 @@ class MethodAdapter(nn.Module, metaclass=ABCMeta):
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "conv2d", "conv3d")
     expensive_init: ClassVar[bool] = False
     uses_shared_state: ClassVar[bool] = False
+    triton_by_default: ClassVar[bool] = True
     # The config's `kernel_backend`, set by the bridge after `create`; read through `kernel_path`.
     kernel_backend: str = "auto"
 
@@ -126,9 +129,13 @@ class MethodAdapter(nn.Module, metaclass=ABCMeta):
     def kernel_path(self, *tensors: Tensor | None) -> str:
         """"triton" or "torch": which implementation a fused kernel op runs on these tensors for this adapter.
 
-        The config's `kernel_backend` wins when it forces one; "auto" defers to `SPECPEFT_KERNELS` and the device.
+        The config's `kernel_backend` wins when it forces one; "auto" defers to `SPECPEFT_KERNELS`, then to
+        `triton_by_default` and the device.
         """
-        return kernel_backend(*tensors, backend=None if self.kernel_backend == "auto" else self.kernel_backend)
+        forced = None if self.kernel_backend == "auto" else self.kernel_backend
+        if forced is None and not self.triton_by_default and requested_backend() == "auto":
+            return "torch"
+        return kernel_backend(*tensors, backend=forced)
 
     def record(self) -> dict:
         """JSON-serializable per-layer decisions (ranks, shapes, seeds) that `create` needs without `weight`."""

@@ -48,8 +48,9 @@ class SpecPeftConfig(PeftConfig):
             specpeft and saved, so loading rebuilds every layer without re-running an SVD.
         format_version: adapter file layout version, for migrations.
         kernel_backend: fused-kernel implementation for this model's adapters: "auto" (Triton on CUDA tensors when
-            triton imports, else the torch reference; the `SPECPEFT_KERNELS` environment variable can force
-            either), "triton" or "torch" (forced, overriding the environment variable).
+            triton imports and the method's Triton path trained faster on a GPU, else the torch reference; the
+            `SPECPEFT_KERNELS` environment variable can force either), "triton" or "torch" (forced, overriding the
+            environment variable).
     """
 
     METHOD: ClassVar[str] = ""

@@ -263,13 +263,17 @@ class SNELLAAdapter(MethodAdapter):
         fewer than `kept` wherever neighbouring |K| values are closer than that rounding (always, on large layers);
         the mask is therefore passed explicitly (packed to 1 bit per entry inside the op). A dense layer (kept = N)
         needs none: every entry passes |K| > −∞.
+
+        `materialize=True`: W + s·K_eff is written once per pass (transient, never saved) and multiplied by cuBLAS;
+        on an H100 that trained 1.2-10× faster than regenerating K inside the GEMM at every T from 512 to 16384
+        (`benchmarks/results/kernels_cuda.md`, "kernel, materialize" vs "kernel").
         """
         keep_mask = self.mask() if int(self.kept) < self.numel else None  # (m, n) bool, transient
         alpha, gamma, beta = self._kernel_scalars()
         return kernels.snella_linear(
             x, self.in_qs, self.out_qs, self.scale[0], None, alpha=alpha, gamma=gamma, beta=beta,
             coeffs=self.spec.coeffs, kernel=self.spec.kernel, mask_mode=self.spec.mask_mode, weight=weight,
-            bias=bias, keep_mask=keep_mask, backend="triton",
+            bias=bias, keep_mask=keep_mask, materialize=True, backend="triton",
         )
 
     def delta_forward(self, x: Tensor, base: FrozenBase) -> Tensor:

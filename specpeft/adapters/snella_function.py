@@ -60,7 +60,7 @@ def _abs_and_sign(factors: tuple, spec: KernelSpec, m: int, n: int) -> tuple[Ten
     in_qs, out_qs = factors[0], factors[1]
     magnitude = torch.empty(m, n, dtype=out_qs.dtype, device=out_qs.device)
     negative = torch.empty(m, n, dtype=torch.bool, device=out_qs.device)
-    for c0, c1 in column_blocks(m, n):
+    for c0, c1 in column_blocks(m, n, out_qs.device):
         K = kernel_block(in_qs[:, c0:c1], out_qs, *factors[2:], spec)[2]
         torch.lt(K, 0, out=negative[:, c0:c1])
         torch.abs(K, out=magnitude[:, c0:c1])
@@ -75,7 +75,7 @@ def _weight_in_place(
     kept entries (|K|·|K|·sign(K) is bit-identical to K·|K|), 0 elsewhere."""
     m, n = magnitude.shape
     w0 = None if weight is None else weight.reshape(m, n)  # (out, in/g, *k) -> (m, n)
-    for c0, c1 in column_blocks(m, n):
+    for c0, c1 in column_blocks(m, n, magnitude.device):
         block = magnitude[:, c0:c1]
         dropped = mask_from_threshold(block, tau, tie_index, (c0, n)).logical_not_()
         if spec.mask_mode == "code":
@@ -145,7 +145,7 @@ class SNELLAFunction(torch.autograd.Function):
         zero = torch.zeros((), dtype=dtype, device=in_qs.device)
         grad_scale, grad_alpha, grad_beta, grad_gamma = zero, zero, zero, zero
         floor = math.sqrt(DIST_EPS)
-        for c0, c1 in column_blocks(m, n):
+        for c0, c1 in column_blocks(m, n, in_qs.device):
             a_blk = in_qs[:, c0:c1]
             D, P, K, dists = kernel_block(a_blk, out_qs, alpha, gamma, beta, spec, keep_dists=spec.norm_p == 2.0)
             dropped = mask_from_threshold(K.abs(), ctx.tau, tie_index, (c0, n)).logical_not_()

@@ -32,6 +32,10 @@ BLOCK_ELEMS = 1 << 18  # at most this many entries per column block of K (1 MiB 
 MIN_BLOCKS = 8  # ... and at least this many blocks (backward transients ≤ ~1/8 of m×n each) ...
 SMALL_LAYER = 1 << 16  # ... except for layers this small, built in one block (fewer, larger ops)
 RADIX_CHUNK = 1 << 18  # entries per bincount call of the radix select (bounds its scratch memory)
+# On CUDA every block and chunk is a few kernel launches and the loops run on the host: CPU-sized pieces made a
+# 4096×11008 step 8,461 launches (benchmarks/results/profile_layer_cuda.txt). GPU pieces are 16× / 64× larger.
+GPU_BLOCK_ELEMS = 1 << 22  # 16 MiB fp32 blocks
+GPU_RADIX_CHUNK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -56,9 +60,11 @@ def kept_count(sparsity: float, numel: int) -> int:
     return math.floor((1 - Fraction(sparsity)) * numel + Fraction(1, 2))
 
 
-def column_blocks(m: int, n: int) -> list[tuple[int, int]]:
-    """The fixed column ranges [c0, c1) in which K (m, n) is built (a pure function of m, n and the constants)."""
-    width = n if m * n <= SMALL_LAYER else max(1, min(BLOCK_ELEMS // max(1, m), -(-n // MIN_BLOCKS)))
+def column_blocks(m: int, n: int, device: torch.device) -> list[tuple[int, int]]:
+    """The fixed column ranges [c0, c1) in which K (m, n) is built on `device` (a pure function of m, n, the
+    device type and the constants, so every path on one device builds bit-identical blocks)."""
+    block_elems = GPU_BLOCK_ELEMS if device.type == "cuda" else BLOCK_ELEMS
+    width = n if m * n <= SMALL_LAYER else max(1, min(block_elems // max(1, m), -(-n // MIN_BLOCKS)))
     return [(start, min(start + width, n)) for start in range(0, n, width)]
 
 
@@ -111,7 +117,7 @@ def kernel_matrix(
 ) -> Tensor:
     """K (m, n), built block by block in `column_blocks` order; differentiable when autograd is on."""
     m, n = out_qs.shape[1], in_qs.shape[1]
-    blocks = column_blocks(m, n)
+    blocks = column_blocks(m, n, out_qs.device)
     if torch.is_grad_enabled():
         parts = [kernel_block(in_qs[:, c0:c1], out_qs, alpha, gamma, beta, spec)[2] for c0, c1 in blocks]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # blocks of (m, b) -> (m, n)
@@ -131,17 +137,22 @@ def _radix_kth_smallest(values: Tensor, t: int) -> float:
     then 2^16 bins of the low half inside the chosen bucket) find the exact value in O(N), chunk by chunk.
     """
     bits = values.view(torch.int32)  # (N,) fp32 -> (N,) int32, same bytes
+    chunk_size = _radix_chunk(values)
     high_counts = torch.zeros(1 << 15, dtype=torch.int64, device=values.device)
-    for chunk in bits.split(RADIX_CHUNK):
+    for chunk in bits.split(chunk_size):
         high_counts += torch.bincount(chunk >> 16, minlength=1 << 15)
     cum_high = high_counts.cumsum(0)
     bucket = int(torch.searchsorted(cum_high, torch.tensor([t], device=values.device)))
     below = int(cum_high[bucket - 1]) if bucket > 0 else 0
     low_counts = torch.zeros(1 << 16, dtype=torch.int64, device=values.device)
-    for chunk in bits.split(RADIX_CHUNK):
+    for chunk in bits.split(chunk_size):
         low_counts += torch.bincount(chunk[(chunk >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
     rest = int(torch.searchsorted(low_counts.cumsum(0), torch.tensor([t - below], device=values.device)))
     return float(torch.tensor([(bucket << 16) | rest], dtype=torch.int32).view(torch.float32))  # bits -> value
+
+
+def _radix_chunk(values: Tensor) -> int:
+    return GPU_RADIX_CHUNK if values.is_cuda else RADIX_CHUNK
 
 
 def kth_smallest(values: Tensor, t: int) -> float:
@@ -182,11 +193,12 @@ def topk_threshold(scores: Tensor, k: int) -> tuple[float, Tensor]:
         return math.inf, no_ties
     flat = scores.reshape(-1)  # (m, n) -> (m·n,), a view for contiguous scores
     tau = kth_smallest(flat, numel - k)  # the (N−k)-th smallest is the largest dropped value
-    ties = k - sum(int((chunk > tau).count_nonzero()) for chunk in flat.split(RADIX_CHUNK))
+    chunk_size = _radix_chunk(flat)
+    ties = k - int(sum((chunk > tau).count_nonzero() for chunk in flat.split(chunk_size)))  # one sync
     if ties <= 0:
         return tau, no_ties
     found, offset = [], 0
-    for chunk in flat.split(RADIX_CHUNK):  # the first `ties` entries equal to τ, in flat order
+    for chunk in flat.split(chunk_size):  # the first `ties` entries equal to τ, in flat order
         found.append(torch.nonzero(chunk == tau).squeeze(1) + offset)
         offset += chunk.numel()
         if sum(f.numel() for f in found) >= ties:

@@ -74,6 +74,9 @@ class SVFitAdapter(MethodAdapter):
     """
 
     expensive_init = True
+    # On an H100 (bf16, fwd+bwd) the torch path beat the Triton one at 4096² and 4096×11008, T ∈ {1024, 4096}:
+    # benchmarks/results/speed_cuda.md. Triton stays available with kernel_backend="triton".
+    triton_by_default = False
 
     def __init__(self, geometry: LayerGeometry, U: Tensor, S: Tensor, V: Tensor, forward_mode: ForwardMode) -> None:
         super().__init__(geometry)

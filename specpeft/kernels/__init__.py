@@ -21,6 +21,7 @@ from ._dispatch import (
     BackendChoice,
     interpreting,
     kernel_backend,
+    requested_backend,
     set_kernel_backend,
     use_kernel_backend,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "kronecker_linear_reference",
     "lowrank_linear",
     "lowrank_linear_reference",
+    "requested_backend",
     "set_kernel_backend",
     "snella_kernel_matrix",
     "snella_linear",
