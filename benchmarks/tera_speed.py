@@ -12,7 +12,8 @@ On an oversubscribed box (load ≫ cores) every op at 2 threads pays a thread re
 small ops; `--threads 1` then measures the compute honestly (the table header records the thread count).
 
 VeRA's trainable count is d_out + r ≥ d_out, far above TeRA's Σ J_k + Σ R_k, so "comparable" VeRA is the closest it
-can get: r = 16 (d_out + 16). peft's default r = 256 is shown too. ΔW rank is measured (float64 SVD of the fp32 ΔW,
+can get: r = 16 (d_out + 16). peft's default r = 256 is shown too. TeRA N = 2 (the spec's "first ablation": 64-wide
+modes at 4096, Σ J_k ≈ 8K trainables) is VeRA-scale; its count-matched VeRA is r = min(d_out, d_in). ΔW rank is measured (float64 SVD of the fp32 ΔW,
 fp32 tolerance max(m, n)·eps·σ_max, after setting every trainable vector to 1 + 0.1·N(0, 1)) where
 min(d_out, d_in) ≤ 512; a full SVD of larger layers takes minutes on this CPU, so those rows say "—".
 Results: benchmarks/results/tera_speed{,_quick}.{md,json}.
@@ -67,15 +68,20 @@ def frozen_base(d_out: int, d_in: int) -> nn.Module:
     return _linear(d_out, d_in).requires_grad_(False)
 
 
-def tera(rank: int | None, mode: str = "auto") -> Callable[[int, int], nn.Module]:
-    config = specpeft.TeRAConfig(target_modules=["0"], rank=rank, forward_mode=mode)
+def tera(rank: int | None, mode: str = "auto", order: int = 3) -> Callable[[int, int], nn.Module]:
+    config = specpeft.TeRAConfig(target_modules=["0"], rank=rank, forward_mode=mode, tensor_order=order)
     return lambda d_out, d_in: specpeft.get_adapter_model(_linear(d_out, d_in), config)
 
 
-def vera(rank: int) -> Callable[[int, int], nn.Module]:
+def vera(rank: int | None) -> Callable[[int, int], nn.Module]:
+    """peft VeRA with rank `rank`, or min(d_out, d_in) (its largest useful rank) for None."""
     from peft import VeraConfig, get_peft_model
 
-    return lambda d_out, d_in: get_peft_model(_linear(d_out, d_in), VeraConfig(r=rank, target_modules=["0"]))
+    def build(d_out: int, d_in: int) -> nn.Module:
+        config = VeraConfig(r=rank or min(d_out, d_in), target_modules=["0"])
+        return get_peft_model(_linear(d_out, d_in), config)
+
+    return build
 
 
 METHODS = [
@@ -84,8 +90,10 @@ METHODS = [
     Method("TeRA R=16", tera(16), "tera"),
     Method("TeRA R=4", tera(4), "tera"),
     Method("TeRA R=1", tera(1), "tera"),
+    Method("TeRA N=2 default ranks", tera(None, order=2), "tera"),
     Method("peft VeRA r=16", vera(16), "vera"),
     Method("peft VeRA r=256", vera(256), "vera"),
+    Method("peft VeRA r=min(out, in)", vera(None), "vera"),
 ]
 COMPARABLE_VERA = "peft VeRA r=16"
 
