@@ -21,7 +21,8 @@ from specpeft import FrozenBase, LayerGeometry, TeRAConfig  # noqa: E402
 from specpeft.adapters import tera as tera_module  # noqa: E402
 from specpeft.adapters import tera_function  # noqa: E402
 from specpeft.adapters.tera import TeRAAdapter  # noqa: E402
-from specpeft.init.tucker import TuckerShape, apply_macs, best_mode, shared_random_factors, split_shared  # noqa: E402
+from specpeft.init.tucker import TuckerShape, shared_random_factors, split_shared  # noqa: E402
+from specpeft.init.tucker_cost import apply_macs, best_mode  # noqa: E402
 
 
 TRAINABLE = {f"{side}_scale_{k}" for side in ("mode", "rank") for k in range(3)}

@@ -8,13 +8,9 @@ import torch
 
 from specpeft.init.tucker import (
     TuckerShape,
-    apply_macs,
     balanced_factors,
-    best_mode,
     bucket_seed,
-    build_macs,
     fold,
-    is_kronecker,
     hosvd,
     mode_product,
     prime_factors,
@@ -24,6 +20,7 @@ from specpeft.init.tucker import (
     tucker_to_tensor,
     unfold,
 )
+from specpeft.init.tucker_cost import apply_macs, best_mode, build_macs, is_kronecker
 
 SPEC_SHAPE = TuckerShape((4, 3, 5), (2, 4, 3), (3, 2, 4))  # spec §1.9 check 2: m = 60, n = 24
 

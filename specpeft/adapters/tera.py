@@ -26,10 +26,6 @@ from .. import kernels
 from .._peft_compat import BufferDict
 from ..init.tucker import (
     TuckerShape,
-    apply_macs,
-    apply_traffic,
-    best_mode,
-    last_mode_build_macs,
     last_mode_delta_rows,
     last_mode_outer,
     shared_random_factors,
@@ -38,6 +34,7 @@ from ..init.tucker import (
     tucker_to_tensor,
     unfold_view,
 )
+from ..init.tucker_cost import apply_macs, apply_traffic, best_mode, last_mode_build_macs
 from .base import FrozenBase, MethodAdapter
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
