@@ -91,6 +91,8 @@ METHODS: dict[str, Method] = {
                            lambda t, h, s: specpeft.TeRAConfig(target_modules=t, modules_to_save=[h])),
     "tera": Method("TeRA (R=16)", "specpeft", (3e-3, 1e-2, 3e-2, 1e-1), lambda t, h, s: specpeft.TeRAConfig(
         target_modules=t, modules_to_save=[h], rank=16)),
+    "tera_n2": Method("TeRA (N=2, default ranks)", "specpeft", (3e-3, 1e-2, 3e-2, 1e-1),
+                      lambda t, h, s: specpeft.TeRAConfig(target_modules=t, modules_to_save=[h], tensor_order=2)),
     "flora": Method("FLoRA (r=8, s=4)", "specpeft", (1e-3, 3e-3, 1e-2), lambda t, h, s: specpeft.FLoRAConfig(
         target_modules=t, modules_to_save=[h], r=8, scale=4.0)),
     "fedsvd": Method("FedSVD (r=8, 1 client)", "specpeft", (1e-3, 3e-3, 1e-2), lambda t, h, s: specpeft.FedSVDConfig(
