@@ -126,12 +126,15 @@ def fwd_bwd_seconds(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, steps
     """Seconds per `model(x).backward(grad)` (x.requires_grad: the layer sits inside a network), averaged over
     `steps` back-to-back steps. On CUDA the steps are queued between two synchronizes, so a sub-millisecond step
     is timed as the device runs it rather than as one launch-bound round trip."""
+    model.zero_grad(set_to_none=True)
+    x.grad = None
     if x.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(steps):
-        model.zero_grad(set_to_none=True)
-        x.grad = None
+    for step in range(steps):
+        if step:  # fresh gradients every step, as in training; the first step's clearing is outside the timer
+            model.zero_grad(set_to_none=True)
+            x.grad = None
         model(x).backward(grad)
     if x.is_cuda:
         torch.cuda.synchronize()

@@ -3,8 +3,8 @@
     python benchmarks/profile_layer.py 4096 11008 4096 "peft VeRA,TeRA,SoKA,SNELLA,peft LoRA"   # CUDA, bf16
 
 Arguments: d_out d_in T and a comma list of label prefixes from `speed.py`'s variants (the same builds: the base
-weight on the device in bf16, then each library adds its adapter; on CUDA each of ours also with
-kernel_backend="torch", labelled "[torch]"). Per variant it prints the step time (10 queued steps between
+weight on the device in bf16, then each library adds its adapter; on CUDA each of ours also forced to the backend
+"auto" does not pick, labelled "[torch]" or "[triton]"). Per variant it prints the step time (10 queued steps between
 synchronizes, best of 3), the host time to queue one step without synchronizing, the kernel launches per step, and
 the profiler's table sorted by device time. CUDA only: on CPU every op is both host and device time.
 """

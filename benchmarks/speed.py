@@ -12,8 +12,9 @@ TeRA (default ranks: one R_k = 1) → VeRA r=16 (VeRA's count d_out + r is its m
 FLoRA r=(8, 8) → LoRA r=8 (65,600 vs 65,536 at 4096²); FedSVD r=8 → LoRA r=8 (same factors, A frozen);
 SNELLA d=8 → LoRA r=8 (same low-rank dim d). All variants run round-robin inside every repeat, the order rotated
 each repeat, so machine noise hits them alike; the table holds medians over `--repeats` after `--warmup` rounds.
-CUDA (when present; `--devices cuda` alone) runs bf16 at T ∈ {1024, 4096}, each of ours also with kernel_backend="torch",
-and times `--cuda-steps` queued steps between synchronizes.
+CUDA (when present; `--devices cuda` alone) runs bf16 at T ∈ {1024, 4096}, each of ours also forced to the kernel
+backend "auto" does not pick there ("[torch]", or "[triton]" for SVFit and SoKA), and times `--cuda-steps` queued
+steps between synchronizes.
 Results: benchmarks/results/speed{,_quick}{,_cuda}.{md,json,png} (`--stem` names others).
 """
 
@@ -56,7 +57,7 @@ def _ours(config: Any) -> Callable[[nn.Linear], nn.Module]:
 
 
 def variants(d_out: int, d_in: int, soka_count: int, device: str) -> list[Variant]:
-    """The base, the peft methods and ours; on CUDA each of ours twice: kernel_backend "auto" (Triton) and "torch"."""
+    """The base, the peft methods and ours; on CUDA each of ours twice: kernel_backend "auto" and the other backend."""
     import peft
 
     t = ["lin"]
@@ -72,9 +73,9 @@ def variants(d_out: int, d_in: int, soka_count: int, device: str) -> list[Varian
         ("FedSVD r=8", specpeft.FedSVDConfig(target_modules=t, r=8), "peft LoRA r=8"),
         ("SNELLA d=8", specpeft.SNELLAConfig(target_modules=t, low_rank_dim=8), "peft LoRA r=8"),
     ]
-    if device == "cuda":  # the torch reference path beside the Triton one: what the kernels buy on this GPU
+    if device == "cuda":  # the backend "auto" does not pick, beside the one it does: what the kernels buy here
         ours = [row for label, config, nearest in ours for row in (
-            [(label, config, nearest)] + ([(f"{label} [torch]", replace(config, kernel_backend="torch"), nearest)]
+            [(label, config, nearest)] + ([_other_backend(label, config, nearest)]
                                           if hasattr(config, "kernel_backend") else []))]
     return [
         Variant("frozen base", "base", lambda layer: _harness.OneLayer(layer).requires_grad_(False)),
@@ -85,6 +86,12 @@ def variants(d_out: int, d_in: int, soka_count: int, device: str) -> list[Varian
         Variant("peft VeRA r=16", "peft", _peft(peft.VeraConfig(target_modules=t, r=16))),
         *(Variant(label, "specpeft", _ours(config), nearest) for label, config, nearest in ours),
     ]
+
+
+def _other_backend(label: str, config: Any, nearest: str) -> tuple[str, Any, str]:
+    """The config forced to the kernel backend that "auto" does not run on CUDA for this method, labelled by it."""
+    backend = "triton" if not specpeft.get_method(config).adapter_cls.triton_by_default else "torch"
+    return f"{label} [{backend}]", replace(config, kernel_backend=backend), nearest
 
 
 def soka_trainable(d_out: int, d_in: int) -> int:
@@ -148,7 +155,7 @@ def markdown(rows: list[dict], header: dict, args: argparse.Namespace) -> str:
              f"round-robin repeats after {args.warmup} warm-up round(s) (CUDA: each repeat averages "
              f"{args.cuda_steps} steps between synchronizes). ÷ base = variant ÷ frozen base layer; "
              "÷ peft = specpeft method ÷ its nearest peft method (pairing in the script docstring); "
-             "[torch] = the same config with kernel_backend=\"torch\" (no Triton)."
+             "[torch] / [triton] = the same config forced to the backend \"auto\" does not pick on CUDA."
              + (" Every variant runs as torch.compile(model) (compiled in the warm-up round)." if args.compile else ""))
     lines = ["# Per-layer speed: specpeft methods vs frozen base and peft", "", _harness.header_markdown(header, extra),
              "| device | dtype | W (d_out×d_in) | T | method | trainable | ms | ÷ base | nearest peft | ÷ peft | init s |",
@@ -175,7 +182,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 and r["library"] == "specpeft"]
         xs = range(len(ours))
         ax.bar([i - 0.2 for i in xs], [r["vs_base"] for r in ours], 0.4, label="÷ frozen base")
-        ax.bar([i + 0.2 for i in xs], [r["vs_peft"] for r in ours], 0.4, label="÷ nearest peft method")
+        ax.bar([i + 0.2 for i in xs], [r["vs_peft"] or float("nan") for r in ours], 0.4,  # nan: pair not run
+               label="÷ nearest peft method")
         ax.axhline(1.0, color="grey", lw=1)
         ax.set_yscale("log")  # ratios span 0.5× to 30×
         ax.set_xticks(list(xs), [r["method"] + "\nvs " + r["nearest_peft"].removeprefix("peft ")[:22]

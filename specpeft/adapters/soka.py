@@ -13,8 +13,8 @@ a sum of 2r Kronecker products whose factors are exactly zero at init. Hence ΔW
 base output bit for bit in every dtype (no bf16 tolerance: no residual is ever rounded), and a trained ΔW is never the
 difference of two large, nearly equal terms. The linear forward applies all 2r components by the reshape identity
 (`KroneckerDeltaFunction`: two GEMMs per token chunk, a hand-written backward that differentiates only Σ A_k⊗B_k and
-saves only x) and never forms A⊗B or ΔW; on the Triton path (CUDA, or a forced `kernel_backend`) plain linears run
-the fused `kernels.kronecker_linear` instead. Conv kernels are viewed as (out, in/groups·prod(k)) matrices
+saves only x) and never forms A⊗B or ΔW; with Triton forced (`kernel_backend="triton"` or `SPECPEFT_KERNELS`; "auto"
+runs torch, see `triton_by_default`) plain linears run the fused `kernels.kronecker_linear` instead. Conv kernels are viewed as (out, in/groups·prod(k)) matrices
 and run the base conv once on W + ΔW (ΔW is kernel-sized, negligible next to the conv itself). Zero-padded shapes
 (prime dims, spec §2.4) pad x's last dim and crop the output; merge crops Σ kron(A_k, B_k) to (d_out, d_in).
 """
@@ -260,8 +260,8 @@ class SoKAAdapter(MethodAdapter):
         return y if base_out is None or fused is not None else base_out + y
 
     def _triton_factored(self, x: Tensor, base: FrozenBase, with_base: bool) -> Optional[Tensor]:
-        """The fused Triton op `kernels.kronecker_linear` on the 2r stacked components when the kernels dispatch to
-        Triton (CUDA tensors, or a forced backend) and the base is a plain nn.Linear; None otherwise."""
+        """The fused Triton op `kernels.kronecker_linear` on the 2r stacked components when Triton is forced (config or
+        `SPECPEFT_KERNELS`; "auto" runs torch) and the base is a plain nn.Linear; None otherwise."""
         if not self.geometry.is_plain_linear or self.kernel_path(x, base.module.weight) != "triton":
             return None
         return kernels.kronecker_linear(x, *self._stacked_factors(torch.float32), base_out=base(x) if with_base else

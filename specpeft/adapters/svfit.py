@@ -153,8 +153,9 @@ class SVFitAdapter(MethodAdapter):
     # -- fused kernel path (specpeft.kernels, issue 9) ------------------------------------------------------------
 
     def _fused_factored(self, x: Tensor, base: FrozenBase) -> Optional[Tensor]:
-        """x Wᵀ + b + ((x V) ⊙ (s − σ⁰)) Uᵀ in one fused Triton GEMM (`lowrank_linear`) when the kernels dispatch
-        to Triton (CUDA tensors) and the base is a plain nn.Linear; None otherwise (then the eager path runs)."""
+        """x Wᵀ + b + ((x V) ⊙ (s − σ⁰)) Uᵀ in one fused Triton GEMM (`lowrank_linear`) when Triton is forced (config,
+        `SPECPEFT_KERNELS`; "auto" runs torch: `triton_by_default`) and the base is a plain nn.Linear; None otherwise
+        (then the eager path runs)."""
         geometry = self.geometry
         if not geometry.is_plain_linear:
             return None
