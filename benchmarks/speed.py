@@ -132,9 +132,8 @@ def bench_shape(d_out: int, d_in: int, tokens: int, device: str, repeats: int, w
     rows = []
     for v in specs:
         rows.append({
-            "d_out": d_out, "d_in": d_in, "tokens": tokens, "device": device, "dtype": str(dtype).removeprefix("torch."),
-            "method": v.label,
-            "library": v.library, "nearest_peft": v.nearest,
+            "d_out": d_out, "d_in": d_in, "tokens": tokens, "device": device,
+            "dtype": str(dtype).removeprefix("torch."), "method": v.label, "library": v.library, "nearest_peft": v.nearest,
             "trainable": 0 if v.library == "base" else sum(p.numel() for p in models[v.label].parameters()
                                                            if p.requires_grad),
             "ms": 1e3 * med[v.label], "vs_base": med[v.label] / med["frozen base"],
@@ -158,7 +157,8 @@ def markdown(rows: list[dict], header: dict, args: argparse.Namespace) -> str:
              "[torch] / [triton] = the same config forced to the backend \"auto\" does not pick on CUDA."
              + (" Every variant runs as torch.compile(model) (compiled in the warm-up round)." if args.compile else ""))
     lines = ["# Per-layer speed: specpeft methods vs frozen base and peft", "", _harness.header_markdown(header, extra),
-             "| device | dtype | W (d_out×d_in) | T | method | trainable | ms | ÷ base | nearest peft | ÷ peft | init s |",
+             "| device | dtype | W (d_out×d_in) | T | method | trainable | ms | ÷ base | nearest peft | ÷ peft "
+             "| init s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs_peft = f"**{r['vs_peft']:.2f}**" if r["vs_peft"] is not None else "—"

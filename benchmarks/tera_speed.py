@@ -13,9 +13,9 @@ small ops; `--threads 1` then measures the compute honestly (the table header re
 
 VeRA's trainable count is d_out + r ≥ d_out, far above TeRA's Σ J_k + Σ R_k, so "comparable" VeRA is the closest it
 can get: r = 16 (d_out + 16). peft's default r = 256 is shown too. TeRA N = 2 (the spec's "first ablation": 64-wide
-modes at 4096, Σ J_k ≈ 8K trainables) is VeRA-scale; its count-matched VeRA is r = min(d_out, d_in). ΔW rank is measured (float64 SVD of the fp32 ΔW,
-fp32 tolerance max(m, n)·eps·σ_max, after setting every trainable vector to 1 + 0.1·N(0, 1)) where
-min(d_out, d_in) ≤ 512; a full SVD of larger layers takes minutes on this CPU, so those rows say "—".
+modes at 4096, Σ J_k ≈ 8K trainables) is VeRA-scale; its count-matched VeRA is r = min(d_out, d_in). ΔW rank is
+measured (float64 SVD of the fp32 ΔW, fp32 tolerance max(m, n)·eps·σ_max, after setting every trainable vector to
+1 + 0.1·N(0, 1)) where min(d_out, d_in) ≤ 512; a full SVD of larger layers takes minutes on this CPU, so those rows say "—".
 Results: benchmarks/results/tera_speed{,_quick}.{md,json}.
 """
 

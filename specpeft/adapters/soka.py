@@ -14,9 +14,10 @@ base output bit for bit in every dtype (no bf16 tolerance: no residual is ever r
 difference of two large, nearly equal terms. The linear forward applies all 2r components by the reshape identity
 (`KroneckerDeltaFunction`: two GEMMs per token chunk, a hand-written backward that differentiates only Σ A_k⊗B_k and
 saves only x) and never forms A⊗B or ΔW; with Triton forced (`kernel_backend="triton"` or `SPECPEFT_KERNELS`; "auto"
-runs torch, see `triton_by_default`) plain linears run the fused `kernels.kronecker_linear` instead. Conv kernels are viewed as (out, in/groups·prod(k)) matrices
-and run the base conv once on W + ΔW (ΔW is kernel-sized, negligible next to the conv itself). Zero-padded shapes
-(prime dims, spec §2.4) pad x's last dim and crop the output; merge crops Σ kron(A_k, B_k) to (d_out, d_in).
+runs torch, see `triton_by_default`) plain linears run the fused `kernels.kronecker_linear` instead. Conv kernels
+are viewed as (out, in/groups·prod(k)) matrices and run the base conv once on W + ΔW (ΔW is kernel-sized,
+negligible next to the conv itself). Zero-padded shapes (prime dims, spec §2.4) pad x's last dim and crop the
+output; merge crops Σ kron(A_k, B_k) to (d_out, d_in).
 """
 
 from __future__ import annotations

@@ -156,6 +156,7 @@ class TeRAAdapter(MethodAdapter):
             shared[self.bucket] = shared_random_factors(seed, shape)
         self.unmerged_mode = best_mode(shape)  # the factored path's plan (init/tucker.py `tucker_apply`)
         self.projected_mode = best_mode(shape, unmerged=True)  # the unmerged mode of the "projected" gradients
+        self._costs_by_tokens: dict[int, dict[str, float]] = {}  # `_step_costs` memo: a pure function of T
         if scale_sides in ("mode", "both"):
             for k, size in enumerate(shape.mode_sizes):
                 self.register_parameter(f"mode_scale_{k}", nn.Parameter(torch.ones(size)))
@@ -245,8 +246,14 @@ class TeRAAdapter(MethodAdapter):
         contraction, 3·(pre + T·c) MACs + 3·T·traffic. The merged-weight paths build Δ and W₀ + Δ twice (forward,
         backward: 2·build MACs + 8 passes over m·n), plus the vector gradients: "dense" dΔ = dYᵀX (T·m·n) and its
         contraction (2·m·n·R_N MACs, 3 passes, the smaller of dY and dΔ permuted: min(T, n)·m); "projected"
-        `_PROJECTED_PENALTY`·(2·T·c MACs + 2·T·traffic) of the unmerged-mode contraction.
+        `_PROJECTED_PENALTY`·(2·T·c MACs + 2·T·traffic) of the unmerged-mode contraction. Memoized per T: every
+        forward asks (`use_factored`, then `grad_plan`).
         """
+        if tokens not in self._costs_by_tokens:
+            self._costs_by_tokens[tokens] = self._estimate_step_costs(tokens)
+        return self._costs_by_tokens[tokens]
+
+    def _estimate_step_costs(self, tokens: int) -> dict[str, float]:
         pre, per_token = apply_macs(self.shape, self.unmerged_mode)
         traffic = apply_traffic(self.shape, self.unmerged_mode)
         dense = self.shape.out_features * self.shape.in_features
@@ -362,8 +369,7 @@ class TeRAAdapter(MethodAdapter):
         The scaled network (α·𝒢, Ũ_k) is formed by torch autograd, so the kernel's core/factor gradients flow on to
         λ and μ. "auto" leaves the materialized/factored choice to the kernel's own (GPU) break-even rule.
         """
-        geometry = self.geometry
-        if geometry.kind != "linear" or geometry.quantized or not geometry.standard_forward or geometry.fan_in_fan_out:
+        if not self.geometry.is_plain_linear:
             return None
         module = base.module
         if self.kernel_path(x, module.weight) != "triton":

@@ -45,6 +45,7 @@ __all__ = [
     "tucker_to_tensor",
     "unfold",
     "unmerged_core",
+    "unmerged_indices",
     "unfold_view",
 ]
 
@@ -268,6 +269,29 @@ def unmerged_core(core: Tensor, factors: list[Tensor], shape: TuckerShape, k: in
     return merged.reshape(pairs)
 
 
+@dataclass(frozen=True)
+class UnmergedIndices:
+    """einsum subscripts of the unmerged-mode-k contraction (token index "t"): a / b the out / in modes,
+    cube U_k as (m_k, n_k, R_k), p = P_k in `unmerged_core`'s layout, z = Z = x ×_{n_k} U_k as
+    (t, n_{l≠k}, m_k, R_k)."""
+
+    a: str
+    b: str
+    cube: str
+    p: str
+    z: str
+
+
+def unmerged_indices(order: int, k: int) -> UnmergedIndices:
+    letters = iter(string.ascii_letters.replace("t", ""))
+    a = [next(letters) for _ in range(order)]
+    b = [next(letters) for _ in range(order)]
+    r = next(letters)  # rank index of mode k
+    others = "".join(b[l] for l in range(order) if l != k)
+    p = "".join(a[l] + b[l] if l != k else r for l in range(order))
+    return UnmergedIndices("".join(a), "".join(b), f"{a[k]}{b[k]}{r}", p, f"t{others}{a[k]}{r}")
+
+
 def tucker_apply(x: Tensor, core: Tensor, factors: list[Tensor], shape: TuckerShape, mode: int | None = None) -> Tensor:
     """x Δᵀ for Δ = unfold(𝒢 ×_l U_l), without forming Δ.
 
@@ -299,16 +323,11 @@ def tucker_apply(x: Tensor, core: Tensor, factors: list[Tensor], shape: TuckerSh
         out = _kronecker_chain(x.reshape(tokens, *shape.in_modes), mats)  # (T, n) -> (T, n_1..n_N) -> (T, m_1..)
         return out.reshape(tokens, shape.out_features)
     k = best_mode(shape) if mode is None else mode
-    letters = iter(string.ascii_letters.replace("t", ""))
-    a = [next(letters) for _ in range(order)]  # out-mode indices
-    b = [next(letters) for _ in range(order)]  # in-mode indices
-    r = next(letters)  # rank index of mode k
-    others = [l for l in range(order) if l != k]
-    p_idx = "".join(a[l] + b[l] if l != k else r for l in range(order))
-    z = torch.einsum(f"t{''.join(b)},{a[k]}{b[k]}{r}->t{''.join(b[l] for l in others)}{a[k]}{r}",
+    idx = unmerged_indices(order, k)
+    z = torch.einsum(f"t{idx.b},{idx.cube}->{idx.z}",
                      x.reshape(tokens, *shape.in_modes), cubes[k])  # (T, n_1..n_N) -> (T, n_{l≠k}, m_k, R_k)
     merged = unmerged_core(core, factors, shape, k)  # (m_l, n_l for l≠k; R_k at k)
-    out = torch.einsum(f"t{''.join(b[l] for l in others)}{a[k]}{r},{p_idx}->t{''.join(a)}", z, merged)
+    out = torch.einsum(f"{idx.z},{idx.p}->t{idx.a}", z, merged)
     return out.reshape(tokens, shape.out_features)  # (T, m_1..m_N) -> (T, m)
 
 
@@ -318,11 +337,8 @@ def last_mode_outer(core: Tensor, factors: list[Tensor], shape: TuckerShape) -> 
     Then Δ[(a', a_N), (b', b_N)] = Σ_r P[(a', b'), r] · U_N[a_N·n_N + b_N, r] (`last_mode_delta_rows`).
     """
     order, rank = shape.order, shape.ranks[-1]
-    merged = core
-    for mode, factor in enumerate(factors[:-1]):
-        merged = mode_product(merged, factor, mode)  # R_l -> J_l: (J_1..J_{N−1}, R_N) at the end
-    # (J_1..J_{N−1}, R_N) -> (m_1, n_1, …, m_{N−1}, n_{N−1}, R_N) -> (m_1..m_{N−1}, n_1..n_{N−1}, R_N)
-    pairs = merged.reshape(*[s for m, n in zip(shape.out_modes[:-1], shape.in_modes[:-1]) for s in (m, n)], rank)
+    pairs = unmerged_core(core, factors, shape, order - 1)  # (m_1, n_1, …, m_{N−1}, n_{N−1}, R_N)
+    # -> (m_1..m_{N−1}, n_1..n_{N−1}, R_N)
     outer = pairs.permute(*range(0, 2 * order - 2, 2), *range(1, 2 * order - 2, 2), 2 * order - 2)
     return outer.reshape(-1, rank)  # -> (m'·n', R_N)
 

@@ -22,9 +22,8 @@ Two paths (chosen by `tucker_prefers_factored`, spec §1.6's break-even):
 from __future__ import annotations
 
 import math
-import string
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +38,9 @@ from ._dispatch import (
     matmul_fp32_out,
     next_power_of_2,
 )
+from ..init.tucker import TuckerShape, unmerged_indices
 from .kronecker import kronecker_linear
 
-if TYPE_CHECKING:
-    from ..init.tucker import TuckerShape
 
 __all__ = [
     "TuckerMaterializedFunction",
@@ -310,7 +308,7 @@ def tucker_linear(
 # -- torch contractions for TeRA's hand-written backward (specpeft/adapters/tera_function.py) ---------------
 
 
-def tucker_vector_grads_dense(g2: Tensor, x2: Tensor, outer: Tensor, last: Tensor, shape: "TuckerShape",
+def tucker_vector_grads_dense(g2: Tensor, x2: Tensor, outer: Tensor, last: Tensor, shape: TuckerShape,
                               workspace: Optional[Tensor] = None, small: bool = False) -> tuple[Tensor, Tensor]:
     """(dP, dŨ_N) from dΔ = dYᵀX formed with rows (a_N, a') (the layout of `last_mode_delta_rows`); dΔ is
     written into `workspace` (a free contiguous m×n buffer) when its dtype fits. TeRA's "dense" vector gradients
@@ -350,7 +348,7 @@ def tucker_vector_grads_dense(g2: Tensor, x2: Tensor, outer: Tensor, last: Tenso
     return grad_outer, grad_cube.view_as(last)
 
 
-def tucker_vector_grads_projected(g2: Tensor, x2: Tensor, merged: Tensor, factor: Tensor, shape: "TuckerShape",
+def tucker_vector_grads_projected(g2: Tensor, x2: Tensor, merged: Tensor, factor: Tensor, shape: TuckerShape,
                                   k: int) -> tuple[Tensor, Tensor]:
     """(dP_k, dŨ_k) contracting dY and X through the frozen network mode by mode, never forming dΔ.
 
@@ -358,21 +356,15 @@ def tucker_vector_grads_projected(g2: Tensor, x2: Tensor, merged: Tensor, factor
     dP_k = Σ_{t, a_k} dY ⊗ Z, dZ = dY ×_{a_{≠k}} P_k, dŨ_k = Σ_{t, b_{≠k}} X ⊗ dZ
     (2·T·(n·m_k·R_k + (n/n_k)·R_k·m) MACs).
     """
-    order, tokens = shape.order, g2.shape[0]
-    letters = iter(string.ascii_letters.replace("t", ""))
-    a = [next(letters) for _ in range(order)]  # out-mode indices
-    b = [next(letters) for _ in range(order)]  # in-mode indices
-    r = next(letters)
-    others = "".join(b[l] for l in range(order) if l != k)
-    p_idx = "".join(a[l] + b[l] if l != k else r for l in range(order))
-    z_idx = f"t{others}{a[k]}{r}"
+    tokens = g2.shape[0]
+    idx = unmerged_indices(shape.order, k)
     cube = factor.reshape(shape.out_modes[k], shape.in_modes[k], shape.ranks[k]).to(g2.dtype)  # (m_k, n_k, R_k)
     xs = x2.reshape(tokens, *shape.in_modes).to(g2.dtype)  # (T, n) -> (T, n_1..n_N)
     gs = g2.reshape(tokens, *shape.out_modes)  # (T, m) -> (T, m_1..m_N)
     pairs = merged.to(g2.dtype)
-    z = torch.einsum(f"t{''.join(b)},{a[k]}{b[k]}{r}->{z_idx}", xs, cube)  # (T, n_{≠k}, m_k, R_k)
-    grad_merged = torch.einsum(f"t{''.join(a)},{z_idx}->{p_idx}", gs, z)  # Σ_{t, a_k} -> P_k's layout
+    z = torch.einsum(f"t{idx.b},{idx.cube}->{idx.z}", xs, cube)  # (T, n_{≠k}, m_k, R_k)
+    grad_merged = torch.einsum(f"t{idx.a},{idx.z}->{idx.p}", gs, z)  # Σ_{t, a_k} -> P_k's layout
     del z
-    grad_z = torch.einsum(f"t{''.join(a)},{p_idx}->{z_idx}", gs, pairs)  # Σ_{a_{≠k}} -> (T, n_{≠k}, m_k, R_k)
-    grad_cube = torch.einsum(f"t{''.join(b)},{z_idx}->{a[k]}{b[k]}{r}", xs, grad_z)  # Σ_{t, b_{≠k}}
+    grad_z = torch.einsum(f"t{idx.a},{idx.p}->{idx.z}", gs, pairs)  # Σ_{a_{≠k}} -> (T, n_{≠k}, m_k, R_k)
+    grad_cube = torch.einsum(f"t{idx.b},{idx.z}->{idx.cube}", xs, grad_z)  # Σ_{t, b_{≠k}}
     return grad_merged.to(merged.dtype), grad_cube.reshape(factor.shape).to(factor.dtype)
