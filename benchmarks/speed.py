@@ -8,7 +8,8 @@ public API (`specpeft.get_adapter_model`, `peft.get_peft_model`) and times `mode
 `x.requires_grad=True` (a layer inside a network: the frozen base pays for y and dX). Pairings (ours → peft):
 SVFit r=8 → LoRA r=8 (and PiSSA r=8: same rank; SVFit trains 8 numbers, so no count match exists);
 SoKA default (r_kp = 1) → LoKr with the (decompose_factor, r, decompose_both) of the closest trainable count;
-TeRA (default ranks: one R_k = 1) → VeRA r=16 (VeRA's count d_out + r is its minimum, still far above TeRA's);
+TeRA (default: Δ = P ⊗ M_N, rank-1 last mode) → VeRA r=16 (VeRA's count d_out + r is near its minimum, still
+above TeRA's);
 FLoRA r=(8, 8) → LoRA r=8 (65,600 vs 65,536 at 4096²); FedSVD r=8 → LoRA r=8 (same factors, A frozen);
 SNELLA d=8 → LoRA r=8 (same low-rank dim d). All variants run round-robin inside every repeat, the order rotated
 each repeat, so machine noise hits them alike; the table holds medians over `--repeats` after `--warmup` rounds.

@@ -11,9 +11,11 @@ Methods run round-robin within each repeat (side by side on the same noisy CPU);
 On an oversubscribed box (load ≫ cores) every op at 2 threads pays a thread rendezvous of tens of ms, which swamps
 small ops; `--threads 1` then measures the compute honestly (the table header records the thread count).
 
-VeRA's trainable count is d_out + r ≥ d_out, far above TeRA's Σ J_k + Σ R_k, so "comparable" VeRA is the closest it
-can get: r = 16 (d_out + 16). peft's default r = 256 is shown too. TeRA N = 2 (the spec's "first ablation": 64-wide
-modes at 4096, Σ J_k ≈ 8K trainables) is VeRA-scale; its count-matched VeRA is r = min(d_out, d_in). ΔW rank is
+VeRA's trainable count is d_out + r ≥ d_out + 1, above TeRA default's Σ J_k + Σ R_k at every shape here, so the
+count-matched VeRA is the r whose count is closest: r = max(1, TeRA's count − d_out) (1 at every shape here). r = 16
+and peft's default r = 256 are shown too. TeRA N = 2 (the spec's "first ablation": 64-wide modes at 4096, Σ J_k ≈ 8K
+trainables) is VeRA-scale; its count-matched VeRA is r = min(d_out, d_in). "TeRA balanced modes" is the layout that
+was the default up to session 4 (spec §1.3's balanced modes, one R_k = 1). ΔW rank is
 measured (float64 SVD of the fp32 ΔW, fp32 tolerance max(m, n)·eps·σ_max, after setting every trainable vector to
 1 + 0.1·N(0, 1)) where min(d_out, d_in) ≤ 512; a full SVD of larger layers takes minutes on this CPU, so those rows say "—".
 Results: benchmarks/results/tera_speed{,_quick}.{md,json}.
@@ -39,6 +41,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import specpeft  # noqa: E402
 from specpeft.adapters.bridge import AdapterLayer  # noqa: E402
+from specpeft.init.tucker import balanced_factors  # noqa: E402
 
 RANK_LIMIT = 512  # measure rank(ΔW) only where min(d_out, d_in) ≤ this
 TARGETS = {"base_ratio": 1.25, "vera_ratio": 1.0}
@@ -68,17 +71,34 @@ def frozen_base(d_out: int, d_in: int) -> nn.Module:
     return _linear(d_out, d_in).requires_grad_(False)
 
 
-def tera(rank: int | None, mode: str = "auto", order: int = 3) -> Callable[[int, int], nn.Module]:
-    config = specpeft.TeRAConfig(target_modules=["0"], rank=rank, forward_mode=mode, tensor_order=order)
-    return lambda d_out, d_in: specpeft.get_adapter_model(_linear(d_out, d_in), config)
+def tera(rank: int | None, mode: str = "auto", order: int = 3, balanced: bool = False) -> Callable[[int, int], nn.Module]:
+    """TeRA through the public API; `balanced` pins the balanced modes of sessions ≤ 4's default (one R_k = 1)."""
+    def build(d_out: int, d_in: int) -> nn.Module:
+        modes = {f"{d_out}x{d_in}": [list(balanced_factors(d_out, order)), list(balanced_factors(d_in, order))]}
+        config = specpeft.TeRAConfig(target_modules=["0"], rank=rank, forward_mode=mode, tensor_order=order,
+                                     mode_sizes=modes if balanced else {})
+        return specpeft.get_adapter_model(_linear(d_out, d_in), config)
+
+    return build
 
 
-def vera(rank: int | None) -> Callable[[int, int], nn.Module]:
-    """peft VeRA with rank `rank`, or min(d_out, d_in) (its largest useful rank) for None."""
+def tera_default_trainable(d_out: int, d_in: int) -> int:
+    shape = specpeft.TeRAConfig(target_modules=["0"]).shape_for(d_out, d_in)
+    return sum(shape.mode_sizes) + sum(shape.ranks)
+
+
+def vera_rank_matched_to_tera(d_out: int, d_in: int) -> int:
+    """VeRA trains d_out + r: the r whose count is closest to TeRA default's (r ≥ 1, so ≥ d_out + 1)."""
+    return min(max(tera_default_trainable(d_out, d_in) - d_out, 1), min(d_out, d_in))
+
+
+def vera(rank: int | Callable[[int, int], int] | None) -> Callable[[int, int], nn.Module]:
+    """peft VeRA with rank `rank` (an int, or a function of the shape), or min(d_out, d_in) (its largest) for None."""
     from peft import VeraConfig, get_peft_model
 
     def build(d_out: int, d_in: int) -> nn.Module:
-        config = VeraConfig(r=rank or min(d_out, d_in), target_modules=["0"])
+        r = rank(d_out, d_in) if callable(rank) else rank or min(d_out, d_in)
+        config = VeraConfig(r=r, target_modules=["0"])
         return get_peft_model(_linear(d_out, d_in), config)
 
     return build
@@ -86,7 +106,8 @@ def vera(rank: int | None) -> Callable[[int, int], nn.Module]:
 
 METHODS = [
     Method("frozen base", frozen_base, "base"),
-    Method("TeRA default (one R_k = 1, others 16)", tera(None), "tera"),
+    Method("TeRA default (Δ = P ⊗ M_N)", tera(None), "tera"),
+    Method("TeRA balanced modes, one R_k = 1", tera(None, balanced=True), "tera"),
     Method("TeRA R=16", tera(16), "tera"),
     Method("TeRA R=4", tera(4), "tera"),
     Method("TeRA R=1", tera(1), "tera"),
@@ -94,8 +115,10 @@ METHODS = [
     Method("peft VeRA r=16", vera(16), "vera"),
     Method("peft VeRA r=256", vera(256), "vera"),
     Method("peft VeRA r=min(out, in)", vera(None), "vera"),
+    Method("peft VeRA count-matched", vera(vera_rank_matched_to_tera), "vera"),
 ]
 COMPARABLE_VERA = "peft VeRA r=16"
+MATCHED_VERA = "peft VeRA count-matched"
 
 
 def trainable(model: nn.Module) -> int:
@@ -145,9 +168,9 @@ def time_fwd_bwd(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float
     return time.perf_counter() - start
 
 
-def run_case(case: Case, repeats: int, warmup: int) -> list[dict]:
+def run_case(case: Case, repeats: int, warmup: int, big_repeats: int = 3) -> list[dict]:
     if case.big:
-        repeats, warmup = min(repeats, 3), min(warmup, 1)
+        repeats, warmup = min(repeats, big_repeats), min(warmup, 1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(case.tokens, case.d_in, generator=gen).requires_grad_(True)
     grad = torch.randn(case.tokens, case.d_out, generator=gen)
@@ -172,6 +195,8 @@ def run_case(case: Case, repeats: int, warmup: int) -> list[dict]:
             "spread_ms": 1e3 * (max(times[method.label]) - min(times[method.label])),
             "vs_base": medians[method.label] / medians["frozen base"],
             "vs_vera": medians[method.label] / medians[COMPARABLE_VERA],
+            "vs_matched_vera": medians[method.label] / medians[MATCHED_VERA],
+            "vera_rank": (vera_rank_matched_to_tera(case.d_out, case.d_in) if method.label == MATCHED_VERA else None),
         })
     return rows
 
@@ -179,22 +204,25 @@ def run_case(case: Case, repeats: int, warmup: int) -> list[dict]:
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"TeRA layer fwd+bwd (x.requires_grad=True), median of {args.repeats} repeats after {args.warmup} warm-up "
-        f"(≤ 3 after ≤ 1 for the 4096×4096 T=1024 and 4096×11008 rows), "
+        f"(≤ {args.big_repeats} after ≤ 1 for the 4096×4096 T=1024 and 4096×11008 rows), "
         f"{torch.get_num_threads()} threads, fp32, {platform.processor() or platform.machine()}, torch "
         f"{torch.__version__}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. Ratios: ÷ frozen base "
-        f"(target ≤ {TARGETS['base_ratio']}) and ÷ {COMPARABLE_VERA} (closest VeRA trainable count; target ≤ "
-        f"{TARGETS['vera_ratio']}, i.e. throughput ≥ VeRA's).",
+        f"(target ≤ {TARGETS['base_ratio']}), ÷ {COMPARABLE_VERA} and ÷ {MATCHED_VERA} (VeRA trains d_out + r: the r "
+        f"whose count is closest to TeRA default's, given in the method cell) (target ≤ {TARGETS['vera_ratio']}, i.e. "
+        "throughput ≥ VeRA's).",
         "",
-        "| layer (out×in) | T | method | trainable | ΔW rank | TeRA path | ms | ÷ base | ÷ VeRA r=16 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| layer (out×in) | T | method | trainable | ΔW rank | TeRA path | ms | ÷ base | ÷ VeRA r=16 | ÷ VeRA matched |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rank = "—" if r["delta_rank"] is None else str(r["delta_rank"])
         if r["method"] == "frozen base":
             rank = "(0)"
+        method = r["method"] + (f" (r={r['vera_rank']})" if r.get("vera_rank") else "")
         lines.append(
-            f"| {r['d_out']}×{r['d_in']} | {r['tokens']} | {r['method']} | {r['trainable']:,} | {rank} | "
-            f"{r['path'] or '—'} | {r['ms']:.1f} | {r['vs_base']:.2f} | {r['vs_vera']:.2f} |"
+            f"| {r['d_out']}×{r['d_in']} | {r['tokens']} | {method} | {r['trainable']:,} | {rank} | "
+            f"{r['path'] or '—'} | {r['ms']:.1f} | {r['vs_base']:.2f} | {r['vs_vera']:.2f} | "
+            f"{r['vs_matched_vera']:.2f} |"
         )
     lines += [
         "",
@@ -203,9 +231,12 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "\"merged+dΔ\" forms dΔ = gᵀx (a third GEMM: ≥ 1.5×) and contracts it with the factors (2·m·n·R MACs); "
         "\"merged+projected\" never forms dΔ but contracts g and x through the frozen factors, 2·T·m·n·R_k/n_k MACs "
         "(+ T·n·m_k·R_k terms): cheaper than one GEMM only when R_k < n_k/2, i.e. not at R = 16 on every mode with "
-        "16-wide modes (4096 = 16·16·16), where both paths cost ≥ 1 GEMM. The default gives one mode R_k = 1 "
-        "(`init.tucker.cheap_mode_ranks`): Δ = P ⊗ M_k, so the factored path contracts x with M_k and P at "
-        "n·m_k + (n/n_k)·m MACs per token per pass (3 passes: y, dX, dP), about 1/16 of a GEMM at 4096². "
+        "16-wide modes (4096 = 16·16·16), where both paths cost ≥ 1 GEMM. With one rank-1 mode Δ = P ⊗ M_k and the "
+        "factored path contracts x with M_k and P without forming Δ. The default puts it last, sized by "
+        "`init.tucker.wide_last_mode` (the cheapest full-rank split that keeps the trainables under rank(Δ)): at 4096² "
+        "modes (16, 8, 32)², 32·4096 + 128·4096 MACs per token per pass (3 passes: y, dX, factor gradients), about "
+        "1/26 of a GEMM, run by `kernels.kronecker_linear` (the SoKA op); balanced modes (16, 16, 16)² pay "
+        "16·4096 + 256·4096, 1/15 of a GEMM. "
         "(2) R = 1 makes ΔW one Kronecker product (∏ min(m_k, n_k) = full rank, the cheap factored chain); its "
         "condition number (≈ 2·10⁵ at 384²) puts a few singular values under the fp32 tolerance, so the measured "
         "numerical rank reads 379; built in float64 it is 384 (tests/test_tera.py checks rank = ∏ min(m_k, n_k) at "
@@ -220,6 +251,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="MiniLM shapes only, fewer repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--big-repeats", type=int, default=3,
+                        help="repeats of the 4096×4096 T=1024 and 4096×11008 cases (each round ~10-30 s here)")
+    parser.add_argument("--only-big", action="store_true", help="run only those two LLM-sized cases")
+    parser.add_argument("--stem", default=None, help="results file stem (default tera_speed or tera_speed_quick)")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (2 = the box's cores; 1 when it is oversubscribed, see above)")
     args = parser.parse_args()
@@ -233,16 +268,18 @@ def main() -> None:
                  Case(1024, 1024, 1024), Case(4096, 4096, 8), Case(4096, 4096, 1024, big=True),
                  Case(4096, 11008, 1024, big=True)]
         args.repeats = args.repeats or 5
+    if args.only_big:
+        cases = [case for case in cases if case.big]
     rows = []
     for case in cases:
         start = time.perf_counter()
-        rows.extend(run_case(case, args.repeats, args.warmup))
+        rows.extend(run_case(case, args.repeats, args.warmup, args.big_repeats))
         print(f"[{case.d_out}×{case.d_in}, T={case.tokens}] {time.perf_counter() - start:.0f} s", file=sys.stderr)
     table = markdown(rows, args)
     print(table)
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    stem = "tera_speed_quick" if args.quick else "tera_speed"
+    stem = args.stem or ("tera_speed_quick" if args.quick else "tera_speed")
     (out / f"{stem}.md").write_text(table)
     (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 

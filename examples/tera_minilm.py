@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2, help="TeRA vectors (vector methods want large rates)")
     parser.add_argument("--head-lr", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=None,
-                        help="Tucker rank R_k = min(rank, J_k) on every mode (default: the library's, 16 with one mode 1)")
+                        help="Tucker rank R_k = min(rank, J_k) on every mode (default: the library's, 16 with a rank-1 last mode)")
     parser.add_argument("--n-test", type=int, default=400)
     parser.add_argument("--out", default="out/tera_minilm")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on an oversubscribed machine)")

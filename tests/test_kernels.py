@@ -366,21 +366,23 @@ def test_config_flag_forces_the_backend_of_every_adapter(monkeypatch: pytest.Mon
 
 def test_auto_skips_triton_for_methods_whose_torch_path_trains_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     """SVFit and SoKA (`triton_by_default = False`) run torch under "auto" where Triton would run (CUDA, stood in for
-    by a dispatcher that picks Triton), and Triton when the config or SPECPEFT_KERNELS forces it; TeRA keeps Triton."""
+    by a dispatcher that picks Triton), and Triton when the config or SPECPEFT_KERNELS forces it; TeRA keeps Triton
+    unless its layout is Δ = P ⊗ M_N (the default), which the torch Kronecker op applies without forming Δ."""
     import specpeft.adapters.base as adapter_base
     from specpeft import SoKAConfig, SVFitConfig, TeRAConfig, get_adapter_model
 
     monkeypatch.setattr(adapter_base, "kernel_backend", lambda *tensors, backend=None: backend or "triton")
     monkeypatch.delenv(K.ENV_VAR, raising=False)
 
-    def paths(config_cls, flag: str) -> set[str]:
+    def paths(config_cls, flag: str, size: int = 16, **cfg) -> set[str]:
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 16))
-        adapted = get_adapter_model(model, config_cls(target_modules=["0"], kernel_backend=flag))
+        model = torch.nn.Sequential(torch.nn.Linear(size, size))
+        adapted = get_adapter_model(model, config_cls(target_modules=["0"], kernel_backend=flag, **cfg))
         return {m.kernel_path(torch.zeros(2)) for m in adapted.modules() if hasattr(m, "kernel_path")}
 
     assert paths(SVFitConfig, "auto") == paths(SoKAConfig, "auto") == {"torch"}
-    assert paths(TeRAConfig, "auto") == {"triton"}
+    assert paths(TeRAConfig, "auto", 256, rank=16) == {"triton"}
+    assert paths(TeRAConfig, "auto", 256) == {"torch"} and paths(TeRAConfig, "triton", 256) == {"triton"}
     assert paths(SVFitConfig, "triton") == paths(SoKAConfig, "triton") == {"triton"}
     monkeypatch.setenv(K.ENV_VAR, "triton")
     assert paths(SVFitConfig, "auto") == paths(SoKAConfig, "auto") == {"triton"}

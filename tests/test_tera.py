@@ -18,11 +18,11 @@ import specpeft  # noqa: E402
 import specpeft.kernels as K  # noqa: E402
 from adapter_matrix import CHECKS, MODEL_CASES, MethodCase, adapted, perturb, run_check  # noqa: E402
 from specpeft import FrozenBase, LayerGeometry, TeRAConfig  # noqa: E402
-from specpeft.adapters import tera as tera_module  # noqa: E402
 from specpeft.adapters import tera_function  # noqa: E402
 from specpeft.adapters.tera import TeRAAdapter  # noqa: E402
-from specpeft.init.tucker import TuckerShape, shared_random_factors, split_shared  # noqa: E402
-from specpeft.init.tucker_cost import apply_macs, best_mode  # noqa: E402
+from specpeft.init.tucker import TuckerShape, balanced_factors, cheap_mode_ranks  # noqa: E402
+from specpeft.init.tucker_cost import apply_macs, best_mode, edge_kronecker_cost  # noqa: E402
+from specpeft.init.tucker_random import shared_random_factors, split_shared  # noqa: E402
 
 
 TRAINABLE = {f"{side}_scale_{k}" for side in ("mode", "rank") for k in range(3)}
@@ -115,8 +115,8 @@ def test_rank_exceeds_trainable_count() -> None:
     adapter = _adapter(256, 256, rank=16)
     assert adapter.shape.ranks == (16, 16, 16) and adapter.num_trainable() == 144 + 48
     assert torch.linalg.matrix_rank(adapter.delta_weight()).item() == 256 > adapter.num_trainable()
-    default = _adapter(256, 256)  # one rank-1 mode: Δ = P ⊗ M_1
-    assert default.shape.ranks == (1, 16, 16) and default.num_trainable() == 144 + 33
+    default = _adapter(256, 256)  # `wide_last_mode`: Δ = P ⊗ M_3 with modes (8, 4, 8) × (8, 4, 8)
+    assert default.shape.ranks == (16, 16, 1) and default.num_trainable() == 144 + 33
     assert torch.linalg.matrix_rank(default.delta_weight()).item() == 256 > default.num_trainable()
     wide = _adapter(192, 480, rank=4)  # modes (8, 6, 4) × (10, 8, 6): 152 + 12 trainables
     assert torch.linalg.matrix_rank(wide.delta_weight()).item() == 192 > wide.num_trainable() == 164
@@ -128,34 +128,112 @@ def test_trainable_count_matches_spec_table() -> None:
     """Spec §1.9 check 9: Σ J_k + Σ R_k per layer (816 for 4096² at R = 16, 1,248 for 11008×4096)."""
     assert _adapter(4096, 4096, dtype=torch.float32, rank=16).num_trainable() == 816
     assert _adapter(11008, 4096, dtype=torch.float32, rank=16).num_trainable() == 1248
-    assert _adapter(4096, 4096, dtype=torch.float32, scale_sides="mode").num_trainable() == 768
-    assert _adapter(4096, 4096, dtype=torch.float32).num_trainable() == 768 + 1 + 16 + 16  # default: one R_k = 1
+    assert _adapter(4096, 4096, dtype=torch.float32, rank=16, scale_sides="mode").num_trainable() == 768
+    default = _adapter(4096, 4096, dtype=torch.float32)  # modes (16, 8, 32)², ranks (16, 16, 1)
+    assert default.num_trainable() == 256 + 64 + 1024 + 16 + 16 + 1 < 4096
 
 
-@pytest.mark.parametrize(("d_out", "d_in", "ranks"), [
-    (4096, 4096, (1, 16, 16)),  # square: every mode costs the same, the first wins
-    (4096, 11008, (1, 16, 16)),  # in-modes (43, 16, 16): the widest in-mode makes (n/n_k)·m smallest
-    (11008, 4096, (16, 1, 16)),  # out-modes (43, 16, 16): a rank-1 mode 1 would pay n·43 per token
-])
-def test_default_ranks_pick_the_cheapest_rank_one_mode(d_out: int, d_in: int, ranks: tuple[int, ...]) -> None:
-    """rank=None: R_k = 16 except one mode with R_k = 1, the one whose unmerged contraction is cheapest per token
-    (checked against `apply_macs` of every alternative); the factored path then contracts that mode."""
+def _split_reference(d_out: int, d_in: int) -> int:
+    """Brute force over all divisor pairs: the least per-token cost of a full-rank P ⊗ M split of the default layout
+    (rank-1 last mode m_w×n_w, balanced R = 16 modes over the rest) with fewer trainables than min(d_out, d_in)."""
+    best = None
+    for m_w in range(1, d_out + 1):
+        for n_w in range(1, d_in + 1):
+            if d_out % m_w or d_in % n_w or m_w * n_w in (1, d_out * d_in):
+                continue
+            m_p, n_p = d_out // m_w, d_in // n_w
+            if min(m_w, n_w) * min(m_p, n_p) != min(d_out, d_in):
+                continue
+            rest = [a * b for a, b in zip(balanced_factors(m_p, 2), balanced_factors(n_p, 2))]
+            if sum(rest) + m_w * n_w + sum(min(16, j) for j in rest) + 1 >= min(d_out, d_in):
+                continue
+            # x (P ⊗ M)ᵀ per token: M first (d_in·m_w, then P: d_out·n_p) or P first (m_p·d_in, then M: d_out·n_w)
+            cost = min(d_in * m_w + d_out * n_p, m_p * d_in + d_out * n_w)
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize(("d_out", "d_in"), [(4096, 4096), (4096, 11008), (11008, 4096), (384, 1536), (768, 768)])
+def test_default_layout_is_the_cheapest_full_rank_kronecker_split(d_out: int, d_in: int) -> None:
+    """rank=None: a rank-1 last mode (Δ = P ⊗ M_N) sized to the cheapest qualifying split (brute-force reference),
+    R = 16 elsewhere, fewer trainables than rank(Δ), and cheaper per token than balanced modes' best rank-1 mode."""
     shape = TeRAConfig(target_modules=["x"]).shape_for(d_out, d_in)
-    assert shape.ranks == ranks
-    costs = []
-    for k in range(3):
-        alt = TuckerShape(shape.out_modes, shape.in_modes, tuple(1 if l == k else 16 for l in range(3)))
-        costs.append(apply_macs(alt, k)[1])
-    assert costs[ranks.index(1)] == min(costs)
-    assert best_mode(shape) == ranks.index(1)
+    assert shape.ranks == (16, 16, 1) and (shape.out_features, shape.in_features) == (d_out, d_in)
+    assert sum(shape.mode_sizes) + sum(shape.ranks) < min(d_out, d_in)
+    assert edge_kronecker_cost(shape)[0] == _split_reference(d_out, d_in)
+    balanced = cheap_mode_ranks(balanced_factors(d_out, 3), balanced_factors(d_in, 3))
+    assert edge_kronecker_cost(shape)[0] < apply_macs(balanced)[1]
+    adapter = _adapter(d_out, d_in, dtype=torch.float32)
+    assert adapter.edge_kronecker  # the factored path runs kernels.kronecker_linear on (P, M_N)
+
+
+@pytest.mark.parametrize(("d_out", "d_in"), [(256, 256), (512, 256), (256, 1024)])
+def test_default_layout_equals_the_float64_reference_end_to_end(d_out: int, d_in: int) -> None:
+    """The P ⊗ M_N path of the default layout: output and gradients equal autograd through the Kronecker-sum
+    formula (float64), a quantized-style base (x Δᵀ added to base(x)) too, and save → reload reproduces it exactly."""
+    adapter = _adapter(d_out, d_in, alpha=0.8)
+    assert adapter.edge_kronecker and adapter.shape.ranks[-1] == 1
+    base = nn.Linear(d_in, d_out).double().requires_grad_(False)
+    x = torch.randn(3, 4, d_in, dtype=torch.float64, requires_grad=True)
+    names = [name for name, _ in adapter.named_parameters()]
+    for quantized in (False, True):
+        frozen = FrozenBase(base)
+        if quantized:
+            frozen.geometry = LayerGeometry("linear", (d_out, d_in), quantized=True, standard_forward=False)
+        out = adapter(x, frozen)
+        leaves = {n: v.detach().clone().requires_grad_(True) for n, v in adapter.named_parameters()}
+        x_ref = x.detach().clone().requires_grad_(True)
+        reference = nn.functional.linear(x_ref, base.weight + _reference_delta(adapter, leaves), base.bias)
+        torch.testing.assert_close(out, reference, atol=1e-12, rtol=0)
+        upstream = torch.randn_like(out)
+        got = torch.autograd.grad(out, [x, *adapter.parameters()], upstream)
+        want = torch.autograd.grad(reference, [x_ref, *(leaves[n] for n in names)], upstream)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-9)
+    torch.manual_seed(0)
+    model = specpeft.get_adapter_model(nn.Sequential(nn.Linear(d_in, d_out)), TeRAConfig(target_modules=["0"]))
+    perturb(model, 0.3)
+    inputs = torch.randn(5, d_in)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        torch.manual_seed(0)
+        reloaded = specpeft.load_adapter_model(nn.Sequential(nn.Linear(d_in, d_out)), tmp)
+        assert torch.equal(reloaded(inputs), model(inputs))
+
+
+def test_layout_falls_back_to_balanced_modes() -> None:
+    """Without a qualifying split (a prime dimension) or with explicit mode sizes, balanced modes / the given modes get
+    `cheap_mode_ranks`: R = 16 except the mode whose unmerged contraction is cheapest."""
+    prime = TeRAConfig(target_modules=["x"]).shape_for(97, 64)
+    assert prime == cheap_mode_ranks(balanced_factors(97, 3), balanced_factors(64, 3)) and prime.out_modes == (97, 1, 1)
+    for d_out, d_in in [(4096, 11008), (11008, 4096)]:  # the rank-1 mode of balanced modes: the cheapest to contract
+        balanced = TeRAConfig(target_modules=["x"], rank=16).shape_for(d_out, d_in)
+        modes = {f"{d_out}x{d_in}": [list(balanced.out_modes), list(balanced.in_modes)]}
+        pinned = TeRAConfig(target_modules=["x"], mode_sizes=modes).shape_for(d_out, d_in)
+        k = pinned.ranks.index(1)
+        alternatives = [TuckerShape(pinned.out_modes, pinned.in_modes, tuple(1 if l == j else 16 for l in range(3)))
+                        for j in range(3)]
+        assert apply_macs(pinned, k)[1] == min(apply_macs(alt, j)[1] for j, alt in enumerate(alternatives))
     override = TeRAConfig(target_modules=["x"], mode_sizes={"12x20": [[3, 2, 2], [5, 2, 2]]}).shape_for(12, 20)
     assert sorted(override.ranks) == [1, 4, 4] and override.out_modes == (3, 2, 2)
+    k = override.ranks.index(1)
+    assert best_mode(override) == k
+    costs = [apply_macs(TuckerShape(override.out_modes, override.in_modes,
+                                    tuple(1 if l == j else min(16, size) for l, size in enumerate(override.mode_sizes))),
+                        j)[1] for j in range(3)]
+    assert costs[k] == min(costs)
 
 
+EDGE = dict(rank=[2, 2, 1], mode_sizes={"12x20": [[3, 1, 4], [2, 2, 5]]})  # R_3 = 1: Δ = P (3×4) ⊗ M_3 (4×5)
+
+
+@pytest.mark.parametrize("layout", ["tucker", "edge"])
 @pytest.mark.parametrize("mode", ["factored", "materialized"])
-def test_forward_and_gradients_equal_dense(mode: str) -> None:
+def test_forward_and_gradients_equal_dense(mode: str, layout: str) -> None:
     base = nn.Linear(20, 12).double().requires_grad_(False)
-    adapter = _adapter(12, 20, forward_mode=mode, rank=[3, 2, 2], alpha=1.3)
+    cfg = EDGE if layout == "edge" else dict(rank=[3, 2, 2])
+    adapter = _adapter(12, 20, forward_mode=mode, alpha=1.3, **cfg)
+    assert adapter.edge_kronecker == (layout == "edge")
     x = torch.randn(2, 5, 20, dtype=torch.float64, requires_grad=True)
     out = adapter(x, FrozenBase(base))
     torch.testing.assert_close(out, nn.functional.linear(x, base.weight + _reference_delta(adapter), base.bias),
@@ -171,11 +249,17 @@ def test_forward_and_gradients_equal_dense(mode: str) -> None:
     torch.testing.assert_close(delta_term, x @ _reference_delta(adapter).T, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["factored", "materialized"])
-def test_gradcheck(mode: str) -> None:
-    """Spec §1.9 check 10 on λ, μ and x, through the forward the model runs (custom backward when materialized)."""
+EDGE_2 = dict(tensor_order=2, rank=[2, 1], mode_sizes={"4x6": [[2, 2], [2, 3]]})  # Δ = P (2×2) ⊗ M_2 (2×3)
+
+
+@pytest.mark.parametrize(("mode", "cfg"), [("factored", dict(tensor_order=2, rank=2)), ("materialized", dict(rank=2)),
+                                         ("factored", EDGE_2)])
+def test_gradcheck(mode: str, cfg: dict) -> None:
+    """Spec §1.9 check 10 on λ, μ and x, through the forward the model runs (custom backward when materialized,
+    `kernels.kronecker_linear` for the rank-1 last mode)."""
     base = nn.Linear(6, 4).double().requires_grad_(False)
-    adapter = _adapter(4, 6, forward_mode=mode, rank=2)
+    adapter = _adapter(4, 6, forward_mode=mode, **cfg)
+    assert mode == "materialized" or adapter.edge_kronecker == (cfg is EDGE_2)
     names = [name for name, _ in adapter.named_parameters()]
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     vectors = tuple(v.detach().clone().requires_grad_(True) for v in adapter.vectors())
@@ -202,7 +286,6 @@ def test_hand_written_backward_equals_dense_autograd(plan: str, dims, cfg: dict,
     forces the single-buffer W₀ + Δ build used from 2²² weight entries."""
     d_out, d_in = dims
     if large:
-        monkeypatch.setattr(tera_module, "LARGE_WEIGHT", 0)
         monkeypatch.setattr(tera_function, "LARGE_WEIGHT", 0)
     base = nn.Linear(d_in, d_out).double().requires_grad_(False)
     adapter = _adapter(d_out, d_in, forward_mode="materialized", **cfg)
@@ -270,7 +353,7 @@ def test_materialized_forward_saves_no_dense_delta(quantized: bool, plan: str, m
 
 def test_auto_mode_picks_by_token_count() -> None:
     """The winners measured in benchmarks/results/tera_speed.md: factored for few tokens, for a Kronecker Δ and for
-    the default ranks (one rank-1 mode) at 4096²; R = 16 on every mode merges for many tokens."""
+    the default layout (Δ = P ⊗ M_N) at 4096²; R = 16 on every mode merges for many tokens."""
     adapter = _adapter(4096, 4096, dtype=torch.float32, rank=16)
     assert adapter.use_factored(1) and adapter.use_factored(8)
     assert not adapter.use_factored(512) and not adapter.use_factored(4096)
@@ -350,7 +433,8 @@ import hashlib, sys, torch
 torch.set_num_threads({threads})  # the parent's: GEMM reduction order depends on the thread count
 sys.path.insert(0, {tests!r})
 import specpeft
-from specpeft.init.tucker import TuckerShape, shared_random_factors
+from specpeft.init.tucker import TuckerShape
+from specpeft.init.tucker_random import shared_random_factors
 from test_tera import model_input, several_shapes_model
 model = specpeft.load_adapter_model(several_shapes_model(), {adapter!r})
 shape = TuckerShape.for_matrix(11008, 4096, 3, 16)

@@ -9,18 +9,16 @@ import torch
 from specpeft.init.tucker import (
     TuckerShape,
     balanced_factors,
-    bucket_seed,
     fold,
     hosvd,
     mode_product,
     prime_factors,
-    shared_random_factors,
-    split_shared,
     tucker_apply,
     tucker_to_tensor,
     unfold,
 )
 from specpeft.init.tucker_cost import apply_macs, best_mode, build_macs, is_kronecker
+from specpeft.init.tucker_random import bucket_seed, shared_random_factors, split_shared
 
 SPEC_SHAPE = TuckerShape((4, 3, 5), (2, 4, 3), (3, 2, 4))  # spec §1.9 check 2: m = 60, n = 24
 

@@ -26,19 +26,17 @@ from .. import kernels
 from .._peft_compat import BufferDict
 from ..init.tucker import (
     TuckerShape,
-    last_mode_delta_rows,
     last_mode_outer,
-    shared_random_factors,
-    split_shared,
     tucker_apply,
     tucker_to_tensor,
     unfold_view,
 )
-from ..init.tucker_cost import apply_macs, apply_traffic, best_mode, last_mode_build_macs
+from ..init.tucker_cost import apply_macs, apply_traffic, best_mode, edge_kronecker_cost, last_mode_build_macs
+from ..init.tucker_random import shared_random_factors, split_shared
 from .base import FrozenBase, MethodAdapter
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
-from .tera_function import LARGE_WEIGHT, GradPlan, TeRALinearFunction
+from .tera_function import GradPlan, TeRALinearFunction
 
 ForwardMode = Literal["auto", "factored", "materialized"]
 ScaleSides = Literal["mode", "rank", "both"]
@@ -59,12 +57,14 @@ class TeRAConfig(SpecPeftConfig):
 
     Attributes:
         tensor_order: N, the number of modes each weight is tensorized into (≥ 2).
-        rank: Tucker ranks: an int r gives R_k = min(r, J_k); a list gives R_k per mode (clipped to J_k); None
-            (default) gives R_k = min(16, J_k) on every mode but the one that is cheapest to contract per token, which
-            gets 1 (`init.tucker.cheap_mode_ranks`). Then Δ = P ⊗ M_k, applied without forming Δ at ~1.1× the frozen
-            layer's fwd+bwd (4096² and 4096×11008, T = 1024); any full-rank mode forces an extra m·n GEMM per step
-            (≥ 1.5×, benchmarks/tera_speed.py). rank(Δ) is min(d_out, d_in) either way.
-        mode_sizes: per weight shape "{d_out}x{d_in}" → [[m_1..m_N], [n_1..n_N]], overriding the balanced default.
+        rank: Tucker ranks over balanced modes (spec §1.3): an int r gives R_k = min(r, J_k); a list gives R_k per
+            mode (clipped to J_k). None (default) also picks the modes: a last mode with R_N = 1, sized so that
+            Δ = P ⊗ M_N is cheapest to apply per token while the trainables stay below rank(Δ), and R_k = min(16, J_k)
+            on the balanced others (`init.tucker.wide_last_mode`; at 4096² modes (16, 8, 32)², 1,377 trainables).
+            Δ is then applied without forming it (`kernels.kronecker_linear`); any full-rank mode forces an extra
+            m·n GEMM per step (≥ 1.5×, benchmarks/tera_speed.py). The default's splits keep rank(Δ) = min(d_out, d_in).
+        mode_sizes: per weight shape "{d_out}x{d_in}" → [[m_1..m_N], [n_1..n_N]], overriding the default modes; with
+            rank=None the mode whose contraction is cheapest gets R_k = 1 (`init.tucker.cheap_mode_ranks`).
         scale_sides: trainable diagonals on the "mode" side (λ_k, length J_k), the "rank" side (μ_k, length R_k), or
             "both" (VeRA's output-side + rank-side pattern).
         alpha: scalar s in W + s·Δ.
@@ -72,7 +72,7 @@ class TeRAConfig(SpecPeftConfig):
             sha256(f"{projection_seed}|{bucket}").
         save_shared_factors: write the shared factors into the adapter file. False (default): the file holds only the
             vectors and loading regenerates the factors from the seed, bit-identically on any machine running the same
-            torch random-integer generator (init/tucker.py).
+            torch random-integer generator (init/tucker_random.py).
         forward_mode: "materialized" runs the base op on W + Δ (Δ rebuilt in backward, never saved); "factored"
             contracts x mode by mode without forming Δ; "auto" picks the cheaper by the batch's token count.
     """
@@ -113,7 +113,8 @@ class TeRAConfig(SpecPeftConfig):
                     raise ValueError(f"TeRAConfig.mode_sizes[{key!r}]: {side} must be ≥ 1 with product {dim}.")
 
     def shape_for(self, d_out: int, d_in: int) -> TuckerShape:
-        """Mode structure of a d_out×d_in weight: `mode_sizes` override or balanced factors, ranks clipped to J_k."""
+        """Mode structure of a d_out×d_in weight: the `mode_sizes` override, else `TuckerShape.for_matrix` (balanced
+        modes for explicit ranks, `wide_last_mode` for rank=None); ranks clipped to J_k."""
         override = self.mode_sizes.get(f"{d_out}x{d_in}")
         if override is None:
             return TuckerShape.for_matrix(d_out, d_in, self.tensor_order, self.rank)
@@ -156,6 +157,11 @@ class TeRAAdapter(MethodAdapter):
             shared[self.bucket] = shared_random_factors(seed, shape)
         self.unmerged_mode = best_mode(shape)  # the factored path's plan (init/tucker.py `tucker_apply`)
         self.projected_mode = best_mode(shape, unmerged=True)  # the unmerged mode of the "projected" gradients
+        edge = edge_kronecker_cost(shape)  # R_N = 1: Δ = P ⊗ M_N, applied by kernels.kronecker_linear when cheaper
+        self.edge_kronecker = edge is not None and edge[0] <= apply_macs(shape, self.unmerged_mode)[1]
+        # Triton's Tucker kernel builds W + Δ (three GEMMs a step); the Kronecker op (torch) uses the rank-1 mode. The
+        # H100 run had the torch path ahead already with balanced modes (profile_layer_cuda.txt), so "auto" keeps torch.
+        self.triton_by_default = not self.edge_kronecker
         self._costs_by_tokens: dict[int, dict[str, float]] = {}  # `_step_costs` memo: a pure function of T
         if scale_sides in ("mode", "both"):
             for k, size in enumerate(shape.mode_sizes):
@@ -256,6 +262,9 @@ class TeRAAdapter(MethodAdapter):
     def _estimate_step_costs(self, tokens: int) -> dict[str, float]:
         pre, per_token = apply_macs(self.shape, self.unmerged_mode)
         traffic = apply_traffic(self.shape, self.unmerged_mode)
+        if self.edge_kronecker:  # P = 𝒢 ×_{l<N} Ũ_l as in the plan above, applied in the cheaper order
+            pre = apply_macs(self.shape, self.shape.order - 1)[0]
+            per_token, traffic = edge_kronecker_cost(self.shape)
         dense = self.shape.out_features * self.shape.in_features
         merge = 2 * last_mode_build_macs(self.shape) + 8 * _MEMORY_MACS * dense
         grads_dense = tokens * dense + 2 * dense * self.shape.ranks[-1] + _MEMORY_MACS * (
@@ -285,47 +294,26 @@ class TeRAAdapter(MethodAdapter):
         costs = self._step_costs(tokens)
         return "projected" if costs["projected"] < costs["dense"] else "dense"
 
-    def _merged_weight(self, base: Optional[FrozenBase], vectors: tuple[Tensor, ...]) -> Tensor:
-        """W₀ + α·Δ (`base` given, in the base weight's dtype) or α·Δ (fp32), (out, in), contiguous; no autograd.
-
-        Δ[(a', a_N), (b', b_N)] = Σ_r P[(a', b'), r] Ũ_N[(a_N, b_N), r] with P = α𝒢 ×_{l<N} Ũ_l (`last_mode_outer`):
-        m·n·R_N MACs, the unfold permutation fused into the add to W₀.
-        """
+    def _kronecker_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(P, M_N) of Δ = P ⊗ M_N (R_N = 1) as `kernels.kronecker_linear`'s (1, m', n') and (1, m_N, n_N) factors."""
         shape = self.shape
-        core, factors = self._scaled(tuple(vectors), vectors[0].dtype)
-        outer = last_mode_outer(core, factors, shape)  # (m'·n', R_N)
-        m_last, n_last, rank = shape.out_modes[-1], shape.in_modes[-1], shape.ranks[-1]
-        if base is not None and shape.out_features * shape.in_features >= LARGE_WEIGHT:
-            # One m·n allocation instead of two (Δ, then W₀ + Δ): page-faulting fresh large buffers costs about
-            # as much as the build. Per out-index a_N: W'[a', a_N, b', :] = W₀[…] + P[a', b', :] Ũ_N[a_N, :, :]ᵀ.
-            weight = base.weight()
-            merged = torch.empty(shape.out_features, shape.in_features, dtype=weight.dtype, device=weight.device)
-            grid = (shape.out_features // m_last, m_last, shape.in_features // n_last, n_last)  # (m', m_N, n', n_N)
-            merged4, weight4 = merged.view(grid), weight.reshape(grid)
-            outer3 = outer.view(grid[0], grid[2], rank)  # (m'·n', R_N) -> (m', n', R_N)
-            cube = factors[-1].reshape(m_last, n_last, rank)  # (J_N, R_N) -> (m_N, n_N, R_N)
-            for a_last in range(m_last):  # (m', n', R_N)·(R_N, n_N) -> (m', n', n_N), added into W₀'s layout
-                torch.add(weight4[:, a_last], torch.matmul(outer3, cube[a_last].T), out=merged4[:, a_last])
-            return merged
-        if base is None:
-            rows = last_mode_delta_rows(outer, factors[-1], shape)  # (m_N, m', n)
-            # (m_N, m', n) -> (m', m_N, n) -> (m, n): row (a', a_N) = row a of Δ
-            return rows.transpose(0, 1).reshape(shape.out_features, shape.in_features)
-        # Small weights: one GEMM for all of Δ, laid out (a', b', a_N, b_N), added through a strided view
-        # (fewer, larger ops than the per-a_N loop above; exact when Δ = 0: W₀ + 0 = W₀ bit for bit).
-        grid = (shape.out_features // m_last, shape.in_features // n_last, m_last, n_last)  # (m', n', m_N, n_N)
-        delta = outer @ factors[-1].T  # (m'·n', R_N)·(R_N, m_N·n_N) -> (m'·n', J_N)
-        weight = base.weight()
-        merged = torch.empty(shape.out_features, shape.in_features, dtype=weight.dtype, device=weight.device)
-        order = (grid[0], grid[2], grid[1], grid[3])  # (m', m_N, n', n_N): W₀'s layout
-        torch.add(weight.reshape(order), delta.view(grid).permute(0, 2, 1, 3), out=merged.view(order))
-        return merged
+        core, factors = self._scaled(tuple(self.vectors()), dtype)
+        outer = last_mode_outer(core, factors, shape)  # (m'·n', 1), rows (a', b')
+        m_last, n_last = shape.out_modes[-1], shape.in_modes[-1]
+        # (m'·n', 1) -> (1, m', n');  Ũ_N (J_N, 1) -> (1, m_N, n_N)
+        p = outer.view(1, shape.out_features // m_last, shape.in_features // n_last)
+        return p, factors[-1].view(1, m_last, n_last)
 
-    def _factored_delta(self, x: Tensor) -> Tensor:
+    def _factored_delta(self, x: Tensor, base_out: Optional[Tensor] = None) -> Tensor:
+        """x Δᵀ (+ base_out) without forming Δ: the P ⊗ M_N product when R_N = 1 makes it cheaper, else `tucker_apply`."""
+        if self.edge_kronecker:
+            p, m_last = self._kronecker_factors(x.dtype)
+            return kernels.kronecker_linear(x, p, m_last, base_out=base_out, backend="torch")
         core, factors = self._scaled(tuple(self.vectors()), x.dtype)
         flat = x.reshape(-1, self.shape.in_features)  # (..., n) -> (T, n)
         out = tucker_apply(flat, core, factors, self.shape, self.unmerged_mode)  # (T, m)
-        return out.reshape(*x.shape[:-1], self.shape.out_features)
+        out = out.reshape(*x.shape[:-1], self.shape.out_features)
+        return out if base_out is None else base_out + out
 
     def _explicit_backward_ok(self, base: FrozenBase) -> bool:
         """The closed-form linear backward applies: a linear base whose frozen weight and bias take no gradient."""
@@ -341,7 +329,7 @@ class TeRAAdapter(MethodAdapter):
             return fused
         tokens = x.numel() // self.shape.in_features
         if self.use_factored(tokens):
-            return base(x) + self._factored_delta(x)
+            return self._factored_delta(x, base(x))
         if self._explicit_backward_ok(base):
             plan = self.grad_plan(tokens)
             if base.geometry.quantized:  # the weight can only be read, not substituted: add x Δᵀ to the base output

@@ -1,4 +1,4 @@
-"""Tucker tensor networks over weight matrices: tensorization into modes, HOSVD, seeded shared random factors.
+"""Tucker tensor networks over weight matrices: tensorization into modes, default layouts, HOSVD, contractions.
 
 A d_out×d_in matrix Δ is viewed as an order-N tensor 𝒳 whose k-th mode pairs the k-th out-factor with the k-th
 in-factor (MPO-style interleaving, spec tera_fedsvd_snella.md §1.2). With m = ∏ m_k, n = ∏ n_k and row-major
@@ -10,14 +10,12 @@ A Tucker network 𝒳 = 𝒢 ×_1 U_1 ×_2 … ×_N U_N (core 𝒢: R_1×…×R_
 Δ = Σ_r 𝒢[r] · M_1^{(r_1)} ⊗ … ⊗ M_N^{(r_N)} with M_k^{(r)} = reshape(U_k[:, r], (m_k, n_k)), so one Kronecker term
 already has rank ∏ min(m_k, n_k): rank(Δ) is not bounded by the number of parameters.
 
-Shared random factors are generated on the CPU from `(seed, mode sizes, ranks)` with integer draws and exact
-arithmetic only (no transcendental function), so the same config regenerates bit-identical factors on any machine.
-What each contraction plan costs (MACs, traffic, the cheapest unmerged mode) lives in tucker_cost.py.
+What each contraction plan costs (MACs, traffic, the cheapest unmerged mode) lives in tucker_cost.py; the seeded
+shared random factors in tucker_random.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import string
 from collections.abc import Sequence
@@ -27,30 +25,26 @@ import torch
 from torch import Tensor
 
 from .svd import SVDInit, truncated_svd
-from .tucker_cost import apply_macs, best_mode, is_kronecker
+from .tucker_cost import apply_macs, best_mode, is_kronecker, kronecker_splits
 
 __all__ = [
     "TuckerShape",
     "balanced_factors",
-    "bucket_seed",
+    "cheap_mode_ranks",
     "fold",
     "hosvd",
     "last_mode_delta_rows",
     "last_mode_outer",
     "mode_product",
     "prime_factors",
-    "shared_random_factors",
-    "split_shared",
     "tucker_apply",
     "tucker_to_tensor",
     "unfold",
     "unmerged_core",
     "unmerged_indices",
     "unfold_view",
+    "wide_last_mode",
 ]
-
-_UNIFORM_BITS = 24  # each uniform draw is (k + 1/2)/2^24, k a 24-bit integer: exact in float64
-_IRWIN_HALL_TERMS = 12  # Σ of 12 U(0,1) − 6 has mean 0 and variance 1 (Irwin–Hall)
 
 
 # -- mode sizes -------------------------------------------------------------------------------------------------
@@ -117,8 +111,12 @@ class TuckerShape:
     @classmethod
     def for_matrix(cls, d_out: int, d_in: int, order: int,
                    ranks: int | tuple[int, ...] | list[int] | None) -> TuckerShape:
-        """Balanced modes for a d_out×d_in matrix; an int rank r gives R_k = min(r, J_k), a list is clipped to J_k,
-        None gives `cheap_mode_ranks`."""
+        """Balanced modes for a d_out×d_in matrix with an int rank r (R_k = min(r, J_k)) or a per-mode list
+        (clipped to J_k); None gives `wide_last_mode` (balanced modes with `cheap_mode_ranks` where it has no split)."""
+        if ranks is None:
+            wide = wide_last_mode(d_out, d_in, order)
+            if wide is not None:
+                return wide
         return cls.with_ranks(balanced_factors(d_out, order), balanced_factors(d_in, order), ranks)
 
     @classmethod
@@ -248,6 +246,24 @@ def cheap_mode_ranks(out_modes: tuple[int, ...], in_modes: tuple[int, ...], rank
     return shapes[k]
 
 
+def wide_last_mode(d_out: int, d_in: int, order: int, rank: int = 16) -> TuckerShape | None:
+    """The default layout: a rank-1 last mode sized by `kronecker_splits`, the other N−1 modes balanced over the rest.
+
+    Then Δ = P ⊗ M_N with P = 𝒢 ×_{l<N} Ũ_l a rank-`rank` Tucker network over the (d_out/m_N)×(d_in/n_N) remainder and
+    M_N = reshape(Ũ_N, (m_N, n_N)). The cheapest split whose trainables Σ J_k + Σ R_k stay below min(d_out, d_in) =
+    rank(Δ) wins: at 4096² modes (16, 8, 32)², ranks (16, 16, 1), 1,377 trainables, 32·4096 + 128·4096 MACs per token
+    per pass against 16·4096 + 256·4096 for balanced modes. None where no split qualifies.
+    """
+    for _, m_w, n_w in kronecker_splits(d_out, d_in):
+        out_modes = balanced_factors(d_out // m_w, order - 1) + (m_w,)
+        in_modes = balanced_factors(d_in // n_w, order - 1) + (n_w,)
+        ranks = tuple(min(rank, m * n) for m, n in zip(out_modes[:-1], in_modes[:-1])) + (1,)
+        shape = TuckerShape(out_modes, in_modes, ranks)
+        if sum(shape.mode_sizes) + sum(ranks) < min(d_out, d_in):
+            return shape
+    return None
+
+
 def _kronecker_chain(x: Tensor, mats: list[Tensor]) -> Tensor:
     """x (M_1 ⊗ … ⊗ M_N)ᵀ for x (T, n_1..n_N) and M_k (m_k, n_k): one GEMM per mode, last mode first."""
     cur = x
@@ -356,53 +372,3 @@ def last_mode_delta_rows(outer: Tensor, last_factor: Tensor, shape: TuckerShape)
     for a_last in range(m_last):
         torch.mm(outer, cube[a_last].T, out=rows[a_last])  # (m'n', R_N) @ (R_N, n_N) -> (m'n', n_N)
     return rows.view(m_last, shape.out_features // m_last, shape.in_features)  # -> (m_N, m', n'·n_N = n)
-
-
-# -- seeded shared factors --------------------------------------------------------------------------------------
-
-
-def bucket_seed(seed: int, shape: TuckerShape) -> int:
-    """63-bit generator seed: the first 8 bytes of sha256(f"{seed}|{shape.key}")."""
-    digest = hashlib.sha256(f"{seed}|{shape.key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
-
-
-def _standard_normal_approx(numel: int, generator: torch.Generator) -> Tensor:
-    """`numel` draws of Σ_{i=1..12} u_i − 6 (Irwin–Hall: mean 0, variance 1, bounded by ±6), float64 on CPU.
-
-    u_i = (k_i + 1/2)/2^24 from 24-bit integer draws of a CPU torch.Generator (mt19937, integer arithmetic). Every
-    step is exact in float64 (the sum has at most 28 significant bits), so unlike torch.randn, whose fp32 kernel
-    differs between AVX2 and scalar builds and whose fp64 kernel calls libm, the result is identical on every
-    machine for a given torch generator algorithm.
-    """
-    draws = torch.randint(0, 2**_UNIFORM_BITS, (_IRWIN_HALL_TERMS, numel), generator=generator, dtype=torch.int64)
-    total = draws.sum(dim=0) + _IRWIN_HALL_TERMS // 2  # Σ_i (k_i + 1/2) = Σ_i k_i + 12/2, an exact integer
-    return total.double() / 2.0**_UNIFORM_BITS - _IRWIN_HALL_TERMS / 2
-
-
-def shared_random_factors(seed: int, shape: TuckerShape) -> Tensor:
-    """The frozen core and factors of one bucket, packed into one flat fp32 CPU buffer.
-
-    Layout: [vec(𝒢) | vec(U_1) | … | vec(U_N)] (row-major), drawn in that order from
-    `torch.Generator().manual_seed(bucket_seed(seed, shape))`. Variances (spec §1.4): 𝒢 ~ 1/n, U_k ~ 1/R_k, so with
-    unit scaling vectors every entry of Δ has variance 1/n whatever the bucket.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(bucket_seed(seed, shape))
-    stds = [1.0 / math.sqrt(shape.in_features)] + [1.0 / math.sqrt(r) for r in shape.ranks]
-    sizes = [math.prod(shape.ranks)] + [j * r for j, r in zip(shape.mode_sizes, shape.ranks)]
-    parts = [_standard_normal_approx(size, generator) * std for size, std in zip(sizes, stds)]
-    return torch.cat(parts).float()
-
-
-def split_shared(flat: Tensor, shape: TuckerShape) -> tuple[Tensor, list[Tensor]]:
-    """Views of the core (R_1..R_N) and factors [U_k (J_k × R_k)] inside a flat buffer (no copy)."""
-    if flat.numel() != shape.num_shared:
-        raise ValueError(
-            f"Shared factor buffer of bucket '{shape.key}' has {flat.numel()} entries, expected {shape.num_shared}. "
-            "It was saved for another mode shape; regenerate it (save_shared_factors=False) or fix the config."
-        )
-    sizes = [math.prod(shape.ranks)] + [j * r for j, r in zip(shape.mode_sizes, shape.ranks)]
-    pieces = torch.split(flat, sizes)
-    core = pieces[0].view(shape.ranks)  # (∏R,) -> (R_1..R_N)
-    factors = [piece.view(j, r) for piece, j, r in zip(pieces[1:], shape.mode_sizes, shape.ranks)]  # -> (J_k, R_k)
-    return core, factors

@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .tucker import TuckerShape
 
-__all__ = ["apply_macs", "apply_traffic", "best_mode", "build_macs", "is_kronecker", "last_mode_build_macs"]
+__all__ = [
+    "apply_macs", "apply_traffic", "best_mode", "build_macs", "edge_kronecker_cost", "is_kronecker", "kronecker_splits",
+    "last_mode_build_macs",
+]
 
 
 def build_macs(shape: TuckerShape) -> int:
@@ -73,3 +76,37 @@ def last_mode_build_macs(shape: TuckerShape) -> int:
     sizes, ranks = shape.mode_sizes, shape.ranks
     outer = sum(math.prod(sizes[: k + 1]) * math.prod(ranks[k:]) for k in range(shape.order - 1))
     return outer + shape.out_features * shape.in_features * ranks[-1]
+
+
+def edge_kronecker_cost(shape: TuckerShape) -> tuple[int, int] | None:
+    """(MACs, elements written) per token of x Δᵀ as x (P ⊗ M_N)ᵀ when R_N = 1 (P = 𝒢 ×_{l<N} Ũ_l, m'×n'), else None.
+
+    Two GEMM-shaped contractions per token, M_N first (n·m_N + m·n/n_N, intermediate n'·m_N) or P first
+    (m·n/m_N + m·n_N, intermediate m'·n_N), whichever is cheaper (`kernels.kronecker_linear`); traffic counted as in
+    `apply_traffic`: 3·z + 3·m + n.
+    """
+    if shape.ranks[-1] != 1:
+        return None
+    m, n, m_w, n_w = shape.out_features, shape.in_features, shape.out_modes[-1], shape.in_modes[-1]
+    m_first = (n * m_w + m * n // n_w, n // n_w * m_w)
+    p_first = (m * n // m_w + m * n_w, m // m_w * n_w)
+    macs, z = min(m_first, p_first)
+    return macs, 3 * z + 3 * m + n
+
+
+def kronecker_splits(d_out: int, d_in: int) -> list[tuple[int, int, int]]:
+    """(per-token MACs, m_w, n_w) of every split Δ = P ⊗ M (M: m_w×n_w, P: (d_out/m_w)×(d_in/n_w)) that keeps Δ full
+    rank, cheapest first (ties: larger M first).
+
+    Applying P ⊗ M costs min(n·m_w + m·n/n_w, m·n/m_w + m·n_w) MACs per token (M first or P first), minimal near
+    m_w ≈ √m, n_w ≈ √n: 2·n^1.5 at m = n, 3 % of the m·n GEMM at 4096². Full rank needs
+    min(m_w, n_w)·min(m/m_w, n/n_w) = min(m, n); both factors must be non-trivial (primes have no split).
+    """
+    splits = []
+    for m_w in (d for d in range(1, d_out + 1) if d_out % d == 0):
+        for n_w in (d for d in range(1, d_in + 1) if d_in % d == 0):
+            if m_w * n_w in (1, d_out * d_in) or min(m_w, n_w) * min(d_out // m_w, d_in // n_w) != min(d_out, d_in):
+                continue
+            cost = min(d_in * m_w + d_out * d_in // n_w, d_out * d_in // m_w + d_out * n_w)
+            splits.append((cost, m_w, n_w))
+    return sorted(splits, key=lambda split: (split[0], -split[1] * split[2]))
