@@ -141,9 +141,9 @@ def fwd_bwd_seconds(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, steps
     return (time.perf_counter() - start) / steps
 
 
-def interleaved_medians(models: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int,
-                        warmup: int, progress: bool = False, steps: int = 1) -> dict[str, float]:
-    """Median fwd+bwd seconds per model, all models timed round-robin in every round with the order rotated, so
+def interleaved_times(models: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int,
+                      warmup: int, progress: bool = False, steps: int = 1) -> dict[str, list[float]]:
+    """Fwd+bwd seconds per model and repeat, all models timed round-robin in every round with the order rotated, so
     machine load drifts hit every variant alike (the ratios are what the benchmarks report). Each timing averages
     `steps` steps (`fwd_bwd_seconds`)."""
     labels = list(models)
@@ -155,6 +155,13 @@ def interleaved_medians(models: dict[str, nn.Module], x: torch.Tensor, grad: tor
                 times[label].append(elapsed)
         if progress:
             print(f"  round {step + 1}/{warmup + repeats} done", file=sys.stderr, flush=True)
+    return times
+
+
+def interleaved_medians(models: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int,
+                        warmup: int, progress: bool = False, steps: int = 1) -> dict[str, float]:
+    """Median of `interleaved_times` per model."""
+    times = interleaved_times(models, x, grad, repeats, warmup, progress, steps)
     return {label: statistics.median(values) for label, values in times.items()}
 
 
@@ -176,3 +183,16 @@ def matched_lokr(d_out: int, d_in: int, target: int) -> dict[str, Any]:
     grid = itertools.product([-1, 2, 4, 8, 16, 32, 64, 128, 256], [1, 2, 4, 8, 16, 32, 64, 128, 256], [False, True])
     best = min(grid, key=lambda c: (abs(lokr_params(d_out, d_in, *c) - target), c[1]))
     return {"decompose_factor": best[0], "r": best[1], "decompose_both": best[2]}
+
+
+def matched_vera_rank(target: int, d_outs: Iterable[int], max_rank: int) -> int:
+    """The peft VeRA r whose trainable count Σ (d_out + r) over the adapted layers is closest to `target` (r ≥ 1)."""
+    d_outs = list(d_outs)
+    return min(max(1, round((target - sum(d_outs)) / len(d_outs))), max_rank)
+
+
+def balanced_tera_modes(shapes: Iterable[tuple[int, int]], order: int = 3) -> dict[str, list[list[int]]]:
+    """`TeRAConfig.mode_sizes` pinning spec §1.3's balanced modes (TeRA's default layout before the P ⊗ M_N one)."""
+    from specpeft.init.tucker import balanced_factors
+
+    return {f"{o}x{i}": [list(balanced_factors(o, order)), list(balanced_factors(i, order))] for o, i in shapes}

@@ -1,11 +1,10 @@
-"""TeRA against peft VeRA on a whole model: training-step time of a MiniLM-shaped BERT, ÷ the frozen model.
+"""TeRA against peft VeRA on a whole model: training-step time of MiniLM-L6, ÷ the frozen model.
 
     python benchmarks/tera_model_step.py              # batch 8 × 128 tokens, 15 rounds (≈ 2 min on 2 cores)
     python benchmarks/tera_model_step.py --quick      # 3 rounds
 
-The model is `BertModel(BertConfig(hidden 384, 6 layers, 12 heads, intermediate 1536))` with random weights (the
-shapes of the README's MiniLM quality task; no download), every query/key/value/dense layer adapted, fed
-`inputs_embeds` that require grad, and timed as `out.backward(g)` round-robin per round (`_harness.interleaved_medians`).
+The model is the pretrained MiniLM-L6 encoder of the README's quality task (examples/assets.py, offline), every
+query/key/value/dense layer adapted, fed `inputs_embeds` that require grad, and timed as `out.backward(g)` round-robin per round (`_harness.interleaved_medians`).
 Throughput is the inverse of the step time, so "÷ VeRA" below 1 means TeRA trains faster. Variants: TeRA's default,
 the balanced-modes layout it replaced, peft VeRA r = 16, its default r = 256, and the VeRA whose trainable count is
 closest to TeRA default's (VeRA trains d_out + r per layer, so r = 1 whenever TeRA trains fewer than Σ d_out + layers).
@@ -24,10 +23,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # noqa: E402
+import assets  # noqa: E402
 import specpeft  # noqa: E402
-from specpeft.init.tucker import balanced_factors  # noqa: E402
 
 TARGETS = ["query", "key", "value", "dense"]
 
@@ -43,12 +43,9 @@ class EmbeddingsIn(nn.Module):
         return self.bert(inputs_embeds=x).last_hidden_state
 
 
-def minilm_shaped() -> nn.Module:
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
-    return BertModel(config).eval().requires_grad_(False)  # eval: no dropout noise in the timings
+def minilm() -> nn.Module:
+    """The pretrained MiniLM-L6 encoder, frozen, in eval mode (no dropout noise in the timings)."""
+    return assets.minilm_classifier(num_labels=2, seed=0)[0].bert.eval().requires_grad_(False)
 
 
 def adapted_shapes(model: nn.Module) -> list[tuple[int, int]]:
@@ -57,16 +54,15 @@ def adapted_shapes(model: nn.Module) -> list[tuple[int, int]]:
 
 
 def tera(balanced: bool) -> nn.Module:
-    model = minilm_shaped()
-    modes = {f"{o}x{i}": [list(balanced_factors(o, 3)), list(balanced_factors(i, 3))] for o, i in adapted_shapes(model)}
-    config = specpeft.TeRAConfig(target_modules=TARGETS, mode_sizes=modes if balanced else {})
-    return EmbeddingsIn(specpeft.get_adapter_model(model, config))
+    model = minilm()
+    modes = _harness.balanced_tera_modes(adapted_shapes(model)) if balanced else {}
+    return EmbeddingsIn(specpeft.get_adapter_model(model, specpeft.TeRAConfig(target_modules=TARGETS, mode_sizes=modes)))
 
 
 def vera(rank: int) -> nn.Module:
     from peft import VeraConfig, get_peft_model
 
-    return EmbeddingsIn(get_peft_model(minilm_shaped(), VeraConfig(r=rank, target_modules=TARGETS)))
+    return EmbeddingsIn(get_peft_model(minilm(), VeraConfig(r=rank, target_modules=TARGETS)))
 
 
 def trainable(model: nn.Module) -> int:
@@ -88,11 +84,11 @@ def main() -> None:
     header = _harness.run_header("tera_model_step", None)
     start = time.perf_counter()
 
-    models = {"frozen model": EmbeddingsIn(minilm_shaped()), "TeRA default": tera(balanced=False),
+    models = {"frozen model": EmbeddingsIn(minilm()), "TeRA default": tera(balanced=False),
               "TeRA balanced modes": tera(balanced=True), "peft VeRA r=16": vera(16), "peft VeRA r=256": vera(256)}
-    n_layers = len(adapted_shapes(minilm_shaped()))
-    vera_floor = sum(o for o, _ in adapted_shapes(minilm_shaped())) + n_layers  # VeRA r = 1
-    matched_rank = max(1, 1 + (trainable(models["TeRA default"]) - vera_floor) // n_layers)
+    shapes = adapted_shapes(models["frozen model"].bert)
+    matched_rank = _harness.matched_vera_rank(trainable(models["TeRA default"]), (o for o, _ in shapes),
+                                              min(min(shape) for shape in shapes))
     models[f"peft VeRA count-matched (r={matched_rank})"] = vera(matched_rank)
 
     gen = torch.Generator().manual_seed(0)
@@ -107,7 +103,7 @@ def main() -> None:
              "vs_frozen": seconds[label] / base, "vs_vera16": seconds[label] / vera16,
              "vs_matched": seconds[label] / matched} for label, model in models.items()]
     lines = [
-        "# TeRA vs peft VeRA: training step of a MiniLM-shaped BERT", "",
+        "# TeRA vs peft VeRA: training step of MiniLM-L6", "",
         _harness.header_markdown(header, f"Batch {args.batch} × {args.tokens} tokens, fp32, every query/key/value/"
                                  f"dense layer adapted; median of {rounds} round-robin rounds after 2 warm-up."),
         "| variant | trainable | step ms | ÷ frozen model | ÷ VeRA r=16 | ÷ VeRA count-matched |",

@@ -24,7 +24,6 @@ Results: benchmarks/results/tera_speed{,_quick}.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -39,9 +38,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
 import specpeft  # noqa: E402
 from specpeft.adapters.bridge import AdapterLayer  # noqa: E402
-from specpeft.init.tucker import balanced_factors  # noqa: E402
 
 RANK_LIMIT = 512  # measure rank(ΔW) only where min(d_out, d_in) ≤ this
 TARGETS = {"base_ratio": 1.25, "vera_ratio": 1.0}
@@ -72,24 +72,19 @@ def frozen_base(d_out: int, d_in: int) -> nn.Module:
 
 
 def tera(rank: int | None, mode: str = "auto", order: int = 3, balanced: bool = False) -> Callable[[int, int], nn.Module]:
-    """TeRA through the public API; `balanced` pins the balanced modes of sessions ≤ 4's default (one R_k = 1)."""
+    """TeRA through the public API; `balanced` pins the balanced modes of the previous default (one R_k = 1)."""
     def build(d_out: int, d_in: int) -> nn.Module:
-        modes = {f"{d_out}x{d_in}": [list(balanced_factors(d_out, order)), list(balanced_factors(d_in, order))]}
         config = specpeft.TeRAConfig(target_modules=["0"], rank=rank, forward_mode=mode, tensor_order=order,
-                                     mode_sizes=modes if balanced else {})
+                                     mode_sizes=_harness.balanced_tera_modes([(d_out, d_in)], order) if balanced else {})
         return specpeft.get_adapter_model(_linear(d_out, d_in), config)
 
     return build
 
 
-def tera_default_trainable(d_out: int, d_in: int) -> int:
-    shape = specpeft.TeRAConfig(target_modules=["0"]).shape_for(d_out, d_in)
-    return sum(shape.mode_sizes) + sum(shape.ranks)
-
-
 def vera_rank_matched_to_tera(d_out: int, d_in: int) -> int:
     """VeRA trains d_out + r: the r whose count is closest to TeRA default's (r ≥ 1, so ≥ d_out + 1)."""
-    return min(max(tera_default_trainable(d_out, d_in) - d_out, 1), min(d_out, d_in))
+    count = specpeft.TeRAConfig(target_modules=["0"]).shape_for(d_out, d_in).num_vectors
+    return _harness.matched_vera_rank(count, [d_out], min(d_out, d_in))
 
 
 def vera(rank: int | Callable[[int, int], int] | None) -> Callable[[int, int], nn.Module]:
@@ -119,10 +114,6 @@ METHODS = [
 ]
 COMPARABLE_VERA = "peft VeRA r=16"
 MATCHED_VERA = "peft VeRA count-matched"
-
-
-def trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 _RANKS: dict[tuple[str, int, int], int | None] = {}
@@ -160,14 +151,6 @@ def tera_path(model: nn.Module, tokens: int) -> str:
     return "merged+dΔ" if adapter.grad_plan(tokens) == "dense" else "merged+projected"
 
 
-def time_fwd_bwd(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
-    model.zero_grad(set_to_none=True)
-    x.grad = None
-    start = time.perf_counter()
-    model(x).backward(grad)
-    return time.perf_counter() - start
-
-
 def run_case(case: Case, repeats: int, warmup: int, big_repeats: int = 3) -> list[dict]:
     if case.big:
         repeats, warmup = min(repeats, big_repeats), min(warmup, 1)
@@ -175,20 +158,14 @@ def run_case(case: Case, repeats: int, warmup: int, big_repeats: int = 3) -> lis
     x = torch.randn(case.tokens, case.d_in, generator=gen).requires_grad_(True)
     grad = torch.randn(case.tokens, case.d_out, generator=gen)
     models = {m.label: m.build(case.d_out, case.d_in) for m in METHODS}
-    times: dict[str, list[float]] = {label: [] for label in models}
-    for step in range(warmup + repeats):
-        order = METHODS[step % len(METHODS):] + METHODS[: step % len(METHODS)]  # rotate: no fixed position bias
-        for method in order:
-            elapsed = time_fwd_bwd(models[method.label], x, grad)
-            if step >= warmup:
-                times[method.label].append(elapsed)
+    times = _harness.interleaved_times(models, x, grad, repeats, warmup)
     medians = {label: statistics.median(values) for label, values in times.items()}
     rows = []
     for method in METHODS:
         model = models[method.label]
         rows.append({
             "d_out": case.d_out, "d_in": case.d_in, "tokens": case.tokens, "method": method.label,
-            "trainable": trainable(model) if method.kind != "base" else 0,
+            "trainable": _harness.count(p for p in model.parameters() if p.requires_grad),
             "path": tera_path(model, case.tokens) if method.kind == "tera" else "",
             "delta_rank": delta_rank(model, method, case.d_out, case.d_in),
             "ms": 1e3 * medians[method.label], "repeats": repeats,
@@ -277,11 +254,8 @@ def main() -> None:
         print(f"[{case.d_out}×{case.d_in}, T={case.tokens}] {time.perf_counter() - start:.0f} s", file=sys.stderr)
     table = markdown(rows, args)
     print(table)
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
     stem = args.stem or ("tera_speed_quick" if args.quick else "tera_speed")
-    (out / f"{stem}.md").write_text(table)
-    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    _harness.write_outputs(_harness.RESULTS, stem, table, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

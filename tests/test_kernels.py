@@ -186,6 +186,18 @@ def test_tucker_matches_reference(shape, mode: str, dtype: torch.dtype) -> None:
     compare(unpack(kernel), unpack(reference), flat, dtype)
 
 
+@pytest.mark.parametrize("mode", ["factored", "materialized"])
+def test_tucker_base_out_is_added_to_the_adapter_term(mode: str) -> None:
+    """base_out (a base with no plain weight, e.g. quantized) is added to x Δᵀ on the torch path, in float64."""
+    inputs = _tucker_inputs((2, 3, 2), (3, 2, 2), (2, 3, 1), torch.float64, with_weight=False)
+    inputs["core"], inputs["factors"] = inputs["core"].double(), [f.double() for f in inputs["factors"]]
+    base_out = tensor(2, 2, 12, dtype=torch.float64, seed=5)
+    got = K.tucker_linear(**inputs, base_out=base_out, mode=mode, backend="torch")
+    torch.testing.assert_close(got, base_out + K.tucker_linear_reference(**inputs), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="base_out"):
+        K.tucker_linear(**{**inputs, "bias": tensor(12, seed=6)}, base_out=base_out, backend="torch")
+
+
 @needs_triton
 def test_tucker_materialized_saves_no_weight_sized_tensor() -> None:
     """W + Δ is rebuilt in backward: autograd keeps no new (m, n) tensor (the base weight itself is only referenced)."""
@@ -366,23 +378,21 @@ def test_config_flag_forces_the_backend_of_every_adapter(monkeypatch: pytest.Mon
 
 def test_auto_skips_triton_for_methods_whose_torch_path_trains_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     """SVFit and SoKA (`triton_by_default = False`) run torch under "auto" where Triton would run (CUDA, stood in for
-    by a dispatcher that picks Triton), and Triton when the config or SPECPEFT_KERNELS forces it; TeRA keeps Triton
-    unless its layout is Δ = P ⊗ M_N (the default), which the torch Kronecker op applies without forming Δ."""
+    by a dispatcher that picks Triton), and Triton when the config or SPECPEFT_KERNELS forces it; TeRA keeps Triton."""
     import specpeft.adapters.base as adapter_base
     from specpeft import SoKAConfig, SVFitConfig, TeRAConfig, get_adapter_model
 
     monkeypatch.setattr(adapter_base, "kernel_backend", lambda *tensors, backend=None: backend or "triton")
     monkeypatch.delenv(K.ENV_VAR, raising=False)
 
-    def paths(config_cls, flag: str, size: int = 16, **cfg) -> set[str]:
+    def paths(config_cls, flag: str, size: int = 16) -> set[str]:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(size, size))
-        adapted = get_adapter_model(model, config_cls(target_modules=["0"], kernel_backend=flag, **cfg))
+        adapted = get_adapter_model(model, config_cls(target_modules=["0"], kernel_backend=flag))
         return {m.kernel_path(torch.zeros(2)) for m in adapted.modules() if hasattr(m, "kernel_path")}
 
     assert paths(SVFitConfig, "auto") == paths(SoKAConfig, "auto") == {"torch"}
-    assert paths(TeRAConfig, "auto", 256, rank=16) == {"triton"}
-    assert paths(TeRAConfig, "auto", 256) == {"torch"} and paths(TeRAConfig, "triton", 256) == {"triton"}
+    assert paths(TeRAConfig, "auto") == paths(TeRAConfig, "auto", 256) == {"triton"}
     assert paths(SVFitConfig, "triton") == paths(SoKAConfig, "triton") == {"triton"}
     monkeypatch.setenv(K.ENV_VAR, "triton")
     assert paths(SVFitConfig, "auto") == paths(SoKAConfig, "auto") == {"triton"}

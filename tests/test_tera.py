@@ -153,11 +153,18 @@ def _split_reference(d_out: int, d_in: int) -> int:
     return best
 
 
-@pytest.mark.parametrize(("d_out", "d_in"), [(4096, 4096), (4096, 11008), (11008, 4096), (384, 1536), (768, 768)])
-def test_default_layout_is_the_cheapest_full_rank_kronecker_split(d_out: int, d_in: int) -> None:
+@pytest.mark.parametrize(("d_out", "d_in", "modes"), [
+    (4096, 4096, ((16, 8, 32), (16, 8, 32))),  # 32·4096 + 128·4096 MACs per token; (64, 64) would train 4,257 > 4,096
+    (4096, 11008, ((16, 8, 32), (16, 8, 86))),
+    (11008, 4096, ((16, 8, 86), (16, 8, 32))),
+    (384, 1536, ((8, 8, 6), (8, 8, 24))),
+    (768, 768, ((8, 4, 24), (8, 4, 24))),
+])
+def test_default_layout_is_the_cheapest_full_rank_kronecker_split(d_out: int, d_in: int, modes: tuple) -> None:
     """rank=None: a rank-1 last mode (Δ = P ⊗ M_N) sized to the cheapest qualifying split (brute-force reference),
     R = 16 elsewhere, fewer trainables than rank(Δ), and cheaper per token than balanced modes' best rank-1 mode."""
     shape = TeRAConfig(target_modules=["x"]).shape_for(d_out, d_in)
+    assert (shape.out_modes, shape.in_modes) == modes
     assert shape.ranks == (16, 16, 1) and (shape.out_features, shape.in_features) == (d_out, d_in)
     assert sum(shape.mode_sizes) + sum(shape.ranks) < min(d_out, d_in)
     assert edge_kronecker_cost(shape)[0] == _split_reference(d_out, d_in)

@@ -88,7 +88,7 @@ class MethodAdapter(nn.Module, metaclass=ABCMeta):
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "conv2d", "conv3d")
     expensive_init: ClassVar[bool] = False
     uses_shared_state: ClassVar[bool] = False
-    triton_by_default: bool = True  # class default; an adapter may set it per instance (TeRA does, per layout)
+    triton_by_default: ClassVar[bool] = True
     # The config's `kernel_backend`, set by the bridge after `create`; read through `kernel_path`.
     kernel_backend: str = "auto"
 

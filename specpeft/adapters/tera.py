@@ -26,7 +26,6 @@ from .. import kernels
 from .._peft_compat import BufferDict
 from ..init.tucker import (
     TuckerShape,
-    last_mode_outer,
     tucker_apply,
     tucker_to_tensor,
     unfold_view,
@@ -61,7 +60,7 @@ class TeRAConfig(SpecPeftConfig):
             mode (clipped to J_k). None (default) also picks the modes: a last mode with R_N = 1, sized so that
             Δ = P ⊗ M_N is cheapest to apply per token while the trainables stay below rank(Δ), and R_k = min(16, J_k)
             on the balanced others (`init.tucker.wide_last_mode`; at 4096² modes (16, 8, 32)², 1,377 trainables).
-            Δ is then applied without forming it (`kernels.kronecker_linear`); any full-rank mode forces an extra
+            Δ is then applied without forming it (SoKA's Kronecker op); any full-rank mode forces an extra
             m·n GEMM per step (≥ 1.5×, benchmarks/tera_speed.py). The default's splits keep rank(Δ) = min(d_out, d_in).
         mode_sizes: per weight shape "{d_out}x{d_in}" → [[m_1..m_N], [n_1..n_N]], overriding the default modes; with
             rank=None the mode whose contraction is cheapest gets R_k = 1 (`init.tucker.cheap_mode_ranks`).
@@ -159,9 +158,6 @@ class TeRAAdapter(MethodAdapter):
         self.projected_mode = best_mode(shape, unmerged=True)  # the unmerged mode of the "projected" gradients
         edge = edge_kronecker_cost(shape)  # R_N = 1: Δ = P ⊗ M_N, applied by kernels.kronecker_linear when cheaper
         self.edge_kronecker = edge is not None and edge[0] <= apply_macs(shape, self.unmerged_mode)[1]
-        # Triton's Tucker kernel builds W + Δ (three GEMMs a step); the Kronecker op (torch) uses the rank-1 mode. The
-        # H100 run had the torch path ahead already with balanced modes (profile_layer_cuda.txt), so "auto" keeps torch.
-        self.triton_by_default = not self.edge_kronecker
         self._costs_by_tokens: dict[int, dict[str, float]] = {}  # `_step_costs` memo: a pure function of T
         if scale_sides in ("mode", "both"):
             for k, size in enumerate(shape.mode_sizes):
@@ -294,22 +290,13 @@ class TeRAAdapter(MethodAdapter):
         costs = self._step_costs(tokens)
         return "projected" if costs["projected"] < costs["dense"] else "dense"
 
-    def _kronecker_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(P, M_N) of Δ = P ⊗ M_N (R_N = 1) as `kernels.kronecker_linear`'s (1, m', n') and (1, m_N, n_N) factors."""
-        shape = self.shape
-        core, factors = self._scaled(tuple(self.vectors()), dtype)
-        outer = last_mode_outer(core, factors, shape)  # (m'·n', 1), rows (a', b')
-        m_last, n_last = shape.out_modes[-1], shape.in_modes[-1]
-        # (m'·n', 1) -> (1, m', n');  Ũ_N (J_N, 1) -> (1, m_N, n_N)
-        p = outer.view(1, shape.out_features // m_last, shape.in_features // n_last)
-        return p, factors[-1].view(1, m_last, n_last)
-
     def _factored_delta(self, x: Tensor, base_out: Optional[Tensor] = None) -> Tensor:
-        """x Δᵀ (+ base_out) without forming Δ: the P ⊗ M_N product when R_N = 1 makes it cheaper, else `tucker_apply`."""
-        if self.edge_kronecker:
-            p, m_last = self._kronecker_factors(x.dtype)
-            return kernels.kronecker_linear(x, p, m_last, base_out=base_out, backend="torch")
+        """x Δᵀ (+ base_out) without forming Δ: Δ = P ⊗ M_N by the Kronecker op when R_N = 1 makes that cheaper
+        (`kernels.tucker_linear`'s factored mode), else `tucker_apply`."""
         core, factors = self._scaled(tuple(self.vectors()), x.dtype)
+        if self.edge_kronecker:
+            return kernels.tucker_linear(x, core, factors, self.shape.out_modes, self.shape.in_modes,
+                                         base_out=base_out, mode="factored", backend="torch")
         flat = x.reshape(-1, self.shape.in_features)  # (..., n) -> (T, n)
         out = tucker_apply(flat, core, factors, self.shape, self.unmerged_mode)  # (T, m)
         out = out.reshape(*x.shape[:-1], self.shape.out_features)

@@ -34,6 +34,7 @@ __all__ = [
     "rearrange",
     "unrearrange",
     "choose_factor_shape",
+    "divisors",
     "kpsvd",
     "rank_criteria",
     "select_rank",
@@ -132,7 +133,9 @@ class KroneckerShape:
 
 
 @functools.lru_cache(maxsize=4096)
-def _divisors(n: int) -> tuple[int, ...]:
+@functools.lru_cache(maxsize=None)
+def divisors(n: int) -> tuple[int, ...]:
+    """The divisors of n ≥ 1, ascending."""
     small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
     return tuple(sorted(set(small + [n // d for d in small])))
 
@@ -140,9 +143,9 @@ def _divisors(n: int) -> tuple[int, ...]:
 def _best_split(rows: int, cols: int, rank_needed: int, max_params: int) -> tuple[tuple, tuple[int, ...]] | None:
     """Best (m1, n1, m2, n2) with m1·m2 = rows, n1·n2 = cols under rules (a), (d); ranked by (b), then (c)."""
     best = None
-    for m1 in _divisors(rows):
+    for m1 in divisors(rows):
         m2 = rows // m1
-        for n1 in _divisors(cols):
+        for n1 in divisors(cols):
             n2 = cols // n1
             if min(m1, n1) * min(m2, n2) < rank_needed:  # (a) one component can be full rank
                 continue

@@ -155,6 +155,11 @@ class TuckerShape:
         return f"o{join(self.out_modes)}_i{join(self.in_modes)}_r{join(self.ranks)}"
 
     @property
+    def num_vectors(self) -> int:
+        """Σ J_k + Σ R_k: one diagonal scaling per mode index and per rank (TeRA's trainables, both sides)."""
+        return sum(self.mode_sizes) + sum(self.ranks)
+
+    @property
     def num_shared(self) -> int:
         """Floats in the frozen core plus factors: ∏ R_k + Σ J_k R_k."""
         return math.prod(self.ranks) + sum(j * r for j, r in zip(self.mode_sizes, self.ranks))
@@ -250,7 +255,7 @@ def wide_last_mode(d_out: int, d_in: int, order: int, rank: int = 16) -> TuckerS
     """The default layout: a rank-1 last mode sized by `kronecker_splits`, the other N−1 modes balanced over the rest.
 
     Then Δ = P ⊗ M_N with P = 𝒢 ×_{l<N} Ũ_l a rank-`rank` Tucker network over the (d_out/m_N)×(d_in/n_N) remainder and
-    M_N = reshape(Ũ_N, (m_N, n_N)). The cheapest split whose trainables Σ J_k + Σ R_k stay below min(d_out, d_in) =
+    M_N = reshape(Ũ_N, (m_N, n_N)). The cheapest split whose trainables (`num_vectors`) stay below min(d_out, d_in) =
     rank(Δ) wins: at 4096² modes (16, 8, 32)², ranks (16, 16, 1), 1,377 trainables, 32·4096 + 128·4096 MACs per token
     per pass against 16·4096 + 256·4096 for balanced modes. None where no split qualifies.
     """
@@ -259,7 +264,7 @@ def wide_last_mode(d_out: int, d_in: int, order: int, rank: int = 16) -> TuckerS
         in_modes = balanced_factors(d_in // n_w, order - 1) + (n_w,)
         ranks = tuple(min(rank, m * n) for m, n in zip(out_modes[:-1], in_modes[:-1])) + (1,)
         shape = TuckerShape(out_modes, in_modes, ranks)
-        if sum(shape.mode_sizes) + sum(ranks) < min(d_out, d_in):
+        if shape.num_vectors < min(d_out, d_in):
             return shape
     return None
 

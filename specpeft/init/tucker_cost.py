@@ -1,20 +1,24 @@
 """Cost model of the Tucker network's contractions (spec tera_fedsvd_snella.md §1.6): MACs and memory traffic of
 building Δ and of applying it to tokens without forming it, per plan, so callers can pick the cheapest.
 
-Pure integer arithmetic on a `TuckerShape` (init/tucker.py, which runs the plans this module prices).
+Pure integer arithmetic on a `TuckerShape` (init/tucker.py, which runs the plans this module prices) or on the
+factor sizes of a Kronecker product.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
+
+from .kronecker import divisors
 
 if TYPE_CHECKING:
     from .tucker import TuckerShape
 
 __all__ = [
-    "apply_macs", "apply_traffic", "best_mode", "build_macs", "edge_kronecker_cost", "is_kronecker", "kronecker_splits",
-    "last_mode_build_macs",
+    "apply_macs", "apply_traffic", "best_mode", "build_macs", "edge_kronecker_cost", "is_kronecker",
+    "kronecker_apply_macs", "kronecker_splits", "last_mode_build_macs",
 ]
 
 
@@ -78,35 +82,41 @@ def last_mode_build_macs(shape: TuckerShape) -> int:
     return outer + shape.out_features * shape.in_features * ranks[-1]
 
 
+def kronecker_apply_macs(m1: int, n1: int, m2: int, n2: int) -> int:
+    """MACs per token of x (A ⊗ B)ᵀ with A (m1×n1), B (m2×n2) as two GEMM-shaped contractions, in the cheaper order:
+    B first (n1·n2·m2 + m1·n1·m2) or A first (m1·n1·n2 + m1·n2·m2)."""
+    return min(n1 * n2 * m2 + m1 * n1 * m2, m1 * n1 * n2 + m1 * n2 * m2)
+
+
 def edge_kronecker_cost(shape: TuckerShape) -> tuple[int, int] | None:
     """(MACs, elements written) per token of x Δᵀ as x (P ⊗ M_N)ᵀ when R_N = 1 (P = 𝒢 ×_{l<N} Ũ_l, m'×n'), else None.
 
-    Two GEMM-shaped contractions per token, M_N first (n·m_N + m·n/n_N, intermediate n'·m_N) or P first
-    (m·n/m_N + m·n_N, intermediate m'·n_N), whichever is cheaper (`kernels.kronecker_linear`); traffic counted as in
-    `apply_traffic`: 3·z + 3·m + n.
+    `kronecker_apply_macs` of (P, M_N), as `kernels.kronecker_linear` runs it; the intermediate is n'·m_N (M_N first)
+    or m'·n_N (P first); traffic counted as in `apply_traffic`: 3·z + 3·m + n.
     """
     if shape.ranks[-1] != 1:
         return None
     m, n, m_w, n_w = shape.out_features, shape.in_features, shape.out_modes[-1], shape.in_modes[-1]
-    m_first = (n * m_w + m * n // n_w, n // n_w * m_w)
-    p_first = (m * n // m_w + m * n_w, m // m_w * n_w)
-    macs, z = min(m_first, p_first)
+    m_p, n_p = m // m_w, n // n_w
+    macs = kronecker_apply_macs(m_p, n_p, m_w, n_w)
+    m_first = n_p * n_w * m_w + m_p * n_p * m_w
+    z = n_p * m_w if macs == m_first else m_p * n_w
     return macs, 3 * z + 3 * m + n
 
 
-def kronecker_splits(d_out: int, d_in: int) -> list[tuple[int, int, int]]:
+@functools.lru_cache(maxsize=None)
+def kronecker_splits(d_out: int, d_in: int) -> tuple[tuple[int, int, int], ...]:
     """(per-token MACs, m_w, n_w) of every split Δ = P ⊗ M (M: m_w×n_w, P: (d_out/m_w)×(d_in/n_w)) that keeps Δ full
     rank, cheapest first (ties: larger M first).
 
-    Applying P ⊗ M costs min(n·m_w + m·n/n_w, m·n/m_w + m·n_w) MACs per token (M first or P first), minimal near
-    m_w ≈ √m, n_w ≈ √n: 2·n^1.5 at m = n, 3 % of the m·n GEMM at 4096². Full rank needs
-    min(m_w, n_w)·min(m/m_w, n/n_w) = min(m, n); both factors must be non-trivial (primes have no split).
+    The cost is `kronecker_apply_macs`, minimal near m_w ≈ √m, n_w ≈ √n: 2·n^1.5 at m = n, 3 % of the m·n GEMM at
+    4096². Full rank needs min(m_w, n_w)·min(m/m_w, n/n_w) = min(m, n); both factors must be non-trivial (primes
+    have no split).
     """
     splits = []
-    for m_w in (d for d in range(1, d_out + 1) if d_out % d == 0):
-        for n_w in (d for d in range(1, d_in + 1) if d_in % d == 0):
+    for m_w in divisors(d_out):
+        for n_w in divisors(d_in):
             if m_w * n_w in (1, d_out * d_in) or min(m_w, n_w) * min(d_out // m_w, d_in // n_w) != min(d_out, d_in):
                 continue
-            cost = min(d_in * m_w + d_out * d_in // n_w, d_out * d_in // m_w + d_out * n_w)
-            splits.append((cost, m_w, n_w))
-    return sorted(splits, key=lambda split: (split[0], -split[1] * split[2]))
+            splits.append((kronecker_apply_macs(d_out // m_w, d_in // n_w, m_w, n_w), m_w, n_w))
+    return tuple(sorted(splits, key=lambda split: (split[0], -split[1] * split[2])))

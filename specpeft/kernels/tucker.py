@@ -39,6 +39,7 @@ from ._dispatch import (
     next_power_of_2,
 )
 from ..init.tucker import TuckerShape, unmerged_indices
+from ..init.tucker_cost import kronecker_apply_macs
 from .kronecker import kronecker_linear
 
 
@@ -111,11 +112,12 @@ def tucker_linear_reference(
 
 
 def _outer_and_last(core: Tensor, factors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """P = 𝒢 ×_{k<N} U_k as (J', R_N) and U_N (J_N, R_N), fp32, differentiable."""
-    P = core.float()
+    """P = 𝒢 ×_{k<N} U_k as (J', R_N) and U_N (J_N, R_N), fp32 (float64 stays float64), differentiable."""
+    work = torch.promote_types(core.dtype, torch.float32)
+    P = core.to(work)
     for mode, factor in enumerate(factors[:-1]):
-        P = _mode_product(P, factor.float(), mode)
-    return P.reshape(-1, core.shape[-1]), factors[-1].float()  # (J_1..J_{N−1}, R_N) -> (J', R_N)
+        P = _mode_product(P, factor.to(work), mode)
+    return P.reshape(-1, core.shape[-1]), factors[-1].to(work)  # (J_1..J_{N−1}, R_N) -> (J', R_N)
 
 
 def _kron_factors(P: Tensor, U: Tensor, out_modes: Sequence[int], in_modes: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -138,7 +140,7 @@ def tucker_prefers_factored(tokens: int, core_shape: Sequence[int], out_modes: S
     m_n, n_n, rank = out_modes[-1], in_modes[-1], core_shape[-1]
     m_o, n_o = math.prod(out_modes[:-1]), math.prod(in_modes[:-1])
     m, n = m_o * m_n, n_o * n_n
-    kron = rank * min(n_o * n_n * m_n + m_o * n_o * m_n, m_o * n_o * n_n + m_o * n_n * m_n)
+    kron = rank * kronecker_apply_macs(m_o, n_o, m_n, n_n)
     factored = tokens * kron * (4 if training else 1)
     per_token = (0 if has_weight else m * n) * (3 if training else 1) + (m * n if training else 0)
     materialized = m * n * rank * (2 if training else 1) + tokens * per_token
@@ -257,10 +259,10 @@ class TuckerMaterializedFunction(torch.autograd.Function):
 
 def tucker_linear(
     x: Tensor, core: Tensor, factors: Sequence[Tensor], out_modes: Sequence[int], in_modes: Sequence[int], *,
-    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, mode: TuckerMode = "auto",
-    backend: Optional[BackendChoice] = None,
+    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, base_out: Optional[Tensor] = None,
+    mode: TuckerMode = "auto", backend: Optional[BackendChoice] = None,
 ) -> Tensor:
-    """y = x (W + unfold(𝒢 ×_k U_k))ᵀ + b (module docstring).
+    """y = x (W + unfold(𝒢 ×_k U_k))ᵀ + b, or base_out + x unfold(𝒢 ×_k U_k)ᵀ (module docstring).
 
     Args:
         x: (..., n), n = ∏ in_modes.
@@ -268,6 +270,8 @@ def tucker_linear(
         out_modes, in_modes: (m_1..m_N), (n_1..n_N) with products d_out and d_in.
         weight: frozen base weight (d_out, d_in), merged on the fly; None for the adapter term alone.
         bias: (d_out,).
+        base_out: (..., d_out) output of a base layer that has no plain weight to merge (e.g. a quantized one), added
+            to the adapter term; only with weight and bias None.
         mode: "materialized", "factored", or "auto" (`tucker_prefers_factored` for this batch).
         backend: "triton" / "torch" / "auto" override (see `kernel_backend`).
 
@@ -281,6 +285,8 @@ def tucker_linear(
         raise ValueError(f"tucker_linear: weight {tuple(weight.shape)} must be ({d_out}, {d_in}).")
     if mode not in ("auto", "materialized", "factored"):
         raise ValueError(f"tucker_linear: mode={mode!r}; use 'auto', 'materialized' or 'factored'.")
+    if base_out is not None and (weight is not None or bias is not None):
+        raise ValueError("tucker_linear: pass the base either as weight/bias (merged) or as base_out, not both.")
     rows = as_rows(x, d_in, "tucker_linear x")  # (..., n) -> (T, n)
     if mode == "auto":
         training = torch.is_grad_enabled() and (core.requires_grad or any(f.requires_grad for f in factors))
@@ -291,17 +297,20 @@ def tucker_linear(
         P, U = _outer_and_last(core, factors)
         A, B = _kron_factors(P, U, out_modes, in_modes)
         b = None if bias is None else bias.to(x.dtype)
-        base = None
+        base = None if base_out is None else as_rows(base_out.to(x.dtype), d_out, "tucker_linear base_out")
         if weight is not None:
             base = F.linear(rows, weight.to(x.dtype), b)  # the frozen base GEMM; the kernel adds the Kronecker terms
         elif b is not None:
             base = b.expand(rows.shape[0], d_out)  # (d_out,) -> (T, d_out), a stride-0 view
         y = kronecker_linear(rows, A, B, base_out=base, backend=backend)
     elif kernel_backend(x, core, weight, backend=backend) == "torch":
-        return tucker_linear_reference(x, core, factors, out_modes, in_modes, weight=weight, bias=bias)
+        y = tucker_linear_reference(x, core, factors, out_modes, in_modes, weight=weight, bias=bias)
+        return y if base_out is None else base_out + y
     else:
         P, U = _outer_and_last(core, factors)
         y = TuckerMaterializedFunction.apply(rows, weight, bias, P, U, out_modes, in_modes)
+        if base_out is not None:
+            y = y + as_rows(base_out.to(x.dtype), d_out, "tucker_linear base_out")
     return y.reshape(*x.shape[:-1], d_out)  # (T, d_out) -> (..., d_out)
 
 
