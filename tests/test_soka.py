@@ -16,6 +16,7 @@ import specpeft.kernels as K
 from adapter_matrix import CHECKS, MODEL_CASES, MethodCase, ModelCase, adapted, run_check
 from specpeft import FrozenBase, LayerGeometry, SoKAConfig, SVDInit
 from specpeft.adapters import soka_function
+from specpeft.kernels import kronecker_torch
 from specpeft.adapters.soka import SoKAAdapter
 from specpeft.init.kronecker import allocate_budget
 
@@ -124,7 +125,7 @@ def test_gradients_equal_dense_reference(dims: tuple[int, int], chunks: str, mon
     adapter = _adapter(base, r=3).double()
     _perturb(adapter)
     if chunks == "ragged":  # 3 tokens per chunk over 10 tokens: chunks of 3, 3, 3, 1
-        monkeypatch.setitem(soka_function._CHUNK_ELEMENTS, "cpu", 3 * _chunk_width(adapter))
+        monkeypatch.setitem(kronecker_torch._CHUNK_ELEMENTS, "cpu", 3 * _chunk_width(adapter))
     x = torch.randn(2, 5, dims[0], dtype=F64, generator=torch.Generator().manual_seed(3), requires_grad=True)
     adapter(x, FrozenBase(base)).sin().sum().backward()
     got = (adapter.A.grad.clone(), adapter.B.grad.clone(), x.grad.clone())

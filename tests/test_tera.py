@@ -174,12 +174,15 @@ def test_default_layout_is_the_cheapest_full_rank_kronecker_split(d_out: int, d_
     assert adapter.edge_kronecker  # the factored path runs kernels.kronecker_linear on (P, M_N)
 
 
+@pytest.mark.parametrize("mode", ["auto", "materialized"])
 @pytest.mark.parametrize(("d_out", "d_in"), [(256, 256), (512, 256), (256, 1024)])
-def test_default_layout_equals_the_float64_reference_end_to_end(d_out: int, d_in: int) -> None:
-    """The P ⊗ M_N path of the default layout: output and gradients equal autograd through the Kronecker-sum
-    formula (float64), a quantized-style base (x Δᵀ added to base(x)) too, and save → reload reproduces it exactly."""
-    adapter = _adapter(d_out, d_in, alpha=0.8)
-    assert adapter.edge_kronecker and adapter.shape.ranks[-1] == 1
+def test_default_layout_equals_the_float64_reference_end_to_end(d_out: int, d_in: int, mode: str) -> None:
+    """Both paths of the default layout, P ⊗ M_N applied to x (auto at 12 tokens) and the merged W + P ⊗ M_N with
+    the Kronecker factor gradients: output and gradients equal autograd through the Kronecker-sum formula (float64),
+    a quantized-style base (x Δᵀ added to base(x)) too, and save → reload reproduces it exactly."""
+    adapter = _adapter(d_out, d_in, alpha=0.8, forward_mode=mode)
+    assert adapter.edge_kronecker and adapter.shape.ranks[-1] == 1 and adapter.kronecker_merged
+    assert adapter.use_factored(12) == (mode == "auto")
     base = nn.Linear(d_in, d_out).double().requires_grad_(False)
     x = torch.randn(3, 4, d_in, dtype=torch.float64, requires_grad=True)
     names = [name for name, _ in adapter.named_parameters()]
@@ -198,7 +201,8 @@ def test_default_layout_equals_the_float64_reference_end_to_end(d_out: int, d_in
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-9)
     torch.manual_seed(0)
-    model = specpeft.get_adapter_model(nn.Sequential(nn.Linear(d_in, d_out)), TeRAConfig(target_modules=["0"]))
+    config = TeRAConfig(target_modules=["0"], forward_mode=mode)
+    model = specpeft.get_adapter_model(nn.Sequential(nn.Linear(d_in, d_out)), config)
     perturb(model, 0.3)
     inputs = torch.randn(5, d_in)
     with tempfile.TemporaryDirectory() as tmp:
@@ -359,14 +363,19 @@ def test_materialized_forward_saves_no_dense_delta(quantized: bool, plan: str, m
 
 
 def test_auto_mode_picks_by_token_count() -> None:
-    """The winners measured in benchmarks/results/tera_speed.md: factored for few tokens, for a Kronecker Δ and for
-    the default layout (Δ = P ⊗ M_N) at 4096²; R = 16 on every mode merges for many tokens."""
+    """The winners measured in benchmarks/results/tera_speed.md ("factored forced" / "merged forced" rows): factored
+    for few tokens and for a Kronecker Δ; R = 16 on every mode merges for many tokens; the default layout
+    (Δ = P ⊗ M_N) is factored at 4096² up to ~1K tokens and merged (Kronecker factor gradients, no dΔ) beyond, and
+    merged at 384² from 256 tokens."""
     adapter = _adapter(4096, 4096, dtype=torch.float32, rank=16)
     assert adapter.use_factored(1) and adapter.use_factored(8)
     assert not adapter.use_factored(512) and not adapter.use_factored(4096)
-    assert all(_adapter(4096, 4096, dtype=torch.float32).use_factored(t) for t in (1, 512, 4096, 16384))
+    default = _adapter(4096, 4096, dtype=torch.float32)
+    assert default.kronecker_merged
+    assert all(default.use_factored(t) for t in (1, 512, 1024)) and not default.use_factored(4096)
     assert _adapter(4096, 4096, dtype=torch.float32, rank=1).use_factored(512)
     assert not _adapter(384, 384, dtype=torch.float32, rank=1).use_factored(2048)
+    assert not any(_adapter(384, 384, dtype=torch.float32).use_factored(t) for t in (256, 1024, 4096))
 
 
 def test_bad_options_name_the_field() -> None:

@@ -12,13 +12,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# Tokens per chunk: the stage-1 intermediate (tokens·n1·2r·m2 elements, 16 MB in fp32) is built per chunk of
-# tokens, never for all T at once. Above glibc's 32 MB mmap threshold every call would get freshly zeroed pages
-# (measured on CPU: the stage-1 GEMM ran 2× slower), and each chunk is reused by the next GEMM from cache. 1M-element
-# chunks were ~8 % faster on one idle core but much slower with 2 threads on a loaded box (every GEMM is a thread
-# barrier), hence 4M.
-_CHUNK_ELEMENTS = {"cpu": 1 << 22}
-_DEFAULT_CHUNK_ELEMENTS = 1 << 27  # accelerators: few large launches beat cache-sized pieces
+from ..kernels.kronecker_torch import accumulate_mm, token_chunks
 
 
 def b_first(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> bool:
@@ -29,11 +23,6 @@ def b_first(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> bool:
     """
     (m1, n1), (m2, n2) = a_shape, b_shape
     return 6 * n1 * n2 * m2 + 5 * m1 * n1 * m2 <= 6 * m1 * n1 * n2 + 5 * m1 * m2 * n2
-
-
-def _token_chunks(tokens: int, per_token: int, device: torch.device) -> list[tuple[int, int]]:
-    step = max(1, _CHUNK_ELEMENTS.get(device.type, _DEFAULT_CHUNK_ELEMENTS) // per_token)
-    return [(start, min(tokens, start + step)) for start in range(0, tokens, step)]
 
 
 class KroneckerDeltaFunction(torch.autograd.Function):
@@ -60,7 +49,7 @@ class KroneckerDeltaFunction(torch.autograd.Function):
         q_rows = Q.reshape(R * p2, q2)  # (2r, p2, q2) -> (2r·p2, q2), rows (c, j)
         p_cols = P.permute(1, 2, 0).reshape(p1, q1 * R)  # (2r, p1, q1) -> (p1, q1·2r), columns (l, c)
         y = torch.empty(x.shape[0], p1 * p2, device=x.device, dtype=x.dtype)
-        for start, stop in _token_chunks(x.shape[0], q1 * R * p2, x.device):
+        for start, stop in token_chunks(x.shape[0], q1 * R * p2, x.device):
             n = stop - start
             z = _rows_in(x[start:stop], q1, q2, transposed) @ q_rows.T  # (n·q1, q2) @ (q2, 2r·p2) -> (n·q1, 2r·p2)
             p_batch = p_cols.expand(n, p1, q1 * R)  # stride-0 batch of the shared factor
@@ -93,7 +82,7 @@ class KroneckerDeltaFunction(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_u = torch.zeros(p1, q1 * r, device=x.device, dtype=U.dtype) if need_u else None  # columns (l, k)
         grad_v = torch.zeros(r * p2, q2, device=x.device, dtype=V.dtype) if need_v else None  # rows (k, j)
-        for start, stop in _token_chunks(x.shape[0], q1 * R * p2, x.device):
+        for start, stop in token_chunks(x.shape[0], q1 * R * p2, x.device):
             n = stop - start
             g = grad_y[start:stop].view(n, p1 * p2)  # (n, m1·m2)
             g = g.view(n, p2, p1).mT.contiguous() if ctx.transposed else g.view(n, p1, p2)  # G_t: (n, p1, p2)
@@ -107,7 +96,7 @@ class KroneckerDeltaFunction(torch.autograd.Function):
             if need_v:
                 halves = d.view(n * q1, 2, r * p2)  # (n·q1, 2r·p2) -> (n·q1, 2, r·p2)
                 u_t_g = halves[:, 0] + halves[:, 1]  # (U − U⁰)ᵀG + U⁰ᵀG = UᵀG: (n·q1, r·p2)
-                _accumulate_mm(grad_v, u_t_g.mT, rows)  # (r·p2, n·q1) @ (n·q1, q2)
+                accumulate_mm(grad_v, u_t_g.mT, rows)  # (r·p2, n·q1) @ (n·q1, q2)
             if need_u:
                 z1 = (rows @ v_rows.T).view(n, q1 * r, p2)  # X_t V_kᵀ: (n·q1, r·p2) -> (n, q1·r, p2)
                 grad_u += torch.bmm(g, z1.mT).sum(0, dtype=grad_u.dtype)  # Σ_t G_t Z₁ᵀ: (n, p1, q1·r) -> (p1, q1·r)
@@ -123,11 +112,3 @@ def _rows_in(x: Tensor, q1: int, q2: int, transposed: bool) -> Tensor:
     if not transposed:
         return x.reshape(-1, q2)  # (n, q1·q2) -> (n·q1, q2)
     return x.view(-1, q2, q1).mT.reshape(-1, q2)  # (n, q2·q1) -> (n, q1, q2) -> (n·q1, q2), a copy
-
-
-def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b, summed in acc's dtype (fp32 factor gradients from 16-bit activations)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    else:
-        acc += (a @ b).to(acc.dtype)

@@ -30,7 +30,10 @@ from ..init.tucker import (
     tucker_to_tensor,
     unfold_view,
 )
-from ..init.tucker_cost import apply_macs, apply_traffic, best_mode, edge_kronecker_cost, last_mode_build_macs
+from ..init.tucker_cost import (apply_macs, apply_traffic, best_mode, edge_kronecker_cost, kronecker_grads_cost,
+                                 last_mode_build_macs)
+from ..kernels.kronecker_torch import grads_transposed
+from ..kernels.tucker import prefers_kronecker_grads
 from ..init.tucker_random import shared_random_factors, split_shared
 from .base import FrozenBase, MethodAdapter
 from .config import SpecPeftConfig
@@ -158,6 +161,9 @@ class TeRAAdapter(MethodAdapter):
         self.projected_mode = best_mode(shape, unmerged=True)  # the unmerged mode of the "projected" gradients
         edge = edge_kronecker_cost(shape)  # R_N = 1: Δ = P ⊗ M_N, applied by kernels.kronecker_linear when cheaper
         self.edge_kronecker = edge is not None and edge[0] <= apply_macs(shape, self.unmerged_mode)[1]
+        # R_N = 1 on a plain linear: the merged path runs W + P ⊗ M_N with Kronecker factor gradients (no dΔ)
+        self.kronecker_merged = (shape.ranks[-1] == 1 and geometry.is_plain_linear
+                                 and prefers_kronecker_grads(1, shape.out_modes, shape.in_modes))
         self._costs_by_tokens: dict[int, dict[str, float]] = {}  # `_step_costs` memo: a pure function of T
         if scale_sides in ("mode", "both"):
             for k, size in enumerate(shape.mode_sizes):
@@ -269,8 +275,14 @@ class TeRAAdapter(MethodAdapter):
         projected_per_token = 2 * apply_macs(self.shape, k, unmerged=True)[1]
         grads_projected = _PROJECTED_PENALTY * tokens * (
             projected_per_token + 2 * _MEMORY_MACS * apply_traffic(self.shape, k, True))
-        return {"factored": 3 * (pre + tokens * per_token) + 3 * _MEMORY_MACS * tokens * traffic,
-                "dense": merge + grads_dense, "projected": merge + grads_projected}
+        costs = {"factored": 3 * (pre + tokens * per_token) + 3 * _MEMORY_MACS * tokens * traffic,
+                 "dense": merge + grads_dense, "projected": merge + grads_projected}
+        if self.kronecker_merged:  # W + P ⊗ M_N built twice (priced like `merge`), plus the factor gradients
+            m_last, n_last = self.shape.out_modes[-1], self.shape.in_modes[-1]
+            sizes = (self.shape.out_features // m_last, self.shape.in_features // n_last, m_last, n_last)  # P, M_N
+            macs, moved = kronecker_grads_cost(*sizes, transposed=grads_transposed(sizes[:2], sizes[2:]))
+            costs["kronecker"] = 8 * _MEMORY_MACS * dense + tokens * (macs + _MEMORY_MACS * moved)
+        return costs
 
     def use_factored(self, tokens: int) -> bool:
         """Factored contraction (Δ never formed) iff its estimated training-step cost is the lowest (`_step_costs`).
@@ -283,7 +295,8 @@ class TeRAAdapter(MethodAdapter):
         if self.forward_mode == "factored":
             return True
         costs = self._step_costs(tokens)
-        return costs["factored"] < min(costs["dense"], costs["projected"])
+        merged = [costs["kronecker"]] if self.kronecker_merged else [costs["dense"], costs["projected"]]
+        return costs["factored"] < min(merged)
 
     def grad_plan(self, tokens: int) -> GradPlan:
         """How the merged-weight path computes the vector gradients: "projected" when cheaper than "dense"."""
@@ -302,6 +315,15 @@ class TeRAAdapter(MethodAdapter):
         out = out.reshape(*x.shape[:-1], self.shape.out_features)
         return out if base_out is None else base_out + out
 
+    def _kronecker_merged(self, x: Tensor, module: Optional[nn.Module]) -> Tensor:
+        """x (W + Δ)ᵀ + b (module given) or x Δᵀ as one GEMM on the merged weight, Δ = P ⊗ M_N built by a fused
+        multiply-add and rebuilt in backward; the factor gradients of (P, M_N) are contracted from dY and x, so no
+        m×n dΔ is formed (`kernels.tucker_linear`'s torch materialized mode)."""
+        core, factors = self._scaled(tuple(self.vectors()), self.vectors()[0].dtype)
+        weight, bias = (None, None) if module is None else (module.weight, module.bias)
+        return kernels.tucker_linear(x, core, factors, self.shape.out_modes, self.shape.in_modes, weight=weight,
+                                     bias=bias, mode="materialized", backend="torch")
+
     def _explicit_backward_ok(self, base: FrozenBase) -> bool:
         """The closed-form linear backward applies: a linear base whose frozen weight and bias take no gradient."""
         module = base.module
@@ -317,6 +339,8 @@ class TeRAAdapter(MethodAdapter):
         tokens = x.numel() // self.shape.in_features
         if self.use_factored(tokens):
             return self._factored_delta(x, base(x))
+        if self.kronecker_merged and base.geometry.is_plain_linear:
+            return self._kronecker_merged(x, base.module)
         if self._explicit_backward_ok(base):
             plan = self.grad_plan(tokens)
             if base.geometry.quantized:  # the weight can only be read, not substituted: add x Δᵀ to the base output
@@ -330,6 +354,8 @@ class TeRAAdapter(MethodAdapter):
         tokens = x.numel() // self.shape.in_features
         if self.use_factored(tokens):
             return self._factored_delta(x)
+        if self.kronecker_merged:
+            return self._kronecker_merged(x, None)
         if self.geometry.kind == "linear":
             return TeRALinearFunction.apply(x, self, base, False, self.grad_plan(tokens), *self.vectors())
         run = lambda inp, *vecs: base.apply_weight(inp, self._build(*vecs))  # noqa: E731

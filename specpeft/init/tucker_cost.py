@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "apply_macs", "apply_traffic", "best_mode", "build_macs", "edge_kronecker_cost", "is_kronecker",
-    "kronecker_apply_macs", "kronecker_splits", "last_mode_build_macs",
+    "kronecker_apply_macs", "kronecker_grads_cost", "kronecker_splits", "last_mode_build_macs",
 ]
 
 
@@ -86,6 +86,16 @@ def kronecker_apply_macs(m1: int, n1: int, m2: int, n2: int) -> int:
     """MACs per token of x (A ⊗ B)ᵀ with A (m1×n1), B (m2×n2) as two GEMM-shaped contractions, in the cheaper order:
     B first (n1·n2·m2 + m1·n1·m2) or A first (m1·n1·n2 + m1·n2·m2)."""
     return min(n1 * n2 * m2 + m1 * n1 * m2, m1 * n1 * n2 + m1 * n2 * m2)
+
+
+def kronecker_grads_cost(m1: int, n1: int, m2: int, n2: int, transposed: bool) -> tuple[int, int]:
+    """(MACs, elements moved) per token of the factor gradients dA, dB of x (A ⊗ B)ᵀ, A (m1×n1), B (m2×n2), as
+    `kernels.kronecker_factor_grads` runs them: D = AᵀG and Z = X Bᵀ (n1·m2 each), then the two reductions
+    (n1·n2·m2 + m1·n1·m2 MACs, twice); `transposed` runs the mirror problem (m1, n1) ↔ (m2, n2). Traffic: X and G
+    copied side by side (2·(n + m)), D and Z written and read (4·n1·m2)."""
+    if transposed:
+        m1, n1, m2, n2 = m2, n2, m1, n1
+    return 2 * (n1 * n2 * m2 + m1 * n1 * m2), 2 * (n1 * n2 + m1 * m2) + 4 * n1 * m2
 
 
 def edge_kronecker_cost(shape: TuckerShape) -> tuple[int, int] | None:

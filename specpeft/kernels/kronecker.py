@@ -12,8 +12,9 @@ registers and accumulates A_k W, then adds base_out in the epilogue: one read of
 intermediate never leaves the chip. The contraction order (B first or A first) is the cheaper one per token, the
 other order runs the same kernel on the transposed problem Y_tᵀ = Σ_k B_k X_tᵀ A_kᵀ.
 Backward: dX_t = Σ_k A_kᵀ dY_t B_k is the same kernel on (Aᵀ, Bᵀ); dA_k = Σ_t dY_t B_k X_tᵀ and
-dB_k = Σ_t dY_tᵀ A_k X_t are reductions over all tokens into R·(m1n1 + m2n2) numbers: batched torch GEMMs over
-token chunks (bounded memory, cuBLAS speed; a fused kernel would need a cross-program reduction for each factor).
+dB_k = Σ_t dY_tᵀ A_k X_t are reductions over all tokens into R·(m1n1 + m2n2) numbers: 2-D torch GEMMs over token
+chunks (`kronecker_torch.kronecker_factor_grads`; a fused kernel would need a cross-program reduction per factor).
+Torch path: `kronecker_linear_reference` (two einsums under autograd; on CPU as fast as a hand-written backward).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import HAS_TRITON, BackendChoice, as_rows, dot_precision, interpreting, kernel_backend, next_power_of_2
+from .kronecker_torch import kronecker_factor_grads
 
 __all__ = ["KroneckerLinearFunction", "kronecker_linear", "kronecker_linear_reference"]
 
-_CHUNK_ELEMENTS = 1 << 24  # cap on the (tokens, R, m1, n2) temporary of the factor gradients
 GPU_BLOCK_MAX, GPU_WARPS = 64, 8  # compiled launch: tiles up to 64 (209 registers, no spill on sm_90)
 
 
@@ -152,32 +153,6 @@ def _kron_apply(x: Tensor, a: Tensor, b: Tensor, d_out: int, base: Optional[Tens
     return y
 
 
-def _padded_view(rows: Tensor, size: int, shape: tuple[int, int]) -> Tensor:
-    """(T, d) → (T, *shape) with zero columns up to `size` = shape[0]·shape[1]."""
-    if rows.shape[1] < size:
-        rows = F.pad(rows, (0, size - rows.shape[1]))
-    return rows.reshape(rows.shape[0], *shape)  # (T, size) -> (T, *shape)
-
-
-def _factor_grads(x: Tensor, gy: Tensor, a: Tensor, b: Tensor, need_a: bool, need_b: bool) -> tuple[Tensor, Tensor]:
-    """dA_k = Σ_t dY_t B_k X_tᵀ and dB_k = Σ_t dY_tᵀ A_k X_t, over token chunks, fp32 sums."""
-    R, m1, n1 = a.shape
-    _, m2, n2 = b.shape
-    grad_a = torch.zeros(a.shape, device=a.device, dtype=torch.float32) if need_a else None
-    grad_b = torch.zeros(b.shape, device=b.device, dtype=torch.float32) if need_b else None
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, R * m1 * max(n1, n2, m2)))
-    for start in range(0, x.shape[0], chunk):
-        X = _padded_view(x[start:start + chunk], n1 * n2, (n1, n2))  # (C, n1, n2)
-        G = _padded_view(gy[start:start + chunk], m1 * m2, (m1, m2))  # (C, m1, m2)
-        if need_a:
-            H = torch.einsum("tij,kjq->tkiq", G, b)  # dY_t B_k: (C, R, m1, n2)
-            grad_a += torch.einsum("tkiq,tpq->kip", H, X).float()  # Σ_t (dY_t B_k) X_tᵀ: (R, m1, n1)
-        if need_b:
-            Z = torch.einsum("kip,tpq->tkiq", a, X)  # A_k X_t: (C, R, m1, n2)
-            grad_b += torch.einsum("tij,tkiq->kjq", G, Z).float()  # Σ_t dY_tᵀ (A_k X_t): (R, m2, n2)
-    return grad_a, grad_b
-
-
 class KroneckerLinearFunction(torch.autograd.Function):
     """Triton forward/backward of `kronecker_linear` on 2-D inputs x (T, d_in), base_out (T, d_out)."""
 
@@ -198,7 +173,7 @@ class KroneckerLinearFunction(torch.autograd.Function):
         if need_x:  # dX_t = Σ_k A_kᵀ dY_t B_k: the forward kernel on the transposed factors
             grad_x = _kron_apply(gy, a.transpose(1, 2), b.transpose(1, 2), ctx.d_in, None)
         if need_a or need_b:
-            grad_a, grad_b = _factor_grads(x, gy, a, b, need_a, need_b)
+            grad_a, grad_b = kronecker_factor_grads(x, gy, a, b, need_a, need_b)
             grad_a = None if grad_a is None else grad_a.to(ctx.dtypes[0])
             grad_b = None if grad_b is None else grad_b.to(ctx.dtypes[1])
         return grad_x, grad_a, grad_b, (grad_y if need_base else None), None

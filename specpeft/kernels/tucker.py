@@ -15,6 +15,9 @@ Two paths (chosen by `tucker_prefers_factored`, spec §1.6's break-even):
         into the (m, n) layout (index vectors map each F row to its W' row/column offsets), cast to x's dtype; then
         one cuBLAS GEMM on W'. No fp32 Δ, no permute copy. Backward rebuilds W' (never saved): dx = dY W',
         dΔ = dYᵀ x, dP = fold(dΔ) U_N, dU_N = fold(dΔ)ᵀ P (the dΔ GEMM is the floor of any high-rank adapter).
+        The torch backend runs `kronecker_merged_linear` on the R_N products below when their factor gradients,
+        contracted from dY and x directly, cost fewer MACs than dΔ (small R_N): W' by one fused multiply-add per
+        product, no dΔ; else autograd through the dense Δ (`tucker_linear_reference`).
     "factored": the Kronecker kernel (kronecker.py) on the R_N products above; Δ is never formed. Wins for small
         R_N or few tokens.
 """
@@ -39,12 +42,14 @@ from ._dispatch import (
     next_power_of_2,
 )
 from ..init.tucker import TuckerShape, unmerged_indices
-from ..init.tucker_cost import kronecker_apply_macs
+from ..init.tucker_cost import kronecker_apply_macs, kronecker_grads_cost
 from .kronecker import kronecker_linear
+from .kronecker_torch import kronecker_merged_linear
 
 
 __all__ = [
     "TuckerMaterializedFunction",
+    "prefers_kronecker_grads",
     "tucker_delta",
     "tucker_linear",
     "tucker_linear_reference",
@@ -127,6 +132,14 @@ def _kron_factors(P: Tensor, U: Tensor, out_modes: Sequence[int], in_modes: Sequ
     A = _unfold_tensor(outer, out_modes[:-1], in_modes[:-1]).permute(2, 0, 1)  # (m', n', R) -> (R, m', n')
     B = U.T.reshape(rank, out_modes[-1], in_modes[-1])  # (J_N, R) -> (R, m_N, n_N)
     return A, B
+
+
+def prefers_kronecker_grads(rank_last: int, out_modes: Sequence[int], in_modes: Sequence[int]) -> bool:
+    """Whether the R_N Kronecker factor-gradient contractions (`kronecker_merged_linear`) cost fewer MACs per token
+    than the dense dΔ = gᵀx GEMM (m·n): true for small R_N (TeRA's rank-1 last mode), false at R_N = 16."""
+    sizes = (math.prod(out_modes[:-1]), math.prod(in_modes[:-1]), out_modes[-1], in_modes[-1])  # P_r, U_N[:, r]
+    grads = min(kronecker_grads_cost(*sizes, transposed=flag)[0] for flag in (False, True))
+    return rank_last * grads < math.prod(out_modes) * math.prod(in_modes)
 
 
 def tucker_prefers_factored(tokens: int, core_shape: Sequence[int], out_modes: Sequence[int],
@@ -304,8 +317,13 @@ def tucker_linear(
             base = b.expand(rows.shape[0], d_out)  # (d_out,) -> (T, d_out), a stride-0 view
         y = kronecker_linear(rows, A, B, base_out=base, backend=backend)
     elif kernel_backend(x, core, weight, backend=backend) == "torch":
-        y = tucker_linear_reference(x, core, factors, out_modes, in_modes, weight=weight, bias=bias)
-        return y if base_out is None else base_out + y
+        if not prefers_kronecker_grads(core.shape[-1], out_modes, in_modes):  # autograd through dense Δ, dΔ = gᵀx
+            y = tucker_linear_reference(x, core, factors, out_modes, in_modes, weight=weight, bias=bias)
+            return y if base_out is None else base_out + y
+        A, B = _kron_factors(*_outer_and_last(core, factors), out_modes, in_modes)
+        y = kronecker_merged_linear(rows, A, B, weight, bias)  # one GEMM on W + Σ_r A_r ⊗ B_r, no dΔ
+        if base_out is not None:
+            y = y + as_rows(base_out.to(x.dtype), d_out, "tucker_linear base_out")
     else:
         P, U = _outer_and_last(core, factors)
         y = TuckerMaterializedFunction.apply(rows, weight, bias, P, U, out_modes, in_modes)

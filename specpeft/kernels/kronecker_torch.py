@@ -1,0 +1,165 @@
+"""Torch Kronecker contractions as plain 2-D GEMMs: the factor gradients of every Kronecker op, and the merged op.
+
+Row t of x, viewed row-major as X_t (n1×n2), gives y_t = vec(Σ_k A_k X_t B_kᵀ) = (Σ_k A_k ⊗ B_k) x_t. Two pieces:
+
+* `kronecker_factor_grads`: dA_k = Σ_t G_t B_k X_tᵀ and dB_k = Σ_t G_tᵀ A_k X_t, reductions over all tokens into
+  R·(m1·n1 + m2·n2) numbers. The backward of `kronecker_linear` (both backends) and of the merged op below.
+* `kronecker_merged_linear`: y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b as one GEMM on the merged weight, rebuilt in backward,
+  never saved. With many tokens this beats applying the factors to x (three Kronecker passes per step): the base
+  GEMMs absorb ΔW and only the factor gradients are extra, with no m×n dΔ (TeRA's Δ = P ⊗ M_N layers).
+
+Chunks of tokens bound the T-sized intermediates (`token_chunks`; SoKA's op uses the same chunks).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..init.tucker_cost import kronecker_grads_cost
+
+__all__ = [
+    "KroneckerMergedFunction",
+    "accumulate_mm",
+    "kronecker_factor_grads",
+    "kronecker_merged_linear",
+    "kronecker_merged_weight",
+    "token_chunks",
+]
+
+# Tokens per chunk: the T-sized intermediates (16 MB in fp32) are built per chunk of
+# tokens, never for all T at once. Above glibc's 32 MB mmap threshold every call would get freshly zeroed pages
+# (measured on CPU: the stage-1 GEMM ran 2× slower), and each chunk is reused by the next GEMM from cache. 1M-element
+# chunks were ~8 % faster on one idle core but much slower with 2 threads on a loaded box (every GEMM is a thread
+# barrier), hence 4M.
+_CHUNK_ELEMENTS = {"cpu": 1 << 22}
+_DEFAULT_CHUNK_ELEMENTS = 1 << 27  # accelerators: few large launches beat cache-sized pieces
+
+
+def token_chunks(tokens: int, per_token: int, device: torch.device) -> list[tuple[int, int]]:
+    """[start, stop) ranges of at most `_CHUNK_ELEMENTS` / per_token tokens each."""
+    step = max(1, _CHUNK_ELEMENTS.get(device.type, _DEFAULT_CHUNK_ELEMENTS) // max(1, per_token))
+    return [(start, min(tokens, start + step)) for start in range(0, tokens, step)]
+
+
+def accumulate_mm(acc: Tensor, left: Tensor, right: Tensor) -> None:
+    """acc += left @ right, summed in acc's dtype (fp32 factor gradients from 16-bit activations)."""
+    if left.dtype == acc.dtype:
+        acc.addmm_(left, right)
+    else:
+        acc += (left @ right).to(acc.dtype)
+
+
+def _pad(rows: Tensor, size: int) -> Tensor:
+    return rows if rows.shape[1] == size else F.pad(rows, (0, size - rows.shape[1]))  # zero columns: padded factors
+
+
+def _spread(rows: Tensor, n1: int, n2: int, transposed: bool) -> Tensor:
+    """Token rows (c, n1·n2) as X_t laid side by side: (n1, c, n2), or X_tᵀ: (n2, c, n1) when `transposed` (a copy)."""
+    blocks = rows.view(-1, n1, n2)  # (c, n1·n2) -> (c, n1, n2)
+    return (blocks.permute(2, 0, 1) if transposed else blocks.transpose(0, 1)).contiguous()
+
+
+def grads_transposed(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> bool:
+    """Whether the factor gradients cost fewer MACs per token on the transposed problem Y_tᵀ = B X_tᵀ Aᵀ
+    (`init.tucker_cost.kronecker_grads_cost`)."""
+    sizes = (*a_shape, *b_shape)
+    return kronecker_grads_cost(*sizes, transposed=True)[0] < kronecker_grads_cost(*sizes, transposed=False)[0]
+
+
+def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need_a: bool = True,
+                           need_b: bool = True) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(dA (R, m1, n1), dB (R, m2, n2)) of y = x (Σ_k a_k ⊗ b_k)ᵀ cropped to grad_y's width:
+
+        dA_k = Σ_t G_t B_k X_tᵀ,   dB_k = Σ_t G_tᵀ A_k X_t       (G_t = dY_t, X_t = row t of x as n1×n2)
+
+    for x (T, d_in ≤ n1·n2), grad_y (T, d_out ≤ m1·m2), summed in fp32 (fp64 for fp64 inputs). Per chunk the
+    token matrices are laid side by side, Xs (n1, c, n2) and Gs (m1, c, m2) (one copy each), so every contraction
+    is one 2-D GEMM: D_k = A_kᵀ Gs, dB_k = Σ_(p,t) D_k Xs, Z_k = Xs B_kᵀ, dA_k = Σ_(t,j) Gs Z_k. Per-token batched
+    layouts (einsum) ran 2-3.5× slower on CPU (benchmarks/results/kronecker_grads.md).
+    """
+    R, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    transposed = grads_transposed((m1, n1), (m2, n2))
+    if transposed:  # the same contractions on Y_tᵀ = Σ_k B_k X_tᵀ A_kᵀ
+        a, b, need_a, need_b = b, a, need_b, need_a
+    (p1, q1), (p2, q2) = a.shape[1:], b.shape[1:]  # the run problem's A_k (p1, q1), B_k (p2, q2)
+    acc = torch.promote_types(grad_y.dtype, torch.float32)
+    grad_a = torch.zeros(R, p1, q1, device=x.device, dtype=acc) if need_a else None
+    grad_b = torch.zeros(R, p2, q2, device=x.device, dtype=acc) if need_b else None
+    for start, stop in token_chunks(x.shape[0], max(q1 * p2, q1 * q2, p1 * p2), x.device):
+        c = stop - start
+        gs = _spread(_pad(grad_y[start:stop], m1 * m2), m1, m2, transposed).view(p1, c * p2)  # (p1, c·p2)
+        xs = _spread(_pad(x[start:stop], n1 * n2), n1, n2, transposed).view(q1 * c, q2)  # (q1·c, q2)
+        for k in range(R):
+            if need_b:  # D_k = A_kᵀ Gs: (q1, p1) @ (p1, c·p2) -> (q1·c, p2); dB_k = D_kᵀ Xs over (p, t)
+                accumulate_mm(grad_b[k], (a[k].T @ gs).view(q1 * c, p2).T, xs)  # (p2, q1·c) @ (q1·c, q2)
+            if need_a:  # Z_k = Xs B_kᵀ: (q1·c, q2) @ (q2, p2) -> (q1, c·p2); dA_k = Gs Z_kᵀ over (t, j)
+                accumulate_mm(grad_a[k], gs, (xs @ b[k].T).view(q1, c * p2).T)  # (p1, c·p2) @ (c·p2, q1)
+    if transposed:  # the run problem's A is b, its B is a
+        grad_a, grad_b = grad_b, grad_a
+    return grad_a, grad_b
+
+
+def kronecker_merged_weight(weight: Optional[Tensor], a: Tensor, b: Tensor) -> Tensor:
+    """W + Σ_k a_k ⊗ b_k (or Σ_k a_k ⊗ b_k for weight None) as a new (m1·m2, n1·n2) tensor in a's dtype (W is
+    cast: the sum is formed in the factors' precision, as `tucker_linear_reference` does), no autograd.
+
+    One fused multiply-add per component over W's (m1, m2, n1, n2) view: a single pass over m·n (torch.kron and
+    an add were 2-3× slower at 4096², one m·n temporary more).
+    """
+    R, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    with torch.no_grad():
+        grid = (m1, m2, n1, n2)
+        merged = torch.zeros(grid, device=a.device, dtype=a.dtype) if weight is None else weight.reshape(grid).to(a.dtype)
+        for k in range(R):  # W[(i, j), (p, q)] += A_k[i, p] B_k[j, q]
+            merged = torch.addcmul(merged, a[k][:, None, :, None], b[k][None, :, None, :])  # (m1,1,n1,1)⊙(1,m2,1,n2)
+        return merged.view(m1 * m2, n1 * n2)  # (m1, m2, n1, n2) -> (m, n)
+
+
+class KroneckerMergedFunction(torch.autograd.Function):
+    """y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b with W frozen: one GEMM on the merged weight (formed in the factors' dtype,
+    cast to x's), which is rebuilt in backward, never saved; dX = dY (W + ΔW), dA, dB by `kronecker_factor_grads`
+    (no m×n dΔ). Saves x, the factors and a reference to W."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, weight: Optional[Tensor],  # type: ignore[override]
+                bias: Optional[Tensor]) -> Tensor:
+        merged = kronecker_merged_weight(weight, A, B).to(x.dtype)
+        ctx.save_for_backward(x, A, B, weight)
+        return F.linear(x, merged, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        x, A, B, weight = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_a = grad_b = None
+        if need_x:
+            grad_x = grad_y @ kronecker_merged_weight(weight, A, B).to(grad_y.dtype)  # (..., m) @ (m, n)
+        if need_a or need_b:
+            rows, grads = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])  # (..., d) -> (T, d)
+            grad_a, grad_b = kronecker_factor_grads(rows, grads.contiguous(), A.to(x.dtype), B.to(x.dtype),
+                                                    need_a, need_b)
+            grad_a = None if grad_a is None else grad_a.to(A.dtype)
+            grad_b = None if grad_b is None else grad_b.to(B.dtype)
+        return grad_x, grad_a, grad_b, None, None
+
+
+def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Tensor] = None,
+                            bias: Optional[Tensor] = None) -> Tensor:
+    """y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b (`KroneckerMergedFunction`), for x (..., n1·n2), A (R, m1, n1), B (R, m2, n2),
+    a frozen weight (m1·m2, n1·n2) or None (the adapter term alone) and bias (m1·m2,). Cheaper than the factored
+    op when T is large next to the weight (the base GEMM absorbs Δ; only the factor gradients are extra)."""
+    if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0]:
+        raise ValueError(f"kronecker_merged_linear: A {tuple(A.shape)} and B {tuple(B.shape)} must be (R, m1, n1) and "
+                         "(R, m2, n2) with the same number R of components.")
+    shape = (A.shape[1] * B.shape[1], A.shape[2] * B.shape[2])
+    if x.shape[-1] != shape[1] or (weight is not None and tuple(weight.shape) != shape):
+        raise ValueError(f"kronecker_merged_linear: x (..., {x.shape[-1]}) and weight "
+                         f"{None if weight is None else tuple(weight.shape)} must tile the {shape[0]}×{shape[1]} "
+                         f"Kronecker product of {tuple(A.shape[1:])}⊗{tuple(B.shape[1:])}; pad or use kronecker_linear.")
+    return KroneckerMergedFunction.apply(x, A, B, weight, bias)

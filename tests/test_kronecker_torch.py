@@ -1,0 +1,120 @@
+"""specpeft/kernels/kronecker_torch.py: the Kronecker factor gradients and the merged-weight op, against autograd
+through the dense float64 formula y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b (torch.kron, an independent construction)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specpeft.init.tucker_cost import kronecker_grads_cost
+from specpeft.kernels import kronecker_torch
+from specpeft.kernels.kronecker_torch import (
+    grads_transposed,
+    kronecker_factor_grads,
+    kronecker_merged_linear,
+    kronecker_merged_weight,
+)
+
+F64 = torch.float64
+# (R, m1, n1, m2, n2, d_out, d_in): both contraction orders, several components, SoKA-style zero padding
+SHAPES = [
+    (1, 6, 4, 3, 5, 18, 20),
+    (1, 3, 5, 6, 4, 18, 20),
+    (3, 5, 7, 3, 4, 13, 20),
+    (2, 4, 3, 5, 6, 20, 17),
+    (1, 8, 8, 2, 6, 16, 48),
+]
+
+
+def _factors(R: int, m1: int, n1: int, m2: int, n2: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(R, m1, n1, dtype=F64, generator=gen), torch.randn(R, m2, n2, dtype=F64, generator=gen)
+
+
+def _dense(A: torch.Tensor, B: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    return sum(torch.kron(a, b) for a, b in zip(A, B))[:d_out, :d_in]  # (m1·m2, n1·n2) cropped
+
+
+def test_shapes_cover_both_orders() -> None:
+    orders = {grads_transposed((m1, n1), (m2, n2)) for _, m1, n1, m2, n2, _, _ in SHAPES}
+    assert orders == {True, False}
+    for _, m1, n1, m2, n2, _, _ in SHAPES:  # the order run is the cheaper one of the cost model
+        costs = [kronecker_grads_cost(m1, n1, m2, n2, transposed)[0] for transposed in (False, True)]
+        assert costs[grads_transposed((m1, n1), (m2, n2))] == min(costs)
+
+
+@pytest.mark.parametrize("chunks", ["one", "ragged"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_factor_grads_equal_autograd_of_the_dense_formula(shape: tuple, chunks: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    R, m1, n1, m2, n2, d_out, d_in = shape
+    if chunks == "ragged":  # 3 tokens per chunk over 11 tokens
+        per_token = max(n1 * m2, n1 * n2, m1 * m2, n2 * m1)
+        monkeypatch.setitem(kronecker_torch._CHUNK_ELEMENTS, "cpu", 3 * per_token)
+    A, B = _factors(R, m1, n1, m2, n2)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(11, d_in, dtype=F64, generator=gen)
+    grad_y = torch.randn(11, d_out, dtype=F64, generator=gen)
+    a, b = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    want = torch.autograd.grad(x @ _dense(a, b, d_out, d_in).T, [a, b], grad_y)
+    got = kronecker_factor_grads(x, grad_y, A, B)
+    for g, w in zip(got, want):
+        assert g.dtype == F64
+        torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11)
+    only_b = kronecker_factor_grads(x, grad_y, A, B, need_a=False)
+    assert only_b[0] is None and torch.equal(only_b[1], got[1])
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[5] == s[1] * s[3] and s[6] == s[2] * s[4]])
+def test_merged_linear_equals_the_dense_formula(shape: tuple, with_weight: bool) -> None:
+    R, m1, n1, m2, n2, d_out, d_in = shape
+    A, B = _factors(R, m1, n1, m2, n2, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(d_out, d_in, dtype=F64, generator=gen) if with_weight else None
+    bias = torch.randn(d_out, dtype=F64, generator=gen) if with_weight else None
+    x = torch.randn(2, 5, d_in, dtype=F64, generator=gen, requires_grad=True)
+    a, b = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    out = kronecker_merged_linear(x, a, b, weight, bias)
+    x_ref, a_ref, b_ref = (t.detach().clone().requires_grad_(True) for t in (x, A, B))
+    dense = _dense(a_ref, b_ref, d_out, d_in)
+    reference = F.linear(x_ref, dense if weight is None else weight + dense, bias)
+    torch.testing.assert_close(out, reference, atol=1e-12, rtol=0)
+    upstream = torch.randn(out.shape, dtype=F64, generator=gen)
+    got = torch.autograd.grad(out, [x, a, b], upstream)
+    want = torch.autograd.grad(reference, [x_ref, a_ref, b_ref], upstream)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11)
+
+
+def test_merged_weight_is_w_plus_kron_and_exact_at_zero() -> None:
+    A, B = _factors(2, 3, 4, 5, 2, seed=4)
+    weight = torch.randn(15, 8, dtype=F64)
+    torch.testing.assert_close(kronecker_merged_weight(weight, A, B), weight + _dense(A, B, 15, 8), atol=1e-14, rtol=0)
+    assert torch.equal(kronecker_merged_weight(weight, torch.zeros_like(A), B), weight)  # W + 0 is W, bit for bit
+    bf16 = torch.randn(15, 8).to(torch.bfloat16)
+    zero = kronecker_merged_weight(bf16, torch.zeros(2, 3, 4), B.float())
+    assert zero.dtype == torch.float32 and torch.equal(zero.to(torch.bfloat16), bf16)
+
+
+def test_merged_linear_saves_no_weight_sized_tensor() -> None:
+    """Only x, the factors and the frozen weight itself are kept for backward: W + ΔW is rebuilt there."""
+    d_out, d_in = 48, 40
+    A, B = (t.float().requires_grad_(True) for t in _factors(1, 8, 5, 6, 8, seed=5))
+    weight = torch.randn(d_out, d_in)
+    x = torch.randn(3, d_in, requires_grad=True)
+    saved: list[tuple[int, int]] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.numel(), t.data_ptr())) or t, lambda t: t):
+        out = kronecker_merged_linear(x, A, B, weight)
+    assert max(numel for numel, ptr in saved if ptr != weight.data_ptr()) < d_out * d_in
+    out.sum().backward()
+    assert A.grad.abs().sum() > 0 and B.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+def test_merged_linear_names_the_bad_shape() -> None:
+    A, B = _factors(1, 2, 3, 4, 5)
+    with pytest.raises(ValueError, match=r"kronecker_merged_linear: x \(\.\.\., 14\)"):
+        kronecker_merged_linear(torch.randn(2, 14, dtype=F64), A, B)
+    with pytest.raises(ValueError, match="same number R"):
+        kronecker_merged_linear(torch.randn(2, 15, dtype=F64), A, B.repeat(2, 1, 1))
