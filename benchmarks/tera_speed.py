@@ -151,9 +151,8 @@ def tera_path(model: nn.Module, tokens: int) -> str:
     adapter = next(m for m in model.modules() if isinstance(m, AdapterLayer)).adapters["default"]
     if adapter.use_factored(tokens):
         return "factored"
-    if adapter.kronecker_merged:
-        return "merged+Kronecker grads"
-    return "merged+dΔ" if adapter.grad_plan(tokens) == "dense" else "merged+projected"
+    return {"kronecker": "merged+Kronecker grads", "dense": "merged+dΔ"}.get(adapter.grad_plan(tokens),
+                                                                             "merged+projected")
 
 
 def run_case(case: Case, repeats: int, warmup: int, big_repeats: int = 3) -> list[dict]:
@@ -220,7 +219,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "1/26 of a GEMM, run by `kernels.kronecker_linear` (the SoKA op); balanced modes (16, 16, 16)² pay "
         "16·4096 + 256·4096, 1/15 of a GEMM. "
         "With R_N = 1 the merged path instead contracts g and x with M_N and P for the gradients of (P, M_N) "
-        "(`kernels.kronecker_merged_linear`: no dΔ, about one factored pass) on top of the two GEMMs on W₀ + Δ; the "
+        "(`kernels.kronecker_merged_linear`: no dΔ, about two factored passes' MACs) on top of the two GEMMs on "
+        "W₀ + Δ; the "
         "\"factored forced\" / \"merged forced\" rows time both paths of the default layout, the evidence for the "
         "auto choice. "
         "(2) R = 1 makes ΔW one Kronecker product (∏ min(m_k, n_k) = full rank, the cheap factored chain); its "

@@ -9,21 +9,20 @@ import torch.nn.functional as F
 
 from specpeft.init.tucker_cost import kronecker_grads_cost
 from specpeft.kernels import kronecker_torch
-from specpeft.kernels.kronecker_torch import (
-    grads_transposed,
-    kronecker_factor_grads,
-    kronecker_merged_linear,
-    kronecker_merged_weight,
-)
+from specpeft.kernels.kronecker_torch import kronecker_factor_grads, kronecker_merged_linear, kronecker_merged_weight
 
 F64 = torch.float64
-# (R, m1, n1, m2, n2, d_out, d_in): both contraction orders, several components, SoKA-style zero padding
+# (R, m1, n1, m2, n2, d_out, d_in): both contraction orders (transposed: 2nd, 6th-8th), one and several components,
+# exact tiling and SoKA-style zero padding of the input and/or output, in each order
 SHAPES = [
     (1, 6, 4, 3, 5, 18, 20),
     (1, 3, 5, 6, 4, 18, 20),
     (3, 5, 7, 3, 4, 13, 20),
     (2, 4, 3, 5, 6, 20, 17),
     (1, 8, 8, 2, 6, 16, 48),
+    (2, 3, 5, 6, 4, 18, 20),
+    (3, 2, 6, 7, 3, 11, 16),
+    (1, 2, 7, 5, 3, 10, 19),
 ]
 
 
@@ -37,11 +36,10 @@ def _dense(A: torch.Tensor, B: torch.Tensor, d_out: int, d_in: int) -> torch.Ten
 
 
 def test_shapes_cover_both_orders() -> None:
-    orders = {grads_transposed((m1, n1), (m2, n2)) for _, m1, n1, m2, n2, _, _ in SHAPES}
-    assert orders == {True, False}
-    for _, m1, n1, m2, n2, _, _ in SHAPES:  # the order run is the cheaper one of the cost model
-        costs = [kronecker_grads_cost(m1, n1, m2, n2, transposed)[0] for transposed in (False, True)]
-        assert costs[grads_transposed((m1, n1), (m2, n2))] == min(costs)
+    orders = {(kronecker_grads_cost(m1, n1, m2, n2)[2], R > 1, (d_out, d_in) != (m1 * m2, n1 * n2))
+              for R, m1, n1, m2, n2, d_out, d_in in SHAPES}
+    assert {order for order, _, _ in orders} == {True, False}
+    assert {(True, True, True), (True, False, True), (False, True, True), (True, True, False)} <= orders
 
 
 @pytest.mark.parametrize("chunks", ["one", "ragged"])
@@ -63,7 +61,9 @@ def test_factor_grads_equal_autograd_of_the_dense_formula(shape: tuple, chunks: 
         assert g.dtype == F64
         torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11)
     only_b = kronecker_factor_grads(x, grad_y, A, B, need_a=False)
+    only_a = kronecker_factor_grads(x, grad_y, A, B, need_b=False)
     assert only_b[0] is None and torch.equal(only_b[1], got[1])
+    assert only_a[1] is None and torch.equal(only_a[0], got[0])
 
 
 @pytest.mark.parametrize("with_weight", [True, False])
@@ -92,10 +92,41 @@ def test_merged_weight_is_w_plus_kron_and_exact_at_zero() -> None:
     A, B = _factors(2, 3, 4, 5, 2, seed=4)
     weight = torch.randn(15, 8, dtype=F64)
     torch.testing.assert_close(kronecker_merged_weight(weight, A, B), weight + _dense(A, B, 15, 8), atol=1e-14, rtol=0)
+    torch.testing.assert_close(kronecker_merged_weight(None, A, B), _dense(A, B, 15, 8), atol=1e-14, rtol=0)
     assert torch.equal(kronecker_merged_weight(weight, torch.zeros_like(A), B), weight)  # W + 0 is W, bit for bit
     bf16 = torch.randn(15, 8).to(torch.bfloat16)
     zero = kronecker_merged_weight(bf16, torch.zeros(2, 3, 4), B.float())
     assert zero.dtype == torch.float32 and torch.equal(zero.to(torch.bfloat16), bf16)
+    fp64 = kronecker_merged_weight(weight, torch.zeros(2, 3, 4), B.float())  # fp32 factors do not round an fp64 W
+    assert fp64.dtype == F64 and torch.equal(fp64, weight)
+
+
+def test_merged_linear_under_bf16_autocast_matches_fp32() -> None:
+    """Autocast runs the GEMMs in bf16 (x cast once, one dtype through backward); the factor gradients are
+    contracted in the factors' fp32 and stay within bf16 rounding of the fp32 result."""
+    A, B = (t.float() for t in _factors(2, 6, 4, 3, 5, seed=6))
+    gen = torch.Generator().manual_seed(7)
+    weight, bias = torch.randn(18, 20, generator=gen), torch.randn(18, generator=gen)
+    x = torch.randn(64, 20, generator=gen)
+    upstream = torch.randn(64, 18, generator=gen)
+    results = []
+    for autocast in (False, True):
+        a, b, inp = (t.clone().requires_grad_(True) for t in (A, B, x))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = kronecker_merged_linear(inp, a, b, weight, bias)
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        out.float().backward(upstream)
+        assert a.grad.dtype == b.grad.dtype == torch.float32 and inp.grad.dtype == torch.float32
+        results.append((out.float(), a.grad, b.grad, inp.grad))
+    for low, high in zip(results[1], results[0]):
+        assert ((low - high).norm() / high.norm()).item() < 2e-2
+
+
+def test_merged_linear_refuses_a_trainable_base() -> None:
+    A, B = _factors(1, 2, 3, 4, 5)
+    weight = torch.randn(8, 15, dtype=F64, requires_grad=True)
+    with pytest.raises(ValueError, match="weight and bias must be frozen"):
+        kronecker_merged_linear(torch.randn(2, 15, dtype=F64), A, B, weight)
 
 
 def test_merged_linear_saves_no_weight_sized_tensor() -> None:

@@ -181,7 +181,7 @@ def test_default_layout_equals_the_float64_reference_end_to_end(d_out: int, d_in
     the Kronecker factor gradients: output and gradients equal autograd through the Kronecker-sum formula (float64),
     a quantized-style base (x Δᵀ added to base(x)) too, and save → reload reproduces it exactly."""
     adapter = _adapter(d_out, d_in, alpha=0.8, forward_mode=mode)
-    assert adapter.edge_kronecker and adapter.shape.ranks[-1] == 1 and adapter.kronecker_merged
+    assert adapter.edge_kronecker and adapter.shape.ranks[-1] == 1 and adapter.kronecker_capable
     assert adapter.use_factored(12) == (mode == "auto")
     base = nn.Linear(d_in, d_out).double().requires_grad_(False)
     x = torch.randn(3, 4, d_in, dtype=torch.float64, requires_grad=True)
@@ -191,6 +191,8 @@ def test_default_layout_equals_the_float64_reference_end_to_end(d_out: int, d_in
         if quantized:
             frozen.geometry = LayerGeometry("linear", (d_out, d_in), quantized=True, standard_forward=False)
         out = adapter(x, frozen)
+        with torch.no_grad():  # same path, same bits without autograd
+            assert torch.equal(adapter(x, frozen), out)
         leaves = {n: v.detach().clone().requires_grad_(True) for n, v in adapter.named_parameters()}
         x_ref = x.detach().clone().requires_grad_(True)
         reference = nn.functional.linear(x_ref, base.weight + _reference_delta(adapter, leaves), base.bias)
@@ -210,6 +212,21 @@ def test_default_layout_equals_the_float64_reference_end_to_end(d_out: int, d_in
         torch.manual_seed(0)
         reloaded = specpeft.load_adapter_model(nn.Sequential(nn.Linear(d_in, d_out)), tmp)
         assert torch.equal(reloaded(inputs), model(inputs))
+
+
+def test_trainable_base_bias_keeps_its_gradient() -> None:
+    """A base whose bias trains cannot take the hand-written merged paths (they return no base gradients): the layer
+    falls back to autograd through the base op, and the bias gets exactly the reference gradient."""
+    base = nn.Linear(256, 256).double()
+    base.weight.requires_grad_(False)
+    adapter = _adapter(256, 256, forward_mode="materialized")
+    assert adapter.grad_plan(12) == "kronecker"
+    x = torch.randn(12, 256, dtype=torch.float64)
+    adapter(x, FrozenBase(base)).sum().backward()
+    got = base.bias.grad.clone()
+    base.bias.grad = None
+    nn.functional.linear(x, base.weight + _reference_delta(adapter), base.bias).sum().backward()
+    torch.testing.assert_close(got, base.bias.grad, atol=1e-12, rtol=0)
 
 
 def test_layout_falls_back_to_balanced_modes() -> None:
@@ -300,7 +317,7 @@ def test_hand_written_backward_equals_dense_autograd(plan: str, dims, cfg: dict,
         monkeypatch.setattr(tera_function, "LARGE_WEIGHT", 0)
     base = nn.Linear(d_in, d_out).double().requires_grad_(False)
     adapter = _adapter(d_out, d_in, forward_mode="materialized", **cfg)
-    monkeypatch.setattr(adapter, "grad_plan", lambda tokens: plan)
+    monkeypatch.setattr(adapter, "grad_plan", lambda tokens, kronecker=True: plan)
     frozen = FrozenBase(base)
     if not merge_base:  # a quantized base: the adapter adds x Δᵀ to the base output
         frozen.geometry = LayerGeometry("linear", (d_out, d_in), quantized=True, standard_forward=False)
@@ -347,7 +364,7 @@ def test_materialized_forward_saves_no_dense_delta(quantized: bool, plan: str, m
     d_out, d_in = 64, 96
     base = nn.Linear(d_in, d_out).requires_grad_(False)
     adapter = _adapter(d_out, d_in, dtype=torch.float32, forward_mode="materialized")
-    monkeypatch.setattr(adapter, "grad_plan", lambda tokens: plan)
+    monkeypatch.setattr(adapter, "grad_plan", lambda tokens, kronecker=True: plan)
     frozen = FrozenBase(base)
     if quantized:
         frozen.geometry = LayerGeometry("linear", (d_out, d_in), quantized=True, standard_forward=False)
@@ -371,7 +388,7 @@ def test_auto_mode_picks_by_token_count() -> None:
     assert adapter.use_factored(1) and adapter.use_factored(8)
     assert not adapter.use_factored(512) and not adapter.use_factored(4096)
     default = _adapter(4096, 4096, dtype=torch.float32)
-    assert default.kronecker_merged
+    assert default.kronecker_capable and default.grad_plan(4096) == "kronecker"
     assert all(default.use_factored(t) for t in (1, 512, 1024)) and not default.use_factored(4096)
     assert _adapter(4096, 4096, dtype=torch.float32, rank=1).use_factored(512)
     assert not _adapter(384, 384, dtype=torch.float32, rank=1).use_factored(2048)

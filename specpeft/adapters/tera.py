@@ -30,10 +30,7 @@ from ..init.tucker import (
     tucker_to_tensor,
     unfold_view,
 )
-from ..init.tucker_cost import (apply_macs, apply_traffic, best_mode, edge_kronecker_cost, kronecker_grads_cost,
-                                 last_mode_build_macs)
-from ..kernels.kronecker_torch import grads_transposed
-from ..kernels.tucker import prefers_kronecker_grads
+from ..init.tucker_cost import apply_macs, best_mode, edge_kronecker_cost, training_step_costs
 from ..init.tucker_random import shared_random_factors, split_shared
 from .base import FrozenBase, MethodAdapter
 from .config import SpecPeftConfig
@@ -43,14 +40,6 @@ from .tera_function import GradPlan, TeRALinearFunction
 ForwardMode = Literal["auto", "factored", "materialized"]
 ScaleSides = Literal["mode", "rank", "both"]
 _SHAPE_KEY = re.compile(r"^(\d+)x(\d+)$")
-# One element pass of a memory-bound op (copy, add, permute) costs about this many GEMM MACs: measured 25-85 on the
-# 2-core dev box (fp32 GEMM 10-25 GMAC/s vs 0.1-1 G elements/s); 40 picks the faster path in every case of
-# benchmarks/results/tera_speed.md.
-_MEMORY_MACS = 40
-# The projected contractions (einsums over small mode sizes, with layout copies of T-sized intermediates) ran
-# 1.5-2.5x slower per estimated MAC than the dense path's large GEMM on the 2-core dev box (4096² R=4, 384×1536
-# R=1, 1024² R=1 in benchmarks/results/tera_speed.md); their estimate is scaled by this before comparing.
-_PROJECTED_PENALTY = 2.5
 
 
 @dataclass
@@ -63,7 +52,8 @@ class TeRAConfig(SpecPeftConfig):
             mode (clipped to J_k). None (default) also picks the modes: a last mode with R_N = 1, sized so that
             Δ = P ⊗ M_N is cheapest to apply per token while the trainables stay below rank(Δ), and R_k = min(16, J_k)
             on the balanced others (`init.tucker.wide_last_mode`; at 4096² modes (16, 8, 32)², 1,377 trainables).
-            Δ is then applied without forming it (SoKA's Kronecker op); any full-rank mode forces an extra
+            Δ is then applied without forming it (SoKA's Kronecker op) or, for many tokens, merged into W with the
+            gradients of (P, M_N) contracted from dY and x; with R_N > 1 the merged path forms dΔ = dYᵀX, an extra
             m·n GEMM per step (≥ 1.5×, benchmarks/tera_speed.py). The default's splits keep rank(Δ) = min(d_out, d_in).
         mode_sizes: per weight shape "{d_out}x{d_in}" → [[m_1..m_N], [n_1..n_N]], overriding the default modes; with
             rank=None the mode whose contraction is cheapest gets R_k = 1 (`init.tucker.cheap_mode_ranks`).
@@ -161,9 +151,8 @@ class TeRAAdapter(MethodAdapter):
         self.projected_mode = best_mode(shape, unmerged=True)  # the unmerged mode of the "projected" gradients
         edge = edge_kronecker_cost(shape)  # R_N = 1: Δ = P ⊗ M_N, applied by kernels.kronecker_linear when cheaper
         self.edge_kronecker = edge is not None and edge[0] <= apply_macs(shape, self.unmerged_mode)[1]
-        # R_N = 1 on a plain linear: the merged path runs W + P ⊗ M_N with Kronecker factor gradients (no dΔ)
-        self.kronecker_merged = (shape.ranks[-1] == 1 and geometry.is_plain_linear
-                                 and prefers_kronecker_grads(1, shape.out_modes, shape.in_modes))
+        # R_N = 1 on a plain linear: the merged path may run W + P ⊗ M_N with Kronecker factor gradients (no dΔ)
+        self.kronecker_capable = shape.ranks[-1] == 1 and geometry.is_plain_linear
         self._costs_by_tokens: dict[int, dict[str, float]] = {}  # `_step_costs` memo: a pure function of T
         if scale_sides in ("mode", "both"):
             for k, size in enumerate(shape.mode_sizes):
@@ -248,44 +237,18 @@ class TeRAAdapter(MethodAdapter):
     # -- forward ------------------------------------------------------------------------------------------------
 
     def _step_costs(self, tokens: int) -> dict[str, float]:
-        """Training-step cost of each path beyond the frozen base op, in GEMM-MAC equivalents.
-
-        Every element pass of a memory-bound op counts `_MEMORY_MACS` MACs. "factored": forward + backward of the
-        contraction, 3·(pre + T·c) MACs + 3·T·traffic. The merged-weight paths build Δ and W₀ + Δ twice (forward,
-        backward: 2·build MACs + 8 passes over m·n), plus the vector gradients: "dense" dΔ = dYᵀX (T·m·n) and its
-        contraction (2·m·n·R_N MACs, 3 passes, the smaller of dY and dΔ permuted: min(T, n)·m); "projected"
-        `_PROJECTED_PENALTY`·(2·T·c MACs + 2·T·traffic) of the unmerged-mode contraction. Memoized per T: every
-        forward asks (`use_factored`, then `grad_plan`).
-        """
+        """Training-step cost of each path beyond the frozen base op (`init.tucker_cost.training_step_costs`:
+        "factored", the merged-weight plans "dense", "projected" and, when `kronecker_capable`, "kronecker").
+        Memoized per T: every forward asks (`use_factored`, then `grad_plan`)."""
         if tokens not in self._costs_by_tokens:
-            self._costs_by_tokens[tokens] = self._estimate_step_costs(tokens)
+            self._costs_by_tokens[tokens] = training_step_costs(self.shape, tokens, self.unmerged_mode,
+                                                                self.projected_mode, self.edge_kronecker,
+                                                                self.kronecker_capable)
         return self._costs_by_tokens[tokens]
 
-    def _estimate_step_costs(self, tokens: int) -> dict[str, float]:
-        pre, per_token = apply_macs(self.shape, self.unmerged_mode)
-        traffic = apply_traffic(self.shape, self.unmerged_mode)
-        if self.edge_kronecker:  # P = 𝒢 ×_{l<N} Ũ_l as in the plan above, applied in the cheaper order
-            pre = apply_macs(self.shape, self.shape.order - 1)[0]
-            per_token, traffic = edge_kronecker_cost(self.shape)
-        dense = self.shape.out_features * self.shape.in_features
-        merge = 2 * last_mode_build_macs(self.shape) + 8 * _MEMORY_MACS * dense
-        grads_dense = tokens * dense + 2 * dense * self.shape.ranks[-1] + _MEMORY_MACS * (
-            3 * dense + min(tokens, self.shape.in_features) * self.shape.out_features)
-        k = self.projected_mode
-        projected_per_token = 2 * apply_macs(self.shape, k, unmerged=True)[1]
-        grads_projected = _PROJECTED_PENALTY * tokens * (
-            projected_per_token + 2 * _MEMORY_MACS * apply_traffic(self.shape, k, True))
-        costs = {"factored": 3 * (pre + tokens * per_token) + 3 * _MEMORY_MACS * tokens * traffic,
-                 "dense": merge + grads_dense, "projected": merge + grads_projected}
-        if self.kronecker_merged:  # W + P ⊗ M_N built twice (priced like `merge`), plus the factor gradients
-            m_last, n_last = self.shape.out_modes[-1], self.shape.in_modes[-1]
-            sizes = (self.shape.out_features // m_last, self.shape.in_features // n_last, m_last, n_last)  # P, M_N
-            macs, moved = kronecker_grads_cost(*sizes, transposed=grads_transposed(sizes[:2], sizes[2:]))
-            costs["kronecker"] = 8 * _MEMORY_MACS * dense + tokens * (macs + _MEMORY_MACS * moved)
-        return costs
-
     def use_factored(self, tokens: int) -> bool:
-        """Factored contraction (Δ never formed) iff its estimated training-step cost is the lowest (`_step_costs`).
+        """Factored contraction (Δ never formed) iff its estimated training-step cost is below the cheapest merged
+        plan's (`_step_costs`).
 
         The choice depends on T only, never on grad mode, so a model runs the same path (and bits) in training,
         eval and after reload.
@@ -295,13 +258,14 @@ class TeRAAdapter(MethodAdapter):
         if self.forward_mode == "factored":
             return True
         costs = self._step_costs(tokens)
-        merged = [costs["kronecker"]] if self.kronecker_merged else [costs["dense"], costs["projected"]]
-        return costs["factored"] < min(merged)
+        return costs["factored"] < costs[self.grad_plan(tokens)]
 
-    def grad_plan(self, tokens: int) -> GradPlan:
-        """How the merged-weight path computes the vector gradients: "projected" when cheaper than "dense"."""
+    def grad_plan(self, tokens: int, kronecker: bool = True) -> GradPlan:
+        """The cheapest merged-weight plan (`_step_costs`): "dense" dΔ, "projected", or (R_N = 1 on a plain linear,
+        unless `kronecker` is False) "kronecker", run by `kernels.kronecker_merged_linear`."""
         costs = self._step_costs(tokens)
-        return "projected" if costs["projected"] < costs["dense"] else "dense"
+        plans = ["dense", "projected"] + (["kronecker"] if kronecker and "kronecker" in costs else [])
+        return min(plans, key=costs.__getitem__)
 
     def _factored_delta(self, x: Tensor, base_out: Optional[Tensor] = None) -> Tensor:
         """x Δᵀ (+ base_out) without forming Δ: Δ = P ⊗ M_N by the Kronecker op when R_N = 1 makes that cheaper
@@ -315,14 +279,14 @@ class TeRAAdapter(MethodAdapter):
         out = out.reshape(*x.shape[:-1], self.shape.out_features)
         return out if base_out is None else base_out + out
 
-    def _kronecker_merged(self, x: Tensor, module: Optional[nn.Module]) -> Tensor:
+    def _merged_kronecker(self, x: Tensor, module: Optional[nn.Module]) -> Tensor:
         """x (W + Δ)ᵀ + b (module given) or x Δᵀ as one GEMM on the merged weight, Δ = P ⊗ M_N built by a fused
-        multiply-add and rebuilt in backward; the factor gradients of (P, M_N) are contracted from dY and x, so no
-        m×n dΔ is formed (`kernels.tucker_linear`'s torch materialized mode)."""
+        multiply-add and rebuilt in backward; the gradients of (P, M_N) are contracted from dY and x, no m×n dΔ
+        (`kernels.kronecker_merged_linear`; P, M_N formed by autograd from the vectors)."""
         core, factors = self._scaled(tuple(self.vectors()), self.vectors()[0].dtype)
+        A, B = kernels.tucker.kronecker_factors(core, factors, self.shape.out_modes, self.shape.in_modes)
         weight, bias = (None, None) if module is None else (module.weight, module.bias)
-        return kernels.tucker_linear(x, core, factors, self.shape.out_modes, self.shape.in_modes, weight=weight,
-                                     bias=bias, mode="materialized", backend="torch")
+        return kernels.kronecker_merged_linear(x, A, B, weight, bias)
 
     def _explicit_backward_ok(self, base: FrozenBase) -> bool:
         """The closed-form linear backward applies: a linear base whose frozen weight and bias take no gradient."""
@@ -339,10 +303,10 @@ class TeRAAdapter(MethodAdapter):
         tokens = x.numel() // self.shape.in_features
         if self.use_factored(tokens):
             return self._factored_delta(x, base(x))
-        if self.kronecker_merged and base.geometry.is_plain_linear:
-            return self._kronecker_merged(x, base.module)
         if self._explicit_backward_ok(base):
-            plan = self.grad_plan(tokens)
+            plan = self.grad_plan(tokens, kronecker=base.geometry.is_plain_linear)
+            if plan == "kronecker":
+                return self._merged_kronecker(x, base.module)
             if base.geometry.quantized:  # the weight can only be read, not substituted: add x Δᵀ to the base output
                 return base(x) + TeRALinearFunction.apply(x, self, base, False, plan, *self.vectors())
             return TeRALinearFunction.apply(x, self, base, True, plan, *self.vectors())
@@ -354,10 +318,11 @@ class TeRAAdapter(MethodAdapter):
         tokens = x.numel() // self.shape.in_features
         if self.use_factored(tokens):
             return self._factored_delta(x)
-        if self.kronecker_merged:
-            return self._kronecker_merged(x, None)
         if self.geometry.kind == "linear":
-            return TeRALinearFunction.apply(x, self, base, False, self.grad_plan(tokens), *self.vectors())
+            plan = self.grad_plan(tokens)
+            if plan == "kronecker":
+                return self._merged_kronecker(x, None)
+            return TeRALinearFunction.apply(x, self, base, False, plan, *self.vectors())
         run = lambda inp, *vecs: base.apply_weight(inp, self._build(*vecs))  # noqa: E731
         return checkpoint(run, x, *self.vectors(), use_reentrant=False)
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 LARGE_WEIGHT = 1 << 22  # m·n from which W₀ + Δ is built without a separate Δ buffer (16 MB in fp32)
 
-GradPlan = Literal["dense", "projected"]
+GradPlan = Literal["dense", "projected", "kronecker"]  # "kronecker": kernels.kronecker_merged_linear, not below
 
 
 def merged_weight(adapter: TeRAAdapter, base: Optional[FrozenBase], vectors: tuple[Tensor, ...]) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from .kronecker import divisors
 
@@ -17,9 +17,19 @@ if TYPE_CHECKING:
     from .tucker import TuckerShape
 
 __all__ = [
-    "apply_macs", "apply_traffic", "best_mode", "build_macs", "edge_kronecker_cost", "is_kronecker",
-    "kronecker_apply_macs", "kronecker_grads_cost", "kronecker_splits", "last_mode_build_macs",
+    "MEMORY_MACS", "PROJECTED_PENALTY", "apply_macs", "apply_traffic", "best_mode", "build_macs",
+    "edge_kronecker_cost", "is_kronecker", "kronecker_apply_macs", "kronecker_grads_cost", "kronecker_splits",
+    "last_mode_build_macs", "last_mode_split", "prefers_kronecker_grads", "training_step_costs",
 ]
+
+# One element pass of a memory-bound op (copy, add, permute) costs about this many GEMM MACs: measured 25-85 on the
+# 2-core dev box (fp32 GEMM 10-25 GMAC/s vs 0.1-1 G elements/s); 40 picks the faster path in every case of
+# benchmarks/results/tera_speed.md.
+MEMORY_MACS = 40
+# The projected contractions (einsums over small mode sizes, with layout copies of T-sized intermediates) ran
+# 1.5-2.5x slower per estimated MAC than the dense path's large GEMM on the 2-core dev box (4096² R=4, 384×1536
+# R=1, 1024² R=1 in benchmarks/results/tera_speed.md); their estimate is scaled by this before comparing.
+PROJECTED_PENALTY = 2.5
 
 
 def build_macs(shape: TuckerShape) -> int:
@@ -88,14 +98,30 @@ def kronecker_apply_macs(m1: int, n1: int, m2: int, n2: int) -> int:
     return min(n1 * n2 * m2 + m1 * n1 * m2, m1 * n1 * n2 + m1 * n2 * m2)
 
 
-def kronecker_grads_cost(m1: int, n1: int, m2: int, n2: int, transposed: bool) -> tuple[int, int]:
-    """(MACs, elements moved) per token of the factor gradients dA, dB of x (A ⊗ B)ᵀ, A (m1×n1), B (m2×n2), as
-    `kernels.kronecker_factor_grads` runs them: D = AᵀG and Z = X Bᵀ (n1·m2 each), then the two reductions
-    (n1·n2·m2 + m1·n1·m2 MACs, twice); `transposed` runs the mirror problem (m1, n1) ↔ (m2, n2). Traffic: X and G
-    copied side by side (2·(n + m)), D and Z written and read (4·n1·m2)."""
-    if transposed:
-        m1, n1, m2, n2 = m2, n2, m1, n1
-    return 2 * (n1 * n2 * m2 + m1 * n1 * m2), 2 * (n1 * n2 + m1 * m2) + 4 * n1 * m2
+def last_mode_split(out_modes: Sequence[int], in_modes: Sequence[int]) -> tuple[int, int, int, int]:
+    """(m', n', m_N, n_N): the factor sizes of Δ = Σ_r P_r ⊗ M_N^{(r)} split at the last mode (P over modes < N)."""
+    return math.prod(out_modes[:-1]), math.prod(in_modes[:-1]), out_modes[-1], in_modes[-1]
+
+
+def kronecker_grads_cost(m1: int, n1: int, m2: int, n2: int) -> tuple[int, int, bool]:
+    """(MACs, elements moved, transposed) per token of the factor gradients dA, dB of x (A ⊗ B)ᵀ, A (m1×n1),
+    B (m2×n2), as `kernels.kronecker_factor_grads` runs them, in the cheaper order: D = AᵀG and Z = X Bᵀ
+    (n1·m2 each), then the two reductions, 2·(n1·n2·m2 + m1·n1·m2) MACs; `transposed` runs the mirror problem
+    (m1, n1) ↔ (m2, n2) when that is cheaper. Traffic: X and G copied side by side (2·(n + m)), D and Z written
+    and read (4·n1·m2)."""
+    def cost(m1: int, n1: int, m2: int, n2: int) -> tuple[int, int]:
+        return 2 * (n1 * n2 * m2 + m1 * n1 * m2), 2 * (n1 * n2 + m1 * m2) + 4 * n1 * m2
+
+    direct, mirror = cost(m1, n1, m2, n2), cost(m2, n2, m1, n1)
+    return (*mirror, True) if mirror[0] < direct[0] else (*direct, False)
+
+
+def prefers_kronecker_grads(rank_last: int, out_modes: Sequence[int], in_modes: Sequence[int]) -> bool:
+    """Whether the R_N Kronecker factor-gradient contractions cost fewer MACs per token than the dense dΔ = gᵀx
+    GEMM (m·n): the rule of `kernels.tucker_linear`'s torch materialized path (true for R_N = 1 at useful sizes,
+    false at R_N = 16)."""
+    macs = kronecker_grads_cost(*last_mode_split(out_modes, in_modes))[0]
+    return rank_last * macs < math.prod(out_modes) * math.prod(in_modes)
 
 
 def edge_kronecker_cost(shape: TuckerShape) -> tuple[int, int] | None:
@@ -106,8 +132,8 @@ def edge_kronecker_cost(shape: TuckerShape) -> tuple[int, int] | None:
     """
     if shape.ranks[-1] != 1:
         return None
-    m, n, m_w, n_w = shape.out_features, shape.in_features, shape.out_modes[-1], shape.in_modes[-1]
-    m_p, n_p = m // m_w, n // n_w
+    m, n = shape.out_features, shape.in_features
+    m_p, n_p, m_w, n_w = last_mode_split(shape.out_modes, shape.in_modes)
     macs = kronecker_apply_macs(m_p, n_p, m_w, n_w)
     m_first = n_p * n_w * m_w + m_p * n_p * m_w
     z = n_p * m_w if macs == m_first else m_p * n_w
@@ -130,3 +156,36 @@ def kronecker_splits(d_out: int, d_in: int) -> tuple[tuple[int, int, int], ...]:
                 continue
             splits.append((kronecker_apply_macs(d_out // m_w, d_in // n_w, m_w, n_w), m_w, n_w))
     return tuple(sorted(splits, key=lambda split: (split[0], -split[1] * split[2])))
+
+
+def training_step_costs(shape: TuckerShape, tokens: int, unmerged_mode: int, projected_mode: int, edge: bool,
+                        kronecker: bool) -> dict[str, float]:
+    """Training-step cost of each TeRA path (adapters/tera.py) beyond the frozen base op, in GEMM-MAC equivalents.
+
+    Every element pass of a memory-bound op counts `MEMORY_MACS` MACs. "factored": forward + backward of the
+    contraction (`unmerged_mode`'s plan, or P ⊗ M_N when `edge`), 3·(pre + T·c) MACs + 3·T·traffic. The merged-weight
+    paths build W₀ + Δ twice (forward, backward) and add the vector gradients: "dense" (2·build MACs + 8 passes over
+    m·n) dΔ = dYᵀX (T·m·n) and its contraction (2·m·n·R_N MACs, 3 passes, the smaller of dY and dΔ permuted:
+    min(T, n)·m); "projected" (same build) `PROJECTED_PENALTY`·(2·T·c MACs + 2·T·traffic) of the
+    `projected_mode` contraction; "kronecker" (only when `kronecker`: R_N = 1 on a plain linear; same build price:
+    its fused multiply-add makes 2 passes, but a fresh m·n buffer's page faults cost about as much again, measured
+    1.45× base merged vs 1.07-1.13× factored at 4096², T = 1024) `kronecker_grads_cost` per token.
+    """
+    pre, per_token = apply_macs(shape, unmerged_mode)
+    traffic = apply_traffic(shape, unmerged_mode)
+    if edge:  # P = 𝒢 ×_{l<N} Ũ_l, then P ⊗ M_N applied in the cheaper order
+        pre = apply_macs(shape, shape.order - 1)[0]
+        per_token, traffic = edge_kronecker_cost(shape)
+    dense = shape.out_features * shape.in_features
+    merge = 2 * last_mode_build_macs(shape) + 8 * MEMORY_MACS * dense
+    grads_dense = tokens * dense + 2 * dense * shape.ranks[-1] + MEMORY_MACS * (
+        3 * dense + min(tokens, shape.in_features) * shape.out_features)
+    projected_per_token = 2 * apply_macs(shape, projected_mode, unmerged=True)[1]
+    grads_projected = PROJECTED_PENALTY * tokens * (
+        projected_per_token + 2 * MEMORY_MACS * apply_traffic(shape, projected_mode, True))
+    costs = {"factored": 3 * (pre + tokens * per_token) + 3 * MEMORY_MACS * tokens * traffic,
+             "dense": merge + grads_dense, "projected": merge + grads_projected}
+    if kronecker:
+        macs, moved, _ = kronecker_grads_cost(*last_mode_split(shape.out_modes, shape.in_modes))
+        costs["kronecker"] = merge + tokens * (macs + MEMORY_MACS * moved)
+    return costs

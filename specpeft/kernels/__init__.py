@@ -5,6 +5,7 @@ oracle), and a `torch.autograd.Function` with a hand-written backward:
 
     lowrank_linear      y = x Wᵀ + b + ((x V) ⊙ s) Uᵀ                    SVFit, LoRA shapes
     kronecker_linear    y = base + x (Σ_k A_k ⊗ B_k)ᵀ                      SoKA
+    kronecker_merged_linear  y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b   torch only (no dΔ): TeRA's merged path, R_N = 1
     tucker_linear       y = x (W + unfold(𝒢 ×_k U_k))ᵀ + b                 TeRA (materialized or factored)
     snella_linear       y = x (W + s·K_eff)ᵀ + b, K generated tile by tile  SNELLA / SNELL
 
@@ -26,6 +27,7 @@ from ._dispatch import (
     use_kernel_backend,
 )
 from .kronecker import KroneckerLinearFunction, kronecker_linear, kronecker_linear_reference
+from .kronecker_torch import KroneckerMergedFunction, kronecker_factor_grads, kronecker_merged_linear
 from .lowrank import LowRankLinearFunction, lowrank_linear, lowrank_linear_reference
 from .snella import SNELLALinearFunction, snella_kernel_matrix, snella_linear, snella_linear_reference
 from .tucker import (
@@ -42,13 +44,16 @@ __all__ = [
     "Backend",
     "BackendChoice",
     "KroneckerLinearFunction",
+    "KroneckerMergedFunction",
     "LowRankLinearFunction",
     "SNELLALinearFunction",
     "TuckerMaterializedFunction",
     "interpreting",
     "kernel_backend",
+    "kronecker_factor_grads",
     "kronecker_linear",
     "kronecker_linear_reference",
+    "kronecker_merged_linear",
     "lowrank_linear",
     "lowrank_linear_reference",
     "requested_backend",

@@ -3,7 +3,8 @@
 Row t of x, viewed row-major as X_t (n1×n2), gives y_t = vec(Σ_k A_k X_t B_kᵀ) = (Σ_k A_k ⊗ B_k) x_t. Two pieces:
 
 * `kronecker_factor_grads`: dA_k = Σ_t G_t B_k X_tᵀ and dB_k = Σ_t G_tᵀ A_k X_t, reductions over all tokens into
-  R·(m1·n1 + m2·n2) numbers. The backward of `kronecker_linear` (both backends) and of the merged op below.
+  R·(m1·n1 + m2·n2) numbers, from x and dY alone. The backward of the Triton `kronecker_linear` (its torch
+  path is autograd through the einsum reference, whose forward keeps X Bᵀ) and of the merged op below.
 * `kronecker_merged_linear`: y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b as one GEMM on the merged weight, rebuilt in backward,
   never saved. With many tokens this beats applying the factors to x (three Kronecker passes per step): the base
   GEMMs absorb ΔW and only the factor gradients are extra, with no m×n dΔ (TeRA's Δ = P ⊗ M_N layers).
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..init.tucker_cost import kronecker_grads_cost
 
@@ -32,16 +34,18 @@ __all__ = [
 
 # Tokens per chunk: the T-sized intermediates (16 MB in fp32) are built per chunk of
 # tokens, never for all T at once. Above glibc's 32 MB mmap threshold every call would get freshly zeroed pages
-# (measured on CPU: the stage-1 GEMM ran 2× slower), and each chunk is reused by the next GEMM from cache. 1M-element
+# (measured on CPU: SoKA's first-stage GEMM ran 2× slower), and each chunk is reused by the next GEMM from cache. 1M-element
 # chunks were ~8 % faster on one idle core but much slower with 2 threads on a loaded box (every GEMM is a thread
 # barrier), hence 4M.
 _CHUNK_ELEMENTS = {"cpu": 1 << 22}
 _DEFAULT_CHUNK_ELEMENTS = 1 << 27  # accelerators: few large launches beat cache-sized pieces
+_GRAD_CHUNK_ELEMENTS = 1 << 25  # accelerators, factor gradients: all four per-chunk intermediates together (128 MB)
 
 
-def token_chunks(tokens: int, per_token: int, device: torch.device) -> list[tuple[int, int]]:
-    """[start, stop) ranges of at most `_CHUNK_ELEMENTS` / per_token tokens each."""
-    step = max(1, _CHUNK_ELEMENTS.get(device.type, _DEFAULT_CHUNK_ELEMENTS) // max(1, per_token))
+def token_chunks(tokens: int, per_token: int, device: torch.device,
+                 accelerator_elements: int = _DEFAULT_CHUNK_ELEMENTS) -> list[tuple[int, int]]:
+    """[start, stop) ranges of at most `_CHUNK_ELEMENTS` (CPU) or `accelerator_elements` / per_token tokens each."""
+    step = max(1, _CHUNK_ELEMENTS.get(device.type, accelerator_elements) // max(1, per_token))
     return [(start, min(tokens, start + step)) for start in range(0, tokens, step)]
 
 
@@ -57,43 +61,44 @@ def _pad(rows: Tensor, size: int) -> Tensor:
     return rows if rows.shape[1] == size else F.pad(rows, (0, size - rows.shape[1]))  # zero columns: padded factors
 
 
-def _spread(rows: Tensor, n1: int, n2: int, transposed: bool) -> Tensor:
-    """Token rows (c, n1·n2) as X_t laid side by side: (n1, c, n2), or X_tᵀ: (n2, c, n1) when `transposed` (a copy)."""
+def _spread(rows: Tensor, n1: int, n2: int, transposed: bool, dtype: torch.dtype) -> Tensor:
+    """Token rows (c, n1·n2) as X_t laid side by side: (n1, c, n2), or X_tᵀ: (n2, c, n1) when `transposed` (one copy,
+    cast to `dtype` on the way)."""
     blocks = rows.view(-1, n1, n2)  # (c, n1·n2) -> (c, n1, n2)
-    return (blocks.permute(2, 0, 1) if transposed else blocks.transpose(0, 1)).contiguous()
-
-
-def grads_transposed(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> bool:
-    """Whether the factor gradients cost fewer MACs per token on the transposed problem Y_tᵀ = B X_tᵀ Aᵀ
-    (`init.tucker_cost.kronecker_grads_cost`)."""
-    sizes = (*a_shape, *b_shape)
-    return kronecker_grads_cost(*sizes, transposed=True)[0] < kronecker_grads_cost(*sizes, transposed=False)[0]
+    spread = blocks.permute(2, 0, 1) if transposed else blocks.transpose(0, 1)  # (n1, c, n2) or (n2, c, n1)
+    return torch.empty(spread.shape, device=rows.device, dtype=dtype).copy_(spread)
 
 
 def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need_a: bool = True,
-                           need_b: bool = True) -> tuple[Optional[Tensor], Optional[Tensor]]:
+                           need_b: bool = True, dtype: Optional[torch.dtype] = None,
+                           ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """(dA (R, m1, n1), dB (R, m2, n2)) of y = x (Σ_k a_k ⊗ b_k)ᵀ cropped to grad_y's width:
 
         dA_k = Σ_t G_t B_k X_tᵀ,   dB_k = Σ_t G_tᵀ A_k X_t       (G_t = dY_t, X_t = row t of x as n1×n2)
 
-    for x (T, d_in ≤ n1·n2), grad_y (T, d_out ≤ m1·m2), summed in fp32 (fp64 for fp64 inputs). Per chunk the
+    for x (T, d_in ≤ n1·n2), grad_y (T, d_out ≤ m1·m2); the GEMMs run in `dtype` (default grad_y's: x and the
+    factors are cast to it) and are summed over chunks in fp32 (fp64 for fp64). Per chunk the
     token matrices are laid side by side, Xs (n1, c, n2) and Gs (m1, c, m2) (one copy each), so every contraction
-    is one 2-D GEMM: D_k = A_kᵀ Gs, dB_k = Σ_(p,t) D_k Xs, Z_k = Xs B_kᵀ, dA_k = Σ_(t,j) Gs Z_k. Per-token batched
-    layouts (einsum) ran 2-3.5× slower on CPU (benchmarks/results/kronecker_grads.md).
+    is one 2-D GEMM: D_k = A_kᵀ Gs, dB_k = Σ_(p,t) D_k Xs, Z_k = Xs B_kᵀ, dA_k = Σ_(t,j) Gs Z_k. On CPU that is
+    2-3× faster than the same contractions as per-token einsums, and on par with the backward of the einsum forward,
+    which has X Bᵀ saved already (benchmarks/kronecker_grads.py).
     """
     R, m1, n1 = a.shape
     _, m2, n2 = b.shape
-    transposed = grads_transposed((m1, n1), (m2, n2))
+    dtype = grad_y.dtype if dtype is None else dtype
+    transposed = kronecker_grads_cost(m1, n1, m2, n2)[2]
     if transposed:  # the same contractions on Y_tᵀ = Σ_k B_k X_tᵀ A_kᵀ
         a, b, need_a, need_b = b, a, need_b, need_a
+    a, b = a.to(dtype), b.to(dtype)
     (p1, q1), (p2, q2) = a.shape[1:], b.shape[1:]  # the run problem's A_k (p1, q1), B_k (p2, q2)
-    acc = torch.promote_types(grad_y.dtype, torch.float32)
+    acc = torch.promote_types(dtype, torch.float32)
     grad_a = torch.zeros(R, p1, q1, device=x.device, dtype=acc) if need_a else None
     grad_b = torch.zeros(R, p2, q2, device=x.device, dtype=acc) if need_b else None
-    for start, stop in token_chunks(x.shape[0], max(q1 * p2, q1 * q2, p1 * p2), x.device):
+    per_token = m1 * m2 + n1 * n2 + 2 * q1 * p2  # Gs, Xs, D_k, Z_k
+    for start, stop in token_chunks(x.shape[0], per_token, x.device, _GRAD_CHUNK_ELEMENTS):
         c = stop - start
-        gs = _spread(_pad(grad_y[start:stop], m1 * m2), m1, m2, transposed).view(p1, c * p2)  # (p1, c·p2)
-        xs = _spread(_pad(x[start:stop], n1 * n2), n1, n2, transposed).view(q1 * c, q2)  # (q1·c, q2)
+        gs = _spread(_pad(grad_y[start:stop], m1 * m2), m1, m2, transposed, dtype).view(p1, c * p2)  # (p1, c·p2)
+        xs = _spread(_pad(x[start:stop], n1 * n2), n1, n2, transposed, dtype).view(q1 * c, q2)  # (q1·c, q2)
         for k in range(R):
             if need_b:  # D_k = A_kᵀ Gs: (q1, p1) @ (p1, c·p2) -> (q1·c, p2); dB_k = D_kᵀ Xs over (p, t)
                 accumulate_mm(grad_b[k], (a[k].T @ gs).view(q1 * c, p2).T, xs)  # (p2, q1·c) @ (q1·c, q2)
@@ -105,35 +110,41 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
 
 
 def kronecker_merged_weight(weight: Optional[Tensor], a: Tensor, b: Tensor) -> Tensor:
-    """W + Σ_k a_k ⊗ b_k (or Σ_k a_k ⊗ b_k for weight None) as a new (m1·m2, n1·n2) tensor in a's dtype (W is
-    cast: the sum is formed in the factors' precision, as `tucker_linear_reference` does), no autograd.
+    """W + Σ_k a_k ⊗ b_k (or Σ_k a_k ⊗ b_k for weight None) as a new (m1·m2, n1·n2) tensor, no autograd, in the
+    promoted dtype of W and the factors (fp32 factors on a bf16 W: fp32, as `tucker_linear_reference` forms it; an
+    fp64 W stays fp64, so W + 0 is W bit for bit).
 
-    One fused multiply-add per component over W's (m1, m2, n1, n2) view: a single pass over m·n (torch.kron and
-    an add were 2-3× slower at 4096², one m·n temporary more).
+    One buffer: the first component's fused multiply-add reads W and writes it, the others accumulate in place
+    (torch.kron and an add were 2-3× slower at 4096² and need one m·n temporary more).
     """
     R, m1, n1 = a.shape
     _, m2, n2 = b.shape
+    grid = (m1, m2, n1, n2)
     with torch.no_grad():
-        grid = (m1, m2, n1, n2)
-        merged = torch.zeros(grid, device=a.device, dtype=a.dtype) if weight is None else weight.reshape(grid).to(a.dtype)
-        for k in range(R):  # W[(i, j), (p, q)] += A_k[i, p] B_k[j, q]
-            merged = torch.addcmul(merged, a[k][:, None, :, None], b[k][None, :, None, :])  # (m1,1,n1,1)⊙(1,m2,1,n2)
+        if weight is None:
+            merged = torch.zeros(grid, device=a.device, dtype=a.dtype)
+        else:  # W[(i, j), (p, q)] + A_0[i, p] B_0[j, q]: (m1, 1, n1, 1) ⊙ (1, m2, 1, n2) added to W's (m1, m2, n1, n2)
+            merged = torch.addcmul(weight.reshape(grid), a[0][:, None, :, None], b[0][None, :, None, :])
+        for k in range(0 if weight is None else 1, R):
+            merged.addcmul_(a[k][:, None, :, None], b[k][None, :, None, :])
         return merged.view(m1 * m2, n1 * n2)  # (m1, m2, n1, n2) -> (m, n)
 
 
 class KroneckerMergedFunction(torch.autograd.Function):
-    """y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b with W frozen: one GEMM on the merged weight (formed in the factors' dtype,
-    cast to x's), which is rebuilt in backward, never saved; dX = dY (W + ΔW), dA, dB by `kronecker_factor_grads`
-    (no m×n dΔ). Saves x, the factors and a reference to W."""
+    """y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b with W and b frozen: one GEMM on the merged weight (formed in the factors'
+    precision, cast to x's), which is rebuilt in backward, never saved; dX = dY (W + ΔW), dA, dB by
+    `kronecker_factor_grads` in the factors' precision (no m×n dΔ). Saves x (when a factor needs a gradient), the
+    factors and a reference to W."""
 
     @staticmethod
     def forward(ctx, x: Tensor, A: Tensor, B: Tensor, weight: Optional[Tensor],  # type: ignore[override]
                 bias: Optional[Tensor]) -> Tensor:
         merged = kronecker_merged_weight(weight, A, B).to(x.dtype)
-        ctx.save_for_backward(x, A, B, weight)
+        ctx.save_for_backward(x if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) else None, A, B, weight)
         return F.linear(x, merged, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
         x, A, B, weight = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
@@ -142,10 +153,7 @@ class KroneckerMergedFunction(torch.autograd.Function):
             grad_x = grad_y @ kronecker_merged_weight(weight, A, B).to(grad_y.dtype)  # (..., m) @ (m, n)
         if need_a or need_b:
             rows, grads = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])  # (..., d) -> (T, d)
-            grad_a, grad_b = kronecker_factor_grads(rows, grads.contiguous(), A.to(x.dtype), B.to(x.dtype),
-                                                    need_a, need_b)
-            grad_a = None if grad_a is None else grad_a.to(A.dtype)
-            grad_b = None if grad_b is None else grad_b.to(B.dtype)
+            grad_a, grad_b = kronecker_factor_grads(rows, grads, A, B, need_a, need_b, dtype=A.dtype)
         return grad_x, grad_a, grad_b, None, None
 
 
@@ -162,4 +170,10 @@ def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Te
         raise ValueError(f"kronecker_merged_linear: x (..., {x.shape[-1]}) and weight "
                          f"{None if weight is None else tuple(weight.shape)} must tile the {shape[0]}×{shape[1]} "
                          f"Kronecker product of {tuple(A.shape[1:])}⊗{tuple(B.shape[1:])}; pad or use kronecker_linear.")
-    return KroneckerMergedFunction.apply(x, A, B, weight, bias)
+    if any(t is not None and t.requires_grad for t in (weight, bias)):
+        raise ValueError("kronecker_merged_linear: weight and bias must be frozen (no gradient flows to them); use "
+                         "kernels.tucker_linear or F.linear for a trainable base.")
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    with torch.autocast(device, enabled=False):  # one dtype through forward and backward (autocast would split it)
+        return KroneckerMergedFunction.apply(x.to(dtype), A, B, weight, bias)

@@ -16,8 +16,9 @@ Two paths (chosen by `tucker_prefers_factored`, spec §1.6's break-even):
         one cuBLAS GEMM on W'. No fp32 Δ, no permute copy. Backward rebuilds W' (never saved): dx = dY W',
         dΔ = dYᵀ x, dP = fold(dΔ) U_N, dU_N = fold(dΔ)ᵀ P (the dΔ GEMM is the floor of any high-rank adapter).
         The torch backend runs `kronecker_merged_linear` on the R_N products below when their factor gradients,
-        contracted from dY and x directly, cost fewer MACs than dΔ (small R_N): W' by one fused multiply-add per
-        product, no dΔ; else autograd through the dense Δ (`tucker_linear_reference`).
+        contracted from dY and x directly, cost fewer MACs than dΔ (small R_N, `tucker_cost.prefers_kronecker_grads`)
+        and W, b are frozen: W' by one fused multiply-add per product, no dΔ; else autograd through the dense Δ
+        (`tucker_linear_reference`).
     "factored": the Kronecker kernel (kronecker.py) on the R_N products above; Δ is never formed. Wins for small
         R_N or few tokens.
 """
@@ -42,14 +43,14 @@ from ._dispatch import (
     next_power_of_2,
 )
 from ..init.tucker import TuckerShape, unmerged_indices
-from ..init.tucker_cost import kronecker_apply_macs, kronecker_grads_cost
+from ..init.tucker_cost import kronecker_apply_macs, prefers_kronecker_grads
 from .kronecker import kronecker_linear
 from .kronecker_torch import kronecker_merged_linear
 
 
 __all__ = [
     "TuckerMaterializedFunction",
-    "prefers_kronecker_grads",
+    "kronecker_factors",
     "tucker_delta",
     "tucker_linear",
     "tucker_linear_reference",
@@ -134,12 +135,11 @@ def _kron_factors(P: Tensor, U: Tensor, out_modes: Sequence[int], in_modes: Sequ
     return A, B
 
 
-def prefers_kronecker_grads(rank_last: int, out_modes: Sequence[int], in_modes: Sequence[int]) -> bool:
-    """Whether the R_N Kronecker factor-gradient contractions (`kronecker_merged_linear`) cost fewer MACs per token
-    than the dense dΔ = gᵀx GEMM (m·n): true for small R_N (TeRA's rank-1 last mode), false at R_N = 16."""
-    sizes = (math.prod(out_modes[:-1]), math.prod(in_modes[:-1]), out_modes[-1], in_modes[-1])  # P_r, U_N[:, r]
-    grads = min(kronecker_grads_cost(*sizes, transposed=flag)[0] for flag in (False, True))
-    return rank_last * grads < math.prod(out_modes) * math.prod(in_modes)
+def kronecker_factors(core: Tensor, factors: Sequence[Tensor], out_modes: Sequence[int], in_modes: Sequence[int]
+                      ) -> tuple[Tensor, Tensor]:
+    """Δ = Σ_r A_r ⊗ B_r split at the last mode: A (R_N, m', n'), B (R_N, m_N, n_N), fp32 (fp64 stays fp64),
+    differentiable in the core and factors (`_outer_and_last`, then `_kron_factors`)."""
+    return _kron_factors(*_outer_and_last(core, factors), out_modes, in_modes)
 
 
 def tucker_prefers_factored(tokens: int, core_shape: Sequence[int], out_modes: Sequence[int],
@@ -307,8 +307,7 @@ def tucker_linear(
                                            training)
         mode = "factored" if factored else "materialized"
     if mode == "factored":
-        P, U = _outer_and_last(core, factors)
-        A, B = _kron_factors(P, U, out_modes, in_modes)
+        A, B = kronecker_factors(core, factors, out_modes, in_modes)
         b = None if bias is None else bias.to(x.dtype)
         base = None if base_out is None else as_rows(base_out.to(x.dtype), d_out, "tucker_linear base_out")
         if weight is not None:
@@ -317,10 +316,11 @@ def tucker_linear(
             base = b.expand(rows.shape[0], d_out)  # (d_out,) -> (T, d_out), a stride-0 view
         y = kronecker_linear(rows, A, B, base_out=base, backend=backend)
     elif kernel_backend(x, core, weight, backend=backend) == "torch":
-        if not prefers_kronecker_grads(core.shape[-1], out_modes, in_modes):  # autograd through dense Δ, dΔ = gᵀx
+        trainable_base = any(t is not None and t.requires_grad for t in (weight, bias))
+        if trainable_base or not prefers_kronecker_grads(core.shape[-1], out_modes, in_modes):  # autograd, dense Δ
             y = tucker_linear_reference(x, core, factors, out_modes, in_modes, weight=weight, bias=bias)
             return y if base_out is None else base_out + y
-        A, B = _kron_factors(*_outer_and_last(core, factors), out_modes, in_modes)
+        A, B = kronecker_factors(core, factors, out_modes, in_modes)
         y = kronecker_merged_linear(rows, A, B, weight, bias)  # one GEMM on W + Σ_r A_r ⊗ B_r, no dΔ
         if base_out is not None:
             y = y + as_rows(base_out.to(x.dtype), d_out, "tucker_linear base_out")
