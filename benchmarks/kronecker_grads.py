@@ -3,8 +3,8 @@
     python benchmarks/kronecker_grads.py            # T = 1024, 21 rounds (≈ 1 min on 2 cores)
     python benchmarks/kronecker_grads.py --quick    # 5 rounds
 
-"2-D GEMMs" is `specpeft.kernels.kronecker_torch.kronecker_factor_grads` (the backward of `kernels.kronecker_linear`
-on both backends and of TeRA's merged path), which starts from x and dY alone; "einsum from x, dY" is the same
+"2-D GEMMs" is `specpeft.kernels.kronecker_torch.kronecker_factor_grads` (the backward of the Triton
+`kernels.kronecker_linear` and of TeRA's merged path), which starts from x and dY alone; "einsum from x, dY" is the same
 contraction as four per-token einsums (the Triton backward's previous form); "einsum autograd" is `torch.autograd.grad`
 of `kernels.kronecker_linear_reference`'s output with respect to A and B on a graph built once (retain_graph): the
 backward alone, its forward intermediate X Bᵀ already saved. All are also ÷ the dense dΔ = gᵀx GEMM (T·m·n MACs)

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specpeft.init.tucker_cost import kronecker_grads_cost
+import specpeft.kernels as K
+from specpeft.init.tucker_cost import kronecker_grads_cost, prefers_kronecker_grads
 from specpeft.kernels import kronecker_torch
 from specpeft.kernels.kronecker_torch import kronecker_factor_grads, kronecker_merged_linear, kronecker_merged_weight
 
@@ -149,3 +150,37 @@ def test_merged_linear_names_the_bad_shape() -> None:
         kronecker_merged_linear(torch.randn(2, 14, dtype=F64), A, B)
     with pytest.raises(ValueError, match="same number R"):
         kronecker_merged_linear(torch.randn(2, 15, dtype=F64), A, B.repeat(2, 1, 1))
+
+
+def test_merged_linear_keeps_an_fp64_input_in_fp64() -> None:
+    """fp64 x and W with fp32 factors: W + ΔW is formed in fp64, and autocast leaves fp64 alone."""
+    A, B = (t.float() for t in _factors(1, 3, 4, 5, 2, seed=8))
+    weight, x = torch.randn(15, 8, dtype=F64), torch.randn(4, 8, dtype=F64)
+    reference = F.linear(x, weight + _dense(A.double(), B.double(), 15, 8))  # products of the fp32 values, in fp64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kronecker_merged_linear(x, A, B, weight)
+    assert out.dtype == F64
+    torch.testing.assert_close(out, reference, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("bias_trains", [False, True])
+def test_tucker_linear_torch_materialized_equals_its_reference(bias_trains: bool) -> None:
+    """`tucker_linear`'s torch materialized mode: the Kronecker merged op for a small R_N (here 1), autograd through
+    the dense Δ when the bias trains (the merged op returns no base gradients); both equal the float64 reference."""
+    out_modes, in_modes, ranks = (4, 2, 8), (4, 2, 8), (3, 2, 1)
+    assert prefers_kronecker_grads(ranks[-1], out_modes, in_modes)
+    gen = torch.Generator().manual_seed(9)
+    core = torch.randn(ranks, dtype=F64, generator=gen)
+    factors = [torch.randn(m * n, r, dtype=F64, generator=gen) for m, n, r in zip(out_modes, in_modes, ranks)]
+    weight, bias = torch.randn(64, 64, dtype=F64, generator=gen), torch.randn(64, dtype=F64, generator=gen)
+    x = torch.randn(2, 3, 64, dtype=F64, generator=gen)
+    upstream = torch.randn(2, 3, 64, dtype=F64, generator=gen)
+    results = []
+    for op in (lambda *a, **k: K.tucker_linear(*a, **k, mode="materialized", backend="torch"), K.tucker_linear_reference):
+        leaves = [t.clone().requires_grad_(True) for t in (x, core, *factors)]
+        b = bias.clone().requires_grad_(bias_trains)
+        out = op(leaves[0], leaves[1], leaves[2:], out_modes, in_modes, weight=weight, bias=b)
+        wanted = leaves + ([b] if bias_trains else [])
+        results.append((out, *torch.autograd.grad(out, wanted, upstream)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)

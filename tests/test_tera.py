@@ -193,6 +193,8 @@ def test_default_layout_equals_the_float64_reference_end_to_end(d_out: int, d_in
         out = adapter(x, frozen)
         with torch.no_grad():  # same path, same bits without autograd
             assert torch.equal(adapter(x, frozen), out)
+            delta_ref = _reference_delta(adapter)
+            torch.testing.assert_close(adapter.delta_forward(x, frozen), x @ delta_ref.T, atol=1e-12, rtol=0)
         leaves = {n: v.detach().clone().requires_grad_(True) for n, v in adapter.named_parameters()}
         x_ref = x.detach().clone().requires_grad_(True)
         reference = nn.functional.linear(x_ref, base.weight + _reference_delta(adapter, leaves), base.bias)
@@ -222,11 +224,40 @@ def test_trainable_base_bias_keeps_its_gradient() -> None:
     adapter = _adapter(256, 256, forward_mode="materialized")
     assert adapter.grad_plan(12) == "kronecker"
     x = torch.randn(12, 256, dtype=torch.float64)
-    adapter(x, FrozenBase(base)).sum().backward()
-    got = base.bias.grad.clone()
-    base.bias.grad = None
-    nn.functional.linear(x, base.weight + _reference_delta(adapter), base.bias).sum().backward()
-    torch.testing.assert_close(got, base.bias.grad, atol=1e-12, rtol=0)
+    got = torch.autograd.grad(adapter(x, FrozenBase(base)).sum(), [base.bias, *adapter.vectors()])
+    names = [name for name, _ in adapter.named_parameters()]
+    leaves = {n: v.detach().clone().requires_grad_(True) for n, v in adapter.named_parameters()}
+    reference = nn.functional.linear(x, base.weight + _reference_delta(adapter, leaves), base.bias)
+    want = torch.autograd.grad(reference.sum(), [base.bias, *(leaves[n] for n in names)])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-9)
+
+
+def test_merged_kronecker_path_under_autocast_keeps_fp32_factors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast the merged path's GEMMs run in bf16, but P, M_N are formed and their gradients contracted
+    in the vectors' fp32 (bf16 there would round the trained quantities themselves)."""
+    from specpeft.kernels import kronecker_torch
+
+    seen: list[tuple[torch.dtype, ...]] = []
+    original = kronecker_torch.kronecker_factor_grads
+
+    def spy(x, grad_y, a, b, need_a=True, need_b=True, dtype=None):
+        seen.append((a.dtype, b.dtype, dtype))
+        return original(x, grad_y, a, b, need_a, need_b, dtype)
+
+    monkeypatch.setattr(kronecker_torch, "kronecker_factor_grads", spy)
+    base = nn.Linear(256, 256).requires_grad_(False)
+    adapter = _adapter(256, 256, dtype=torch.float32, forward_mode="materialized")
+    x = torch.randn(16, 256)
+    grads = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = adapter(x, FrozenBase(base))
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        grads.append(torch.autograd.grad(out.float().pow(2).sum(), adapter.vectors()))
+    assert seen == [(torch.float32, torch.float32, torch.float32)] * 2
+    for low, high in zip(grads[1], grads[0]):
+        assert ((low - high).norm() / high.norm()).item() < 3e-2
 
 
 def test_layout_falls_back_to_balanced_modes() -> None:

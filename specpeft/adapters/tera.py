@@ -54,7 +54,7 @@ class TeRAConfig(SpecPeftConfig):
             on the balanced others (`init.tucker.wide_last_mode`; at 4096² modes (16, 8, 32)², 1,377 trainables).
             Δ is then applied without forming it (SoKA's Kronecker op) or, for many tokens, merged into W with the
             gradients of (P, M_N) contracted from dY and x; with R_N > 1 the merged path forms dΔ = dYᵀX, an extra
-            m·n GEMM per step (≥ 1.5×, benchmarks/tera_speed.py). The default's splits keep rank(Δ) = min(d_out, d_in).
+            m·n GEMM per step (≥ 1.5×, benchmarks/tera_speed.py), or projects through the factors. The default's splits keep rank(Δ) = min(d_out, d_in).
         mode_sizes: per weight shape "{d_out}x{d_in}" → [[m_1..m_N], [n_1..n_N]], overriding the default modes; with
             rank=None the mode whose contraction is cheapest gets R_k = 1 (`init.tucker.cheap_mode_ranks`).
         scale_sides: trainable diagonals on the "mode" side (λ_k, length J_k), the "rank" side (μ_k, length R_k), or
@@ -283,8 +283,9 @@ class TeRAAdapter(MethodAdapter):
         """x (W + Δ)ᵀ + b (module given) or x Δᵀ as one GEMM on the merged weight, Δ = P ⊗ M_N built by a fused
         multiply-add and rebuilt in backward; the gradients of (P, M_N) are contracted from dY and x, no m×n dΔ
         (`kernels.kronecker_merged_linear`; P, M_N formed by autograd from the vectors)."""
-        core, factors = self._scaled(tuple(self.vectors()), self.vectors()[0].dtype)
-        A, B = kernels.tucker.kronecker_factors(core, factors, self.shape.out_modes, self.shape.in_modes)
+        with torch.autocast(x.device.type, enabled=False):  # P, M_N in the vectors' fp32, as the gradients are
+            core, factors = self._scaled(tuple(self.vectors()), self.vectors()[0].dtype)
+            A, B = kernels.tucker.kronecker_factors(core, factors, self.shape.out_modes, self.shape.in_modes)
         weight, bias = (None, None) if module is None else (module.weight, module.bias)
         return kernels.kronecker_merged_linear(x, A, B, weight, bias)
 

@@ -80,6 +80,9 @@ class TeRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, adapter: TeRAAdapter, base: FrozenBase, merge_base: bool, plan: GradPlan,
                 *vectors: Tensor) -> Tensor:
+        if plan not in ("dense", "projected"):
+            raise ValueError(f"TeRALinearFunction: plan={plan!r}; it runs 'dense' or 'projected' (the 'kronecker' plan "
+                             "is kernels.kronecker_merged_linear).")
         with torch.no_grad():
             weight = merged_weight(adapter, base if merge_base else None, vectors)
             if merge_base:

@@ -1,8 +1,9 @@
 """Cost model of the Tucker network's contractions (spec tera_fedsvd_snella.md §1.6): MACs and memory traffic of
 building Δ and of applying it to tokens without forming it, per plan, so callers can pick the cheapest.
 
-Pure integer arithmetic on a `TuckerShape` (init/tucker.py, which runs the plans this module prices) or on the
-factor sizes of a Kronecker product.
+Integer arithmetic on a `TuckerShape` (init/tucker.py, which runs the plans this module prices) or on the factor
+sizes of a Kronecker product, and TeRA's training-step model on top (`training_step_costs`), which weighs memory
+passes and slow contractions by two constants calibrated on the 2-core dev box.
 """
 
 from __future__ import annotations

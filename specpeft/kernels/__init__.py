@@ -5,7 +5,7 @@ oracle), and a `torch.autograd.Function` with a hand-written backward:
 
     lowrank_linear      y = x Wᵀ + b + ((x V) ⊙ s) Uᵀ                    SVFit, LoRA shapes
     kronecker_linear    y = base + x (Σ_k A_k ⊗ B_k)ᵀ                      SoKA
-    kronecker_merged_linear  y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b   torch only (no dΔ): TeRA's merged path, R_N = 1
+    kronecker_merged_linear  y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b     torch only, no dΔ: TeRA's merged path
     tucker_linear       y = x (W + unfold(𝒢 ×_k U_k))ᵀ + b                 TeRA (materialized or factored)
     snella_linear       y = x (W + s·K_eff)ᵀ + b, K generated tile by tile  SNELLA / SNELL
 

@@ -13,7 +13,8 @@ intermediate never leaves the chip. The contraction order (B first or A first) i
 other order runs the same kernel on the transposed problem Y_tᵀ = Σ_k B_k X_tᵀ A_kᵀ.
 Backward: dX_t = Σ_k A_kᵀ dY_t B_k is the same kernel on (Aᵀ, Bᵀ); dA_k = Σ_t dY_t B_k X_tᵀ and
 dB_k = Σ_t dY_tᵀ A_k X_t are reductions over all tokens into R·(m1n1 + m2n2) numbers: 2-D torch GEMMs over token
-chunks (`kronecker_torch.kronecker_factor_grads`; a fused kernel would need a cross-program reduction per factor).
+chunks in x's dtype, like the forward (`kronecker_torch.kronecker_factor_grads`; a fused kernel would need a
+cross-program reduction per factor).
 Torch path: `kronecker_linear_reference` (two einsums under autograd; on CPU as fast as a hand-written backward).
 """
 
@@ -24,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._dispatch import HAS_TRITON, BackendChoice, as_rows, dot_precision, interpreting, kernel_backend, next_power_of_2
 from .kronecker_torch import kronecker_factor_grads
@@ -165,6 +167,7 @@ class KroneckerLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
         x, a, b = ctx.saved_tensors
         need_x, need_a, need_b, need_base, _ = ctx.needs_input_grad

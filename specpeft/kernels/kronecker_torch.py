@@ -80,8 +80,8 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
     factors are cast to it) and are summed over chunks in fp32 (fp64 for fp64). Per chunk the
     token matrices are laid side by side, Xs (n1, c, n2) and Gs (m1, c, m2) (one copy each), so every contraction
     is one 2-D GEMM: D_k = A_kᵀ Gs, dB_k = Σ_(p,t) D_k Xs, Z_k = Xs B_kᵀ, dA_k = Σ_(t,j) Gs Z_k. On CPU that is
-    2-3× faster than the same contractions as per-token einsums, and on par with the backward of the einsum forward,
-    which has X Bᵀ saved already (benchmarks/kronecker_grads.py).
+    1.6-2.5× faster than the same contractions as per-token einsums, and 0.9-1.6× the time of the einsum forward's
+    autograd backward, which has X Bᵀ saved already (benchmarks/results/kronecker_grads.md).
     """
     R, m1, n1 = a.shape
     _, m2, n2 = b.shape
@@ -120,21 +120,22 @@ def kronecker_merged_weight(weight: Optional[Tensor], a: Tensor, b: Tensor) -> T
     R, m1, n1 = a.shape
     _, m2, n2 = b.shape
     grid = (m1, m2, n1, n2)
-    with torch.no_grad():
+    with torch.no_grad():  # component k as (m1, 1, n1, 1) ⊙ (1, m2, 1, n2): W[(i, j), (p, q)] += A_k[i, p] B_k[j, q]
+        first_a, first_b = a[0][:, None, :, None], b[0][None, :, None, :]
         if weight is None:
-            merged = torch.zeros(grid, device=a.device, dtype=a.dtype)
-        else:  # W[(i, j), (p, q)] + A_0[i, p] B_0[j, q]: (m1, 1, n1, 1) ⊙ (1, m2, 1, n2) added to W's (m1, m2, n1, n2)
-            merged = torch.addcmul(weight.reshape(grid), a[0][:, None, :, None], b[0][None, :, None, :])
-        for k in range(0 if weight is None else 1, R):
+            merged = first_a * first_b
+        else:  # added to W's (m1, m2, n1, n2) view
+            merged = torch.addcmul(weight.reshape(grid), first_a, first_b)
+        for k in range(1, R):
             merged.addcmul_(a[k][:, None, :, None], b[k][None, :, None, :])
         return merged.view(m1 * m2, n1 * n2)  # (m1, m2, n1, n2) -> (m, n)
 
 
 class KroneckerMergedFunction(torch.autograd.Function):
-    """y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b with W and b frozen: one GEMM on the merged weight (formed in the factors'
-    precision, cast to x's), which is rebuilt in backward, never saved; dX = dY (W + ΔW), dA, dB by
-    `kronecker_factor_grads` in the factors' precision (no m×n dΔ). Saves x (when a factor needs a gradient), the
-    factors and a reference to W."""
+    """y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b with W and b frozen: one GEMM on the merged weight (formed in the promoted
+    dtype of W and the factors, cast to x's), which is rebuilt in backward, never saved; dX = dY (W + ΔW), dA, dB by
+    `kronecker_factor_grads` in the factors' precision, at least fp32 (no m×n dΔ). Saves x (when a factor needs a
+    gradient), the factors and a reference to W."""
 
     @staticmethod
     def forward(ctx, x: Tensor, A: Tensor, B: Tensor, weight: Optional[Tensor],  # type: ignore[override]
@@ -149,12 +150,15 @@ class KroneckerMergedFunction(torch.autograd.Function):
         x, A, B, weight = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_a = grad_b = None
-        if need_x:
-            grad_x = grad_y @ kronecker_merged_weight(weight, A, B).to(grad_y.dtype)  # (..., m) @ (m, n)
-        if need_a or need_b:
-            rows, grads = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])  # (..., d) -> (T, d)
-            grad_a, grad_b = kronecker_factor_grads(rows, grads, A, B, need_a, need_b, dtype=A.dtype)
-        return grad_x, grad_a, grad_b, None, None
+        with torch.autocast(grad_y.device.type, enabled=False):  # a backward run inside autocast keeps the dtypes
+            if need_x:
+                grad_x = grad_y @ kronecker_merged_weight(weight, A, B).to(grad_y.dtype)  # (..., m) @ (m, n)
+            if need_a or need_b:
+                rows, grads = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])  # (..., d) -> (T, d)
+                dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+                grad_a, grad_b = kronecker_factor_grads(rows, grads, A, B, need_a, need_b, dtype=dtype)
+        return (grad_x, None if grad_a is None else grad_a.to(A.dtype), None if grad_b is None else grad_b.to(B.dtype),
+                None, None)
 
 
 def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Tensor] = None,
@@ -170,10 +174,11 @@ def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Te
         raise ValueError(f"kronecker_merged_linear: x (..., {x.shape[-1]}) and weight "
                          f"{None if weight is None else tuple(weight.shape)} must tile the {shape[0]}×{shape[1]} "
                          f"Kronecker product of {tuple(A.shape[1:])}⊗{tuple(B.shape[1:])}; pad or use kronecker_linear.")
-    if any(t is not None and t.requires_grad for t in (weight, bias)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias)):
         raise ValueError("kronecker_merged_linear: weight and bias must be frozen (no gradient flows to them); use "
                          "kernels.tucker_linear or F.linear for a trainable base.")
     device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast leaves fp64 alone
+    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     with torch.autocast(device, enabled=False):  # one dtype through forward and backward (autocast would split it)
         return KroneckerMergedFunction.apply(x.to(dtype), A, B, weight, bias)
