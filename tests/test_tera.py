@@ -18,7 +18,6 @@ import specpeft  # noqa: E402
 import specpeft.kernels as K  # noqa: E402
 from adapter_matrix import CHECKS, MODEL_CASES, MethodCase, adapted, perturb, run_check  # noqa: E402
 from specpeft import FrozenBase, LayerGeometry, TeRAConfig  # noqa: E402
-from specpeft.adapters import tera_function  # noqa: E402
 from specpeft.adapters.tera import TeRAAdapter  # noqa: E402
 from specpeft.init.tucker import TuckerShape, balanced_factors, cheap_mode_ranks  # noqa: E402
 from specpeft.init.tucker_cost import apply_macs, best_mode, edge_kronecker_cost  # noqa: E402
@@ -174,92 +173,6 @@ def test_default_layout_is_the_cheapest_full_rank_kronecker_split(d_out: int, d_
     assert adapter.edge_kronecker  # the factored path runs kernels.kronecker_linear on (P, M_N)
 
 
-@pytest.mark.parametrize("mode", ["auto", "materialized"])
-@pytest.mark.parametrize(("d_out", "d_in"), [(256, 256), (512, 256), (256, 1024)])
-def test_default_layout_equals_the_float64_reference_end_to_end(d_out: int, d_in: int, mode: str) -> None:
-    """Both paths of the default layout, P ⊗ M_N applied to x (auto at 12 tokens) and the merged W + P ⊗ M_N with
-    the Kronecker factor gradients: output and gradients equal autograd through the Kronecker-sum formula (float64),
-    a quantized-style base (x Δᵀ added to base(x)) too, and save → reload reproduces it exactly."""
-    adapter = _adapter(d_out, d_in, alpha=0.8, forward_mode=mode)
-    assert adapter.edge_kronecker and adapter.shape.ranks[-1] == 1 and adapter.kronecker_capable
-    assert adapter.use_factored(12) == (mode == "auto")
-    base = nn.Linear(d_in, d_out).double().requires_grad_(False)
-    x = torch.randn(3, 4, d_in, dtype=torch.float64, requires_grad=True)
-    names = [name for name, _ in adapter.named_parameters()]
-    for quantized in (False, True):
-        frozen = FrozenBase(base)
-        if quantized:
-            frozen.geometry = LayerGeometry("linear", (d_out, d_in), quantized=True, standard_forward=False)
-        out = adapter(x, frozen)
-        with torch.no_grad():  # same path, same bits without autograd
-            assert torch.equal(adapter(x, frozen), out)
-            delta_ref = _reference_delta(adapter)
-            torch.testing.assert_close(adapter.delta_forward(x, frozen), x @ delta_ref.T, atol=1e-12, rtol=0)
-        leaves = {n: v.detach().clone().requires_grad_(True) for n, v in adapter.named_parameters()}
-        x_ref = x.detach().clone().requires_grad_(True)
-        reference = nn.functional.linear(x_ref, base.weight + _reference_delta(adapter, leaves), base.bias)
-        torch.testing.assert_close(out, reference, atol=1e-12, rtol=0)
-        upstream = torch.randn_like(out)
-        got = torch.autograd.grad(out, [x, *adapter.parameters()], upstream)
-        want = torch.autograd.grad(reference, [x_ref, *(leaves[n] for n in names)], upstream)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-9)
-    torch.manual_seed(0)
-    config = TeRAConfig(target_modules=["0"], forward_mode=mode)
-    model = specpeft.get_adapter_model(nn.Sequential(nn.Linear(d_in, d_out)), config)
-    perturb(model, 0.3)
-    inputs = torch.randn(5, d_in)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        torch.manual_seed(0)
-        reloaded = specpeft.load_adapter_model(nn.Sequential(nn.Linear(d_in, d_out)), tmp)
-        assert torch.equal(reloaded(inputs), model(inputs))
-
-
-def test_trainable_base_bias_keeps_its_gradient() -> None:
-    """A base whose bias trains cannot take the hand-written merged paths (they return no base gradients): the layer
-    falls back to autograd through the base op, and the bias gets exactly the reference gradient."""
-    base = nn.Linear(256, 256).double()
-    base.weight.requires_grad_(False)
-    adapter = _adapter(256, 256, forward_mode="materialized")
-    assert adapter.grad_plan(12) == "kronecker"
-    x = torch.randn(12, 256, dtype=torch.float64)
-    got = torch.autograd.grad(adapter(x, FrozenBase(base)).sum(), [base.bias, *adapter.vectors()])
-    names = [name for name, _ in adapter.named_parameters()]
-    leaves = {n: v.detach().clone().requires_grad_(True) for n, v in adapter.named_parameters()}
-    reference = nn.functional.linear(x, base.weight + _reference_delta(adapter, leaves), base.bias)
-    want = torch.autograd.grad(reference.sum(), [base.bias, *(leaves[n] for n in names)])
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-9)
-
-
-def test_merged_kronecker_path_under_autocast_keeps_fp32_factors(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under bf16 autocast the merged path's GEMMs run in bf16, but P, M_N are formed and their gradients contracted
-    in the vectors' fp32 (bf16 there would round the trained quantities themselves)."""
-    from specpeft.kernels import kronecker_torch
-
-    seen: list[tuple[torch.dtype, ...]] = []
-    original = kronecker_torch.kronecker_factor_grads
-
-    def spy(x, grad_y, a, b, need_a=True, need_b=True, dtype=None):
-        seen.append((a.dtype, b.dtype, dtype))
-        return original(x, grad_y, a, b, need_a, need_b, dtype)
-
-    monkeypatch.setattr(kronecker_torch, "kronecker_factor_grads", spy)
-    base = nn.Linear(256, 256).requires_grad_(False)
-    adapter = _adapter(256, 256, dtype=torch.float32, forward_mode="materialized")
-    x = torch.randn(16, 256)
-    grads = []
-    for autocast in (False, True):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = adapter(x, FrozenBase(base))
-        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
-        grads.append(torch.autograd.grad(out.float().pow(2).sum(), adapter.vectors()))
-    assert seen == [(torch.float32, torch.float32, torch.float32)] * 2
-    for low, high in zip(grads[1], grads[0]):
-        assert ((low - high).norm() / high.norm()).item() < 3e-2
-
-
 def test_layout_falls_back_to_balanced_modes() -> None:
     """Without a qualifying split (a prime dimension) or with explicit mode sizes, balanced modes / the given modes get
     `cheap_mode_ranks`: R = 16 except the mode whose unmerged contraction is cheapest."""
@@ -283,93 +196,6 @@ def test_layout_falls_back_to_balanced_modes() -> None:
     assert costs[k] == min(costs)
 
 
-EDGE = dict(rank=[2, 2, 1], mode_sizes={"12x20": [[3, 1, 4], [2, 2, 5]]})  # R_3 = 1: Δ = P (3×4) ⊗ M_3 (4×5)
-
-
-@pytest.mark.parametrize("layout", ["tucker", "edge"])
-@pytest.mark.parametrize("mode", ["factored", "materialized"])
-def test_forward_and_gradients_equal_dense(mode: str, layout: str) -> None:
-    base = nn.Linear(20, 12).double().requires_grad_(False)
-    cfg = EDGE if layout == "edge" else dict(rank=[3, 2, 2])
-    adapter = _adapter(12, 20, forward_mode=mode, alpha=1.3, **cfg)
-    assert adapter.edge_kronecker == (layout == "edge")
-    x = torch.randn(2, 5, 20, dtype=torch.float64, requires_grad=True)
-    out = adapter(x, FrozenBase(base))
-    torch.testing.assert_close(out, nn.functional.linear(x, base.weight + _reference_delta(adapter), base.bias),
-                               atol=1e-12, rtol=0)
-    upstream = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [x, *adapter.vectors()], upstream)
-    x_ref = x.detach().clone().requires_grad_(True)
-    reference = nn.functional.linear(x_ref, base.weight + adapter._build(*adapter.vectors()), base.bias)
-    expected = torch.autograd.grad(reference, [x_ref, *adapter.vectors()], upstream)
-    for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
-    delta_term = adapter.delta_forward(x, FrozenBase(base))
-    torch.testing.assert_close(delta_term, x @ _reference_delta(adapter).T, atol=1e-12, rtol=0)
-
-
-EDGE_2 = dict(tensor_order=2, rank=[2, 1], mode_sizes={"4x6": [[2, 2], [2, 3]]})  # Δ = P (2×2) ⊗ M_2 (2×3)
-
-
-@pytest.mark.parametrize(("mode", "cfg"), [("factored", dict(tensor_order=2, rank=2)), ("materialized", dict(rank=2)),
-                                         ("factored", EDGE_2)])
-def test_gradcheck(mode: str, cfg: dict) -> None:
-    """Spec §1.9 check 10 on λ, μ and x, through the forward the model runs (custom backward when materialized,
-    `kernels.kronecker_linear` for the rank-1 last mode)."""
-    base = nn.Linear(6, 4).double().requires_grad_(False)
-    adapter = _adapter(4, 6, forward_mode=mode, **cfg)
-    assert mode == "materialized" or adapter.edge_kronecker == (cfg is EDGE_2)
-    names = [name for name, _ in adapter.named_parameters()]
-    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    vectors = tuple(v.detach().clone().requires_grad_(True) for v in adapter.vectors())
-
-    def run(inp: torch.Tensor, *vecs: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(adapter, dict(zip(names, vecs)), (inp, FrozenBase(base)))
-
-    assert torch.autograd.gradcheck(run, (x, *vectors))
-    assert torch.autograd.gradgradcheck(lambda *vecs: adapter._build(*vecs), vectors)
-
-
-@pytest.mark.parametrize("plan", ["dense", "projected"])
-@pytest.mark.parametrize("dims, cfg", [
-    ((12, 20), dict(rank=[3, 2, 2])),  # modes (3, 2, 2) × (5, 2, 2)
-    ((24, 40), dict(rank=4, tensor_order=2, alpha=0.6)),
-    ((60, 24), dict(rank=1, mode_sizes={"60x24": [[4, 3, 5], [2, 4, 3]]})),  # one Kronecker product
-    ((20, 12), dict(rank=[2, 3, 2], scale_sides="rank")),
-])
-@pytest.mark.parametrize("merge_base, large", [(True, False), (True, True), (False, False)])
-def test_hand_written_backward_equals_dense_autograd(plan: str, dims, cfg: dict, merge_base: bool, large: bool,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both vector-gradient plans of the merged-weight path (dense dΔ contraction, projected without dΔ) and dX
-    equal autograd through y = x (W + Δ_ref)ᵀ + b, Δ_ref the float64 Kronecker-sum formula (spec §1.2); `large`
-    forces the single-buffer W₀ + Δ build used from 2²² weight entries."""
-    d_out, d_in = dims
-    if large:
-        monkeypatch.setattr(tera_function, "LARGE_WEIGHT", 0)
-    base = nn.Linear(d_in, d_out).double().requires_grad_(False)
-    adapter = _adapter(d_out, d_in, forward_mode="materialized", **cfg)
-    monkeypatch.setattr(adapter, "grad_plan", lambda tokens, kronecker=True: plan)
-    frozen = FrozenBase(base)
-    if not merge_base:  # a quantized base: the adapter adds x Δᵀ to the base output
-        frozen.geometry = LayerGeometry("linear", (d_out, d_in), quantized=True, standard_forward=False)
-    x = torch.randn(3, 7, d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
-    out = adapter(x, frozen)
-    upstream = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    grads = torch.autograd.grad(out, [x, *adapter.vectors()], upstream)
-    names = [name for name, _ in adapter.named_parameters()]
-    vectors = [v.detach().clone().requires_grad_(True) for v in adapter.vectors()]
-    x_ref = x.detach().clone().requires_grad_(True)
-    originals = [v.detach().clone() for v in adapter.vectors()]
-    reference_delta = _reference_delta(adapter, dict(zip(names, vectors)))
-    reference = nn.functional.linear(x_ref, base.weight + reference_delta, base.bias)
-    expected = torch.autograd.grad(reference, [x_ref, *vectors], upstream)
-    torch.testing.assert_close(out, reference.detach(), atol=1e-12, rtol=0)
-    for got, want in zip(grads, expected):
-        assert want.abs().sum() > 0
-        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-10)
-    assert all(torch.equal(v, o) for v, o in zip(adapter.vectors(), originals))
-
-
 def test_init_is_exactly_zero_with_nonzero_gradient() -> None:
     """Spec §1.5 / §1.9 check 5: Δ = 0 exactly, ∂L/∂λ_1 ≠ 0, and one step later every vector gets gradient."""
     base = nn.Linear(24, 40).requires_grad_(False)
@@ -385,45 +211,6 @@ def test_init_is_exactly_zero_with_nonzero_gradient() -> None:
     adapter.zero_grad()
     adapter(x, FrozenBase(base)).pow(2).sum().backward()
     assert all(v.grad.abs().sum() > 0 for v in adapter.vectors())
-
-
-@pytest.mark.parametrize("plan", ["dense", "projected"])
-@pytest.mark.parametrize("quantized", [False, True])
-def test_materialized_forward_saves_no_dense_delta(quantized: bool, plan: str, monkeypatch: pytest.MonkeyPatch
-                                                   ) -> None:
-    """Autograd must not keep an m×n tensor alive between forward and backward (ΔW is rebuilt in backward)."""
-    d_out, d_in = 64, 96
-    base = nn.Linear(d_in, d_out).requires_grad_(False)
-    adapter = _adapter(d_out, d_in, dtype=torch.float32, forward_mode="materialized")
-    monkeypatch.setattr(adapter, "grad_plan", lambda tokens, kronecker=True: plan)
-    frozen = FrozenBase(base)
-    if quantized:
-        frozen.geometry = LayerGeometry("linear", (d_out, d_in), quantized=True, standard_forward=False)
-    saved: list[tuple[int, int]] = []
-    x = torch.randn(4, d_in, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.numel(), t.data_ptr())) or t, lambda t: t):
-        out = adapter(x, frozen)
-    # The base's own frozen weight may be saved by the base op (no new memory); nothing else of size m·n.
-    new_tensors = [numel for numel, ptr in saved if ptr != base.weight.data_ptr()]
-    assert new_tensors and max(new_tensors) < d_out * d_in, saved
-    out.sum().backward()
-    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in adapter.vectors())
-
-
-def test_auto_mode_picks_by_token_count() -> None:
-    """The winners measured in benchmarks/results/tera_speed.md ("factored forced" / "merged forced" rows): factored
-    for few tokens and for a Kronecker Δ; R = 16 on every mode merges for many tokens; the default layout
-    (Δ = P ⊗ M_N) is factored at 4096² up to ~1K tokens and merged (Kronecker factor gradients, no dΔ) beyond, and
-    merged at 384² from 256 tokens."""
-    adapter = _adapter(4096, 4096, dtype=torch.float32, rank=16)
-    assert adapter.use_factored(1) and adapter.use_factored(8)
-    assert not adapter.use_factored(512) and not adapter.use_factored(4096)
-    default = _adapter(4096, 4096, dtype=torch.float32)
-    assert default.kronecker_capable and default.grad_plan(4096) == "kronecker"
-    assert all(default.use_factored(t) for t in (1, 512, 1024)) and not default.use_factored(4096)
-    assert _adapter(4096, 4096, dtype=torch.float32, rank=1).use_factored(512)
-    assert not _adapter(384, 384, dtype=torch.float32, rank=1).use_factored(2048)
-    assert not any(_adapter(384, 384, dtype=torch.float32).use_factored(t) for t in (256, 1024, 4096))
 
 
 def test_bad_options_name_the_field() -> None:
