@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import specpeft.kernels as K
-from specpeft.init.tucker_cost import kronecker_grads_cost, prefers_kronecker_grads
+from specpeft.init.tucker_cost import kronecker_grads_cost
 from specpeft.kernels import kronecker_torch
 from specpeft.kernels.kronecker_torch import kronecker_factor_grads, kronecker_merged_linear, kronecker_merged_weight
 
@@ -163,24 +163,30 @@ def test_merged_linear_keeps_an_fp64_input_in_fp64() -> None:
     torch.testing.assert_close(out, reference, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("bias_trains", [False, True])
-def test_tucker_linear_torch_materialized_equals_its_reference(bias_trains: bool) -> None:
-    """`tucker_linear`'s torch materialized mode: the Kronecker merged op for a small R_N (here 1), autograd through
-    the dense Δ when the bias trains (the merged op returns no base gradients); both equal the float64 reference."""
-    out_modes, in_modes, ranks = (4, 2, 8), (4, 2, 8), (3, 2, 1)
-    assert prefers_kronecker_grads(ranks[-1], out_modes, in_modes)
+@pytest.mark.parametrize("ranks", [(3, 2, 1), (3, 2, 2)])
+def test_tucker_network_through_the_merged_op_equals_the_tucker_reference(ranks: tuple[int, ...]) -> None:
+    """TeRA's merged path: `kernels.tucker.kronecker_factors` splits a Tucker network at its last mode into
+    Σ_r A_r ⊗ B_r (R_N products) and `kronecker_merged_linear` runs them; output and the gradients of x, the core and
+    every factor equal `tucker_linear_reference` (autograd through the dense Δ) in float64."""
+    out_modes, in_modes = (4, 2, 8), (4, 2, 8)
     gen = torch.Generator().manual_seed(9)
     core = torch.randn(ranks, dtype=F64, generator=gen)
     factors = [torch.randn(m * n, r, dtype=F64, generator=gen) for m, n, r in zip(out_modes, in_modes, ranks)]
     weight, bias = torch.randn(64, 64, dtype=F64, generator=gen), torch.randn(64, dtype=F64, generator=gen)
     x = torch.randn(2, 3, 64, dtype=F64, generator=gen)
     upstream = torch.randn(2, 3, 64, dtype=F64, generator=gen)
+
+    def merged(inp: torch.Tensor, c: torch.Tensor, *fs: torch.Tensor) -> torch.Tensor:
+        A, B = K.tucker.kronecker_factors(c, fs, out_modes, in_modes)
+        return kronecker_merged_linear(inp, A, B, weight, bias)
+
+    def reference(inp: torch.Tensor, c: torch.Tensor, *fs: torch.Tensor) -> torch.Tensor:
+        return K.tucker_linear_reference(inp, c, list(fs), out_modes, in_modes, weight=weight, bias=bias)
+
     results = []
-    for op in (lambda *a, **k: K.tucker_linear(*a, **k, mode="materialized", backend="torch"), K.tucker_linear_reference):
+    for op in (merged, reference):
         leaves = [t.clone().requires_grad_(True) for t in (x, core, *factors)]
-        b = bias.clone().requires_grad_(bias_trains)
-        out = op(leaves[0], leaves[1], leaves[2:], out_modes, in_modes, weight=weight, bias=b)
-        wanted = leaves + ([b] if bias_trains else [])
-        results.append((out, *torch.autograd.grad(out, wanted, upstream)))
+        out = op(*leaves)
+        results.append((out, *torch.autograd.grad(out, leaves, upstream)))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)

@@ -168,7 +168,7 @@ def test_hand_written_backward_equals_dense_autograd(plan: str, dims, cfg: dict,
         monkeypatch.setattr(tera_function, "LARGE_WEIGHT", 0)
     base = nn.Linear(d_in, d_out).double().requires_grad_(False)
     adapter = _adapter(d_out, d_in, forward_mode="materialized", **cfg)
-    monkeypatch.setattr(adapter, "grad_plan", lambda tokens, kronecker=True: plan)
+    monkeypatch.setattr(adapter, "grad_plan", lambda tokens: plan)
     frozen = FrozenBase(base)
     if not merge_base:  # a quantized base: the adapter adds x Δᵀ to the base output
         frozen.geometry = LayerGeometry("linear", (d_out, d_in), quantized=True, standard_forward=False)
@@ -198,7 +198,7 @@ def test_materialized_forward_saves_no_dense_delta(quantized: bool, plan: str, m
     d_out, d_in = 64, 96
     base = nn.Linear(d_in, d_out).requires_grad_(False)
     adapter = _adapter(d_out, d_in, dtype=torch.float32, forward_mode="materialized")
-    monkeypatch.setattr(adapter, "grad_plan", lambda tokens, kronecker=True: plan)
+    monkeypatch.setattr(adapter, "grad_plan", lambda tokens: plan)
     frozen = FrozenBase(base)
     if quantized:
         frozen.geometry = LayerGeometry("linear", (d_out, d_in), quantized=True, standard_forward=False)

@@ -54,7 +54,8 @@ class TeRAConfig(SpecPeftConfig):
             on the balanced others (`init.tucker.wide_last_mode`; at 4096² modes (16, 8, 32)², 1,377 trainables).
             Δ is then applied without forming it (SoKA's Kronecker op) or, for many tokens, merged into W with the
             gradients of (P, M_N) contracted from dY and x; with R_N > 1 the merged path forms dΔ = dYᵀX, an extra
-            m·n GEMM per step (≥ 1.5×, benchmarks/tera_speed.py), or projects through the factors. The default's splits keep rank(Δ) = min(d_out, d_in).
+            m·n GEMM per step (≥ 1.5×, benchmarks/tera_speed.py), or projects through the factors. The default's
+            splits keep rank(Δ) = min(d_out, d_in).
         mode_sizes: per weight shape "{d_out}x{d_in}" → [[m_1..m_N], [n_1..n_N]], overriding the default modes; with
             rank=None the mode whose contraction is cheapest gets R_k = 1 (`init.tucker.cheap_mode_ranks`).
         scale_sides: trainable diagonals on the "mode" side (λ_k, length J_k), the "rank" side (μ_k, length R_k), or
@@ -260,12 +261,11 @@ class TeRAAdapter(MethodAdapter):
         costs = self._step_costs(tokens)
         return costs["factored"] < costs[self.grad_plan(tokens)]
 
-    def grad_plan(self, tokens: int, kronecker: bool = True) -> GradPlan:
-        """The cheapest merged-weight plan (`_step_costs`): "dense" dΔ, "projected", or (R_N = 1 on a plain linear,
-        unless `kronecker` is False) "kronecker", run by `kernels.kronecker_merged_linear`."""
+    def grad_plan(self, tokens: int) -> GradPlan:
+        """The cheapest merged-weight plan (`_step_costs`): "dense" dΔ, "projected", or (R_N = 1 on a plain linear)
+        "kronecker", run by `kernels.kronecker_merged_linear`."""
         costs = self._step_costs(tokens)
-        plans = ["dense", "projected"] + (["kronecker"] if kronecker and "kronecker" in costs else [])
-        return min(plans, key=costs.__getitem__)
+        return min((plan for plan in costs if plan != "factored"), key=costs.__getitem__)
 
     def _factored_delta(self, x: Tensor, base_out: Optional[Tensor] = None) -> Tensor:
         """x Δᵀ (+ base_out) without forming Δ: Δ = P ⊗ M_N by the Kronecker op when R_N = 1 makes that cheaper
@@ -305,9 +305,11 @@ class TeRAAdapter(MethodAdapter):
         if self.use_factored(tokens):
             return self._factored_delta(x, base(x))
         if self._explicit_backward_ok(base):
-            plan = self.grad_plan(tokens, kronecker=base.geometry.is_plain_linear)
-            if plan == "kronecker":
-                return self._merged_kronecker(x, base.module)
+            plan = self.grad_plan(tokens)
+            if plan == "kronecker":  # a base whose weight cannot be substituted adds x Δᵀ, as with the other plans
+                if base.geometry.is_plain_linear:
+                    return self._merged_kronecker(x, base.module)
+                return base(x) + self._merged_kronecker(x, None)
             if base.geometry.quantized:  # the weight can only be read, not substituted: add x Δᵀ to the base output
                 return base(x) + TeRALinearFunction.apply(x, self, base, False, plan, *self.vectors())
             return TeRALinearFunction.apply(x, self, base, True, plan, *self.vectors())

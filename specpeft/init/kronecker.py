@@ -132,7 +132,6 @@ class KroneckerShape:
         return cls((int(a_shape[0]), int(a_shape[1])), (int(b_shape[0]), int(b_shape[1])), tuple(matrix_shape))
 
 
-@functools.lru_cache(maxsize=4096)
 @functools.lru_cache(maxsize=None)
 def divisors(n: int) -> tuple[int, ...]:
     """The divisors of n ≥ 1, ascending."""

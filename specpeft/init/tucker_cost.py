@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MEMORY_MACS", "PROJECTED_PENALTY", "apply_macs", "apply_traffic", "best_mode", "build_macs",
     "edge_kronecker_cost", "is_kronecker", "kronecker_apply_macs", "kronecker_grads_cost", "kronecker_splits",
-    "last_mode_build_macs", "last_mode_split", "prefers_kronecker_grads", "training_step_costs",
+    "last_mode_build_macs", "last_mode_split", "training_step_costs",
 ]
 
 # One element pass of a memory-bound op (copy, add, permute) costs about this many GEMM MACs: measured 25-85 on the
@@ -115,14 +115,6 @@ def kronecker_grads_cost(m1: int, n1: int, m2: int, n2: int) -> tuple[int, int, 
 
     direct, mirror = cost(m1, n1, m2, n2), cost(m2, n2, m1, n1)
     return (*mirror, True) if mirror[0] < direct[0] else (*direct, False)
-
-
-def prefers_kronecker_grads(rank_last: int, out_modes: Sequence[int], in_modes: Sequence[int]) -> bool:
-    """Whether the R_N Kronecker factor-gradient contractions cost fewer MACs per token than the dense dΔ = gᵀx
-    GEMM (m·n): the rule of `kernels.tucker_linear`'s torch materialized path (true for R_N = 1 at useful sizes,
-    false at R_N = 16)."""
-    macs = kronecker_grads_cost(*last_mode_split(out_modes, in_modes))[0]
-    return rank_last * macs < math.prod(out_modes) * math.prod(in_modes)
 
 
 def edge_kronecker_cost(shape: TuckerShape) -> tuple[int, int] | None:

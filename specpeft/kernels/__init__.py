@@ -5,9 +5,11 @@ oracle), and a `torch.autograd.Function` with a hand-written backward:
 
     lowrank_linear      y = x Wᵀ + b + ((x V) ⊙ s) Uᵀ                    SVFit, LoRA shapes
     kronecker_linear    y = base + x (Σ_k A_k ⊗ B_k)ᵀ                      SoKA
-    kronecker_merged_linear  y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b     torch only, no dΔ: TeRA's merged path
     tucker_linear       y = x (W + unfold(𝒢 ×_k U_k))ᵀ + b                 TeRA (materialized or factored)
     snella_linear       y = x (W + s·K_eff)ᵀ + b, K generated tile by tile  SNELLA / SNELL
+
+plus `kronecker_merged_linear`, y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b, torch only (one GEMM on the merged weight, factor
+gradients without dΔ: TeRA's merged path for a rank-1 last mode).
 
 Backend choice (`kernel_backend`): the op's `backend=` argument, then `set_kernel_backend` / `use_kernel_backend`
 (the process-wide flag a config sets), then the environment variable `SPECPEFT_KERNELS` ∈ {auto, triton, torch};

@@ -15,10 +15,8 @@ Two paths (chosen by `tucker_prefers_factored`, spec §1.6's break-even):
         into the (m, n) layout (index vectors map each F row to its W' row/column offsets), cast to x's dtype; then
         one cuBLAS GEMM on W'. No fp32 Δ, no permute copy. Backward rebuilds W' (never saved): dx = dY W',
         dΔ = dYᵀ x, dP = fold(dΔ) U_N, dU_N = fold(dΔ)ᵀ P (the dΔ GEMM is the floor of any high-rank adapter).
-        The torch backend runs `kronecker_merged_linear` on the R_N products below when their factor gradients,
-        contracted from dY and x directly, cost fewer MACs than dΔ (small R_N, `tucker_cost.prefers_kronecker_grads`)
-        and W, b are frozen: W' by one fused multiply-add per product, no dΔ; else autograd through the dense Δ
-        (`tucker_linear_reference`).
+        The torch backend is autograd through the dense Δ (`tucker_linear_reference`); TeRA's merged path with a
+        rank-1 last mode avoids dΔ with `kronecker_factors` and `kronecker_merged_linear` (kronecker_torch.py).
     "factored": the Kronecker kernel (kronecker.py) on the R_N products above; Δ is never formed. Wins for small
         R_N or few tokens.
 """
@@ -43,9 +41,8 @@ from ._dispatch import (
     next_power_of_2,
 )
 from ..init.tucker import TuckerShape, unmerged_indices
-from ..init.tucker_cost import kronecker_apply_macs, prefers_kronecker_grads
+from ..init.tucker_cost import kronecker_apply_macs
 from .kronecker import kronecker_linear
-from .kronecker_torch import kronecker_merged_linear
 
 
 __all__ = [
@@ -301,6 +298,7 @@ def tucker_linear(
     if base_out is not None and (weight is not None or bias is not None):
         raise ValueError("tucker_linear: pass the base either as weight/bias (merged) or as base_out, not both.")
     rows = as_rows(x, d_in, "tucker_linear x")  # (..., n) -> (T, n)
+    base_rows = None if base_out is None else as_rows(base_out.to(x.dtype), d_out, "tucker_linear base_out")
     if mode == "auto":
         training = torch.is_grad_enabled() and (core.requires_grad or any(f.requires_grad for f in factors))
         factored = tucker_prefers_factored(rows.shape[0], core.shape, out_modes, in_modes, weight is not None,
@@ -309,26 +307,20 @@ def tucker_linear(
     if mode == "factored":
         A, B = kronecker_factors(core, factors, out_modes, in_modes)
         b = None if bias is None else bias.to(x.dtype)
-        base = None if base_out is None else as_rows(base_out.to(x.dtype), d_out, "tucker_linear base_out")
+        base = base_rows
         if weight is not None:
             base = F.linear(rows, weight.to(x.dtype), b)  # the frozen base GEMM; the kernel adds the Kronecker terms
         elif b is not None:
             base = b.expand(rows.shape[0], d_out)  # (d_out,) -> (T, d_out), a stride-0 view
         y = kronecker_linear(rows, A, B, base_out=base, backend=backend)
-    elif kernel_backend(x, core, weight, backend=backend) == "torch":
-        trainable_base = any(t is not None and t.requires_grad for t in (weight, bias))
-        if trainable_base or not prefers_kronecker_grads(core.shape[-1], out_modes, in_modes):  # autograd, dense Δ
-            y = tucker_linear_reference(x, core, factors, out_modes, in_modes, weight=weight, bias=bias)
-            return y if base_out is None else base_out + y
-        A, B = kronecker_factors(core, factors, out_modes, in_modes)
-        y = kronecker_merged_linear(rows, A, B, weight, bias)  # one GEMM on W + Σ_r A_r ⊗ B_r, no dΔ
-        if base_out is not None:
-            y = y + as_rows(base_out.to(x.dtype), d_out, "tucker_linear base_out")
     else:
-        P, U = _outer_and_last(core, factors)
-        y = TuckerMaterializedFunction.apply(rows, weight, bias, P, U, out_modes, in_modes)
-        if base_out is not None:
-            y = y + as_rows(base_out.to(x.dtype), d_out, "tucker_linear base_out")
+        if kernel_backend(x, core, weight, backend=backend) == "torch":
+            y = tucker_linear_reference(rows, core, factors, out_modes, in_modes, weight=weight, bias=bias)
+        else:
+            P, U = _outer_and_last(core, factors)
+            y = TuckerMaterializedFunction.apply(rows, weight, bias, P, U, out_modes, in_modes)
+        if base_rows is not None:
+            y = y + base_rows
     return y.reshape(*x.shape[:-1], d_out)  # (T, d_out) -> (..., d_out)
 
 
