@@ -144,12 +144,12 @@ def _measure_rank(model: nn.Module, kind: str, d_out: int, d_in: int) -> int | N
     return int(torch.linalg.matrix_rank(delta.double(), rtol=tolerance).item())
 
 
-def tera_path(model: nn.Module, tokens: int) -> str:
+def tera_path(model: nn.Module, tokens: int, device_type: str = "cpu") -> str:
     """The path run: "factored" (Δ never formed) or the merged weight W₀ + Δ with the factor gradients of
     Δ = P ⊗ M_N contracted from g and x ("merged+Kronecker grads", R_N = 1), else the vector gradients from the
     dense dΔ = gᵀx ("merged+dΔ") or projected through the frozen factors ("merged+projected")."""
     adapter = next(m for m in model.modules() if isinstance(m, AdapterLayer)).adapters["default"]
-    if adapter.use_factored(tokens):
+    if adapter.use_factored(tokens, device_type):
         return "factored"
     return {"kronecker": "merged+Kronecker grads", "dense": "merged+dΔ"}.get(adapter.grad_plan(tokens),
                                                                              "merged+projected")

@@ -377,10 +377,11 @@ def test_config_flag_forces_the_backend_of_every_adapter(monkeypatch: pytest.Mon
 
 
 def test_auto_skips_triton_for_methods_whose_torch_path_trains_faster(monkeypatch: pytest.MonkeyPatch) -> None:
-    """SVFit and SoKA (`triton_by_default = False`) run torch under "auto" where Triton would run (CUDA, stood in for
-    by a dispatcher that picks Triton), and Triton when the config or SPECPEFT_KERNELS forces it; TeRA keeps Triton."""
+    """SVFit, SoKA and TeRA (`triton_by_default = False`) run torch under "auto" where Triton would run (CUDA, stood in
+    for by a dispatcher that picks Triton), and Triton when the config or SPECPEFT_KERNELS forces it; FLoRA keeps
+    Triton."""
     import specpeft.adapters.base as adapter_base
-    from specpeft import SoKAConfig, SVFitConfig, TeRAConfig, get_adapter_model
+    from specpeft import FLoRAConfig, SoKAConfig, SVFitConfig, TeRAConfig, get_adapter_model
 
     monkeypatch.setattr(adapter_base, "kernel_backend", lambda *tensors, backend=None: backend or "triton")
     monkeypatch.delenv(K.ENV_VAR, raising=False)
@@ -391,11 +392,11 @@ def test_auto_skips_triton_for_methods_whose_torch_path_trains_faster(monkeypatc
         adapted = get_adapter_model(model, config_cls(target_modules=["0"], kernel_backend=flag))
         return {m.kernel_path(torch.zeros(2)) for m in adapted.modules() if hasattr(m, "kernel_path")}
 
-    assert paths(SVFitConfig, "auto") == paths(SoKAConfig, "auto") == {"torch"}
-    assert paths(TeRAConfig, "auto") == paths(TeRAConfig, "auto", 256) == {"triton"}
-    assert paths(SVFitConfig, "triton") == paths(SoKAConfig, "triton") == {"triton"}
+    assert paths(SVFitConfig, "auto") == paths(SoKAConfig, "auto") == paths(TeRAConfig, "auto", 256) == {"torch"}
+    assert paths(FLoRAConfig, "auto") == {"triton"}
+    assert paths(SVFitConfig, "triton") == paths(SoKAConfig, "triton") == paths(TeRAConfig, "triton") == {"triton"}
     monkeypatch.setenv(K.ENV_VAR, "triton")
-    assert paths(SVFitConfig, "auto") == paths(SoKAConfig, "auto") == {"triton"}
+    assert paths(SVFitConfig, "auto") == paths(TeRAConfig, "auto") == {"triton"}
 
 
 def test_torch_backend_is_the_reference() -> None:

@@ -213,6 +213,32 @@ def test_materialized_forward_saves_no_dense_delta(quantized: bool, plan: str, m
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in adapter.vectors())
 
 
+@pytest.mark.parametrize("plan", ["dense", "projected", "kronecker", "factored"])
+@pytest.mark.parametrize("large", [False, True])
+def test_float64_base_with_float32_vectors(plan: str, large: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float64 base with the adapter's fp32 vectors (what `get_adapter_model` builds on a .double() model) runs every
+    plan, both weight-size branches of the dense contraction: output and vector gradients match the float64
+    Kronecker-sum reference to fp32 accuracy. (The large dense branch once mixed fp64 dΔ with fp32 factors.)"""
+    if large:
+        monkeypatch.setattr(tera_function, "LARGE_WEIGHT", 0)
+    d_out, d_in = 60, 24
+    base = nn.Linear(d_in, d_out).double().requires_grad_(False)
+    adapter = _adapter(d_out, d_in, dtype=torch.float32, forward_mode="factored" if plan == "factored" else "materialized")
+    if plan != "factored":
+        monkeypatch.setattr(adapter, "grad_plan", lambda tokens: plan)
+    x = torch.randn(9, d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    out = adapter(x, FrozenBase(base))
+    upstream = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    grads = torch.autograd.grad(out, adapter.vectors(), upstream)
+    names = [name for name, _ in adapter.named_parameters()]
+    vectors = [v.detach().double().requires_grad_(True) for v in adapter.vectors()]
+    reference = nn.functional.linear(x, base.weight + _reference_delta(adapter, dict(zip(names, vectors))), base.bias)
+    expected = torch.autograd.grad(reference, vectors, upstream)
+    torch.testing.assert_close(out.double(), reference.detach(), atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
 def test_auto_mode_picks_by_token_count() -> None:
     """The winners measured in benchmarks/results/tera_speed.md ("factored forced" / "merged forced" rows): factored
     for few tokens and for a Kronecker Δ; R = 16 on every mode merges for many tokens; the default layout
@@ -227,3 +253,19 @@ def test_auto_mode_picks_by_token_count() -> None:
     assert _adapter(4096, 4096, dtype=torch.float32, rank=1).use_factored(512)
     assert not _adapter(384, 384, dtype=torch.float32, rank=1).use_factored(2048)
     assert not any(_adapter(384, 384, dtype=torch.float32).use_factored(t) for t in (256, 1024, 4096))
+
+
+def test_accelerators_run_the_default_layout_factored_from_a_token_count() -> None:
+    """On an accelerator the default layout (Δ = P ⊗ M_N) is factored from `ACCELERATOR_FACTORED_TOKENS` tokens and
+    merged below (the H100 winners in benchmarks/results/tera_gpu.md); other layouts keep the cost model's choice,
+    and "materialized" / "factored" still force their path."""
+    from specpeft.init.tucker_cost import ACCELERATOR_FACTORED_TOKENS as threshold
+
+    default = _adapter(4096, 4096, dtype=torch.float32)
+    assert default.edge_kronecker and not default.use_factored(threshold)  # the CPU model merges there
+    assert all(default.use_factored(t, "cuda") for t in (threshold, 4 * threshold))
+    assert not any(default.use_factored(t, "cuda") for t in (1, threshold - 1))
+    rank16 = _adapter(4096, 4096, dtype=torch.float32, rank=16)
+    assert [rank16.use_factored(t, "cuda") for t in (8, 4096)] == [rank16.use_factored(t) for t in (8, 4096)]
+    assert not _adapter(4096, 4096, dtype=torch.float32, forward_mode="materialized").use_factored(1 << 16, "cuda")
+    assert _adapter(4096, 4096, dtype=torch.float32, forward_mode="factored").use_factored(1, "cuda")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,12 +30,19 @@ from ..init.tucker import (
     tucker_to_tensor,
     unfold_view,
 )
-from ..init.tucker_cost import apply_macs, best_mode, edge_kronecker_cost, training_step_costs
+from ..init.tucker_cost import (
+    ACCELERATOR_FACTORED_TOKENS,
+    apply_macs,
+    best_mode,
+    edge_kronecker_cost,
+    training_step_costs,
+)
 from ..init.tucker_random import shared_random_factors, split_shared
 from .base import FrozenBase, MethodAdapter
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
 from .tera_function import GradPlan, TeRALinearFunction
+from .tera_network import kronecker_network, scaled_factor
 
 ForwardMode = Literal["auto", "factored", "materialized"]
 ScaleSides = Literal["mode", "rank", "both"]
@@ -123,6 +130,9 @@ class TeRAAdapter(MethodAdapter):
     """
 
     uses_shared_state = True
+    # On an H100 the torch path (factored, see `use_factored`) trained as fast as the Triton kernels or faster at
+    # every measured shape and T (benchmarks/results/tera_gpu.md).
+    triton_by_default = False
 
     def __init__(
         self,
@@ -155,6 +165,7 @@ class TeRAAdapter(MethodAdapter):
         # R_N = 1 on a plain linear: the merged path may run W + P ⊗ M_N with Kronecker factor gradients (no dΔ)
         self.kronecker_capable = shape.ranks[-1] == 1 and geometry.is_plain_linear
         self._costs_by_tokens: dict[int, dict[str, float]] = {}  # `_step_costs` memo: a pure function of T
+        self._views: Optional[tuple[Tensor, Tensor, list[Tensor]]] = None  # `_shared_views` memo: (bucket, core, U_k)
         if scale_sides in ("mode", "both"):
             for k, size in enumerate(shape.mode_sizes):
                 self.register_parameter(f"mode_scale_{k}", nn.Parameter(torch.ones(size)))
@@ -200,27 +211,36 @@ class TeRAAdapter(MethodAdapter):
         """This layer's bucket: the one flat [vec(𝒢) | vec(U_1) | … | vec(U_N)] tensor every same-shape layer reads."""
         return self._shared[self.bucket]
 
+    def _shared_views(self) -> tuple[Tensor, list[Tensor]]:
+        """The core and factors as views of this layer's bucket (`split_shared`), re-split only when the bucket tensor
+        was replaced (`.to()`, a load) or the memo no longer views it (a deepcopy): each split is host time."""
+        flat = self.shared_buffer
+        views = self._views
+        if views is None or views[0] is not flat or views[1].data_ptr() != flat.data_ptr():
+            self._views = (flat, *split_shared(flat, self.shape))
+        return self._views[1], self._views[2]
+
     def vectors(self) -> list[nn.Parameter]:
         """The trainables in a fixed order: mode scales λ_1..λ_N, then rank scales μ_1..μ_N (those that exist)."""
         order = range(self.shape.order)
         names = [f"mode_scale_{k}" for k in order] + [f"rank_scale_{k}" for k in order]
         return [self._parameters[n] for n in names if n in self._parameters]
 
+    def _diagonals(self, vectors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """(λ_1..λ_N, μ_1..μ_N) out of `vectors` (in `vectors()` order); a side that is not trained is an empty list."""
+        order = self.shape.order
+        lams = list(vectors[:order]) if self.scale_sides != "rank" else []
+        mus = list(vectors[-order:]) if self.scale_sides != "mode" else []
+        return lams, mus
+
     def _scaled(self, vectors: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
         """α·𝒢 and Ũ_k = diag(λ_k) U_k diag(μ_k) in `dtype`."""
-        core, factors = split_shared(self.shared_buffer, self.shape)
-        order = self.shape.order
-        lams = vectors[:order] if self.scale_sides != "rank" else [None] * order
-        mus = vectors[-order:] if self.scale_sides != "mode" else [None] * order
-        scaled = []
-        for factor, lam, mu in zip(factors, lams, mus):
-            factor = factor.to(dtype)
-            if lam is not None:
-                factor = lam.to(dtype)[:, None] * factor  # (J_k, 1) ⊙ (J_k, R_k)
-            if mu is not None:
-                factor = factor * mu.to(dtype)[None, :]  # (J_k, R_k) ⊙ (1, R_k)
-            scaled.append(factor)
-        core = core.to(dtype)
+        core, factors = self._shared_views()
+        lams, mus = self._diagonals(vectors)
+        cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731 - no-op casts are host time
+        none = [None] * self.shape.order
+        scaled = [scaled_factor(cast(f), cast(lam), cast(mu)) for f, lam, mu in zip(factors, lams or none, mus or none)]
+        core = cast(core)
         return (core * self.alpha if self.alpha != 1.0 else core), scaled
 
     def _network(self, *vectors: Tensor) -> Tensor:
@@ -247,17 +267,21 @@ class TeRAAdapter(MethodAdapter):
                                                                 self.kronecker_capable)
         return self._costs_by_tokens[tokens]
 
-    def use_factored(self, tokens: int) -> bool:
+    def use_factored(self, tokens: int, device_type: str = "cpu") -> bool:
         """Factored contraction (Δ never formed) iff its estimated training-step cost is below the cheapest merged
-        plan's (`_step_costs`).
+        plan's (`_step_costs`, calibrated on CPU). On an accelerator the default layout's Kronecker path (Δ = P ⊗ M_N
+        applied to x, `edge_kronecker`) is factored from `ACCELERATOR_FACTORED_TOKENS` tokens and merged below, as
+        measured on an H100 (`init.tucker_cost`).
 
-        The choice depends on T only, never on grad mode, so a model runs the same path (and bits) in training,
-        eval and after reload.
+        The choice depends on T and the device only, never on grad mode, so a model runs the same path (and bits) in
+        training, eval and after reload.
         """
         if self.geometry.kind != "linear" or self.forward_mode == "materialized":
             return False
         if self.forward_mode == "factored":
             return True
+        if device_type != "cpu" and self.edge_kronecker:
+            return tokens >= ACCELERATOR_FACTORED_TOKENS
         costs = self._step_costs(tokens)
         return costs["factored"] < costs[self.grad_plan(tokens)]
 
@@ -267,13 +291,19 @@ class TeRAAdapter(MethodAdapter):
         costs = self._step_costs(tokens)
         return min((plan for plan in costs if plan != "factored"), key=costs.__getitem__)
 
+    def _kronecker_factors(self) -> tuple[Tensor, Tensor]:
+        """(A, B) with α·Δ = Σ_r A_r ⊗ B_r split at the last mode, in the vectors' dtype, as one autograd node
+        (`tera_network.kronecker_network`: a layer's tiny network costs ops, not FLOPs)."""
+        core, factors = self._shared_views()
+        return kronecker_network(self.shape, core, factors, *self._diagonals(self.vectors()), alpha=self.alpha)
+
     def _factored_delta(self, x: Tensor, base_out: Optional[Tensor] = None) -> Tensor:
         """x Δᵀ (+ base_out) without forming Δ: Δ = P ⊗ M_N by the Kronecker op when R_N = 1 makes that cheaper
-        (`kernels.tucker_linear`'s factored mode), else `tucker_apply`."""
-        core, factors = self._scaled(tuple(self.vectors()), x.dtype)
+        (`kernels.kronecker_linear`), else `tucker_apply`."""
         if self.edge_kronecker:
-            return kernels.tucker_linear(x, core, factors, self.shape.out_modes, self.shape.in_modes,
-                                         base_out=base_out, mode="factored", backend="torch")
+            A, B = self._kronecker_factors()
+            return kernels.kronecker_linear(x, A, B, base_out=base_out, backend="torch")
+        core, factors = self._scaled(tuple(self.vectors()), x.dtype)
         flat = x.reshape(-1, self.shape.in_features)  # (..., n) -> (T, n)
         out = tucker_apply(flat, core, factors, self.shape, self.unmerged_mode)  # (T, m)
         out = out.reshape(*x.shape[:-1], self.shape.out_features)
@@ -282,10 +312,9 @@ class TeRAAdapter(MethodAdapter):
     def _merged_kronecker(self, x: Tensor, module: Optional[nn.Module]) -> Tensor:
         """x (W + Δ)ᵀ + b (module given) or x Δᵀ as one GEMM on the merged weight, Δ = P ⊗ M_N built by a fused
         multiply-add and rebuilt in backward; the gradients of (P, M_N) are contracted from dY and x, no m×n dΔ
-        (`kernels.kronecker_merged_linear`; P, M_N formed by autograd from the vectors)."""
+        (`kernels.kronecker_merged_linear`; P, M_N formed from the vectors by `_kronecker_factors`)."""
         with torch.autocast(x.device.type, enabled=False):  # P, M_N in the vectors' fp32, as the gradients are
-            core, factors = self._scaled(tuple(self.vectors()), self.vectors()[0].dtype)
-            A, B = kernels.tucker.kronecker_factors(core, factors, self.shape.out_modes, self.shape.in_modes)
+            A, B = self._kronecker_factors()
         weight, bias = (None, None) if module is None else (module.weight, module.bias)
         return kernels.kronecker_merged_linear(x, A, B, weight, bias)
 
@@ -302,7 +331,7 @@ class TeRAAdapter(MethodAdapter):
         if fused is not None:
             return fused
         tokens = x.numel() // self.shape.in_features
-        if self.use_factored(tokens):
+        if self.use_factored(tokens, x.device.type):
             return self._factored_delta(x, base(x))
         if self._explicit_backward_ok(base):
             plan = self.grad_plan(tokens)
@@ -319,7 +348,7 @@ class TeRAAdapter(MethodAdapter):
 
     def delta_forward(self, x: Tensor, base: FrozenBase) -> Tensor:
         tokens = x.numel() // self.shape.in_features
-        if self.use_factored(tokens):
+        if self.use_factored(tokens, x.device.type):
             return self._factored_delta(x)
         if self.geometry.kind == "linear":
             plan = self.grad_plan(tokens)

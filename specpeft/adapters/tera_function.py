@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Literal, Optional
 import torch
 from torch import Tensor
 
-from .. import kernels
 from ..init.tucker import last_mode_delta_rows, last_mode_outer, unmerged_core
+from ..kernels.tucker_grads import tucker_vector_grads_dense, tucker_vector_grads_projected
 from .base import FrozenBase
 from .geometry import forward_with_weight
 
@@ -69,7 +69,7 @@ class TeRALinearFunction(torch.autograd.Function):
     Backward: dX = dY (W₀ + Δ) on the rebuilt merged weight, and the vector gradients by `plan`:
 
     * "dense": dΔ = dYᵀX (one GEMM, written into the freed W₀ + Δ buffer when it can), contracted as
-      dP = Σ_{a_N, b_N} dΔ Ũ_N and dŨ_N = Σ_{a', b'} dΔ P (2·m·n·R_N MACs; `kernels.tucker_vector_grads_dense`);
+      dP = Σ_{a_N, b_N} dΔ Ũ_N and dŨ_N = Σ_{a', b'} dΔ P (2·m·n·R_N MACs; `kernels.tucker_grads`);
     * "projected": dΔ is never formed. With the unmerged mode k, P_k = 𝒢 ×_{l≠k} Ũ_l, Z = X ×_{b_k} Ũ_k:
       dP_k = Σ_{t, a_k} dY ⊗ Z, dZ = dY ×_{a_{≠k}} P_k, dŨ_k = Σ_{t, b_{≠k}} X ⊗ dZ
       (2·T·(n·m_k·R_k + (n/n_k)·R_k·m) MACs: a fraction R_k/n_k of a GEMM each).
@@ -123,10 +123,10 @@ class TeRALinearFunction(torch.autograd.Function):
         small = shape.out_features * shape.in_features < LARGE_WEIGHT
         with torch.no_grad():
             if ctx.plan == "dense":
-                grads = kernels.tucker.tucker_vector_grads_dense(
+                grads = tucker_vector_grads_dense(
                     g2, x2, merged.detach(), factors[k].detach(), shape, workspace, small=small)
             else:
-                grads = kernels.tucker.tucker_vector_grads_projected(
+                grads = tucker_vector_grads_projected(
                     g2, x2, merged.detach(), factors[k].detach(), shape, k)
         found = torch.autograd.grad(outputs, [leaves[i] for i in wanted], grads, allow_unused=True)
         vector_grads = [None] * len(vectors)

@@ -15,7 +15,9 @@ Backward: dX_t = Σ_k A_kᵀ dY_t B_k is the same kernel on (Aᵀ, Bᵀ); dA_k =
 dB_k = Σ_t dY_tᵀ A_k X_t are reductions over all tokens into R·(m1n1 + m2n2) numbers: 2-D torch GEMMs over token
 chunks in x's dtype, like the forward (`kronecker_torch.kronecker_factor_grads`; a fused kernel would need a
 cross-program reduction per factor).
-Torch path: `kronecker_linear_reference` (two einsums under autograd; on CPU as fast as a hand-written backward).
+Torch path: `kronecker_linear_reference` (two einsums under autograd). A hand-written backward with four einsums
+had fewer ops but ran 1.4-2.2× slower on an H100 at T = 16384 (its contractions permute the T-sized intermediates
+that autograd's batched-GEMM backward reads in place), so autograd stays.
 """
 
 from __future__ import annotations

@@ -57,6 +57,11 @@ def accumulate_mm(acc: Tensor, left: Tensor, right: Tensor) -> None:
         acc += (left @ right).to(acc.dtype)
 
 
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """`tensor.to(dtype)` without the dispatch when it is a no-op (these ops run per layer and step: host time)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _pad(rows: Tensor, size: int) -> Tensor:
     return rows if rows.shape[1] == size else F.pad(rows, (0, size - rows.shape[1]))  # zero columns: padded factors
 
@@ -66,8 +71,14 @@ def _spread(rows: Tensor, n1: int, n2: int, transposed: bool, dtype: torch.dtype
     cast to `dtype` on the way)."""
     blocks = rows.view(-1, n1, n2)  # (c, n1·n2) -> (c, n1, n2)
     spread = blocks.permute(2, 0, 1) if transposed else blocks.transpose(0, 1)  # (n1, c, n2) or (n2, c, n1)
-    return torch.empty(spread.shape, device=rows.device, dtype=dtype).copy_(spread)
+    return spread.to(dtype, memory_format=torch.contiguous_format, copy=True)  # copy=True: same-dtype views too
 
+
+def _accumulate(total: Optional[Tensor], piece: Tensor, dtype: torch.dtype) -> Tensor:
+    """total + piece summed in `dtype`; the first chunk's piece becomes the total (no zero-filled buffer)."""
+    if total is None:
+        return _cast(piece, dtype)
+    return total.add_(piece)
 
 def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need_a: bool = True,
                            need_b: bool = True, dtype: Optional[torch.dtype] = None,
@@ -89,24 +100,26 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
     transposed = kronecker_grads_cost(m1, n1, m2, n2)[2]
     if transposed:  # the same contractions on Y_tᵀ = Σ_k B_k X_tᵀ A_kᵀ
         a, b, need_a, need_b = b, a, need_b, need_a
-    a, b = a.to(dtype), b.to(dtype)
+    a, b = _cast(a, dtype), _cast(b, dtype)
     (p1, q1), (p2, q2) = a.shape[1:], b.shape[1:]  # the run problem's A_k (p1, q1), B_k (p2, q2)
     acc = torch.promote_types(dtype, torch.float32)
-    grad_a = torch.zeros(R, p1, q1, device=x.device, dtype=acc) if need_a else None
-    grad_b = torch.zeros(R, p2, q2, device=x.device, dtype=acc) if need_b else None
+    grad_a: list[Optional[Tensor]] = [None] * R
+    grad_b: list[Optional[Tensor]] = [None] * R
     per_token = m1 * m2 + n1 * n2 + 2 * q1 * p2  # Gs, Xs, D_k, Z_k
-    for start, stop in token_chunks(x.shape[0], per_token, x.device, _GRAD_CHUNK_ELEMENTS):
+    chunks = token_chunks(x.shape[0], per_token, x.device, _GRAD_CHUNK_ELEMENTS)
+    for start, stop in chunks:
         c = stop - start
-        gs = _spread(_pad(grad_y[start:stop], m1 * m2), m1, m2, transposed, dtype).view(p1, c * p2)  # (p1, c·p2)
-        xs = _spread(_pad(x[start:stop], n1 * n2), n1, n2, transposed, dtype).view(q1 * c, q2)  # (q1·c, q2)
+        g_rows, x_rows = (grad_y, x) if len(chunks) == 1 else (grad_y[start:stop], x[start:stop])
+        gs = _spread(_pad(g_rows, m1 * m2), m1, m2, transposed, dtype).view(p1, c * p2)  # (p1, c·p2)
+        xs = _spread(_pad(x_rows, n1 * n2), n1, n2, transposed, dtype).view(q1 * c, q2)  # (q1·c, q2)
         for k in range(R):
             if need_b:  # D_k = A_kᵀ Gs: (q1, p1) @ (p1, c·p2) -> (q1·c, p2); dB_k = D_kᵀ Xs over (p, t)
-                accumulate_mm(grad_b[k], (a[k].T @ gs).view(q1 * c, p2).T, xs)  # (p2, q1·c) @ (q1·c, q2)
+                grad_b[k] = _accumulate(grad_b[k], (a[k].T @ gs).view(q1 * c, p2).T @ xs, acc)  # (p2, q2)
             if need_a:  # Z_k = Xs B_kᵀ: (q1·c, q2) @ (q2, p2) -> (q1, c·p2); dA_k = Gs Z_kᵀ over (t, j)
-                accumulate_mm(grad_a[k], gs, (xs @ b[k].T).view(q1, c * p2).T)  # (p1, c·p2) @ (c·p2, q1)
-    if transposed:  # the run problem's A is b, its B is a
-        grad_a, grad_b = grad_b, grad_a
-    return grad_a, grad_b
+                grad_a[k] = _accumulate(grad_a[k], gs @ (xs @ b[k].T).view(q1, c * p2).T, acc)  # (p1, q1)
+    stacked_a = torch.stack(grad_a) if need_a else None  # R × (p1, q1) -> (R, p1, q1)
+    stacked_b = torch.stack(grad_b) if need_b else None
+    return (stacked_b, stacked_a) if transposed else (stacked_a, stacked_b)  # the run problem's A is b, its B is a
 
 
 def kronecker_merged_weight(weight: Optional[Tensor], a: Tensor, b: Tensor) -> Tensor:
@@ -119,15 +132,17 @@ def kronecker_merged_weight(weight: Optional[Tensor], a: Tensor, b: Tensor) -> T
     """
     R, m1, n1 = a.shape
     _, m2, n2 = b.shape
-    grid = (m1, m2, n1, n2)
-    with torch.no_grad():  # component k as (m1, 1, n1, 1) ⊙ (1, m2, 1, n2): W[(i, j), (p, q)] += A_k[i, p] B_k[j, q]
-        first_a, first_b = a[0][:, None, :, None], b[0][None, :, None, :]
+    # component k as (m1, 1, n1, 1) ⊙ (1, m2, 1, n2): W[(i, j), (p, q)] += A_k[i, p] B_k[j, q]
+    rows = a.reshape(m1, 1, n1, 1) if R == 1 else a.reshape(R, m1, 1, n1, 1).unbind(0)
+    cols = b.reshape(1, m2, 1, n2) if R == 1 else b.reshape(R, 1, m2, 1, n2).unbind(0)
+    with torch.no_grad():
+        first_a, first_b = (rows, cols) if R == 1 else (rows[0], cols[0])
         if weight is None:
             merged = first_a * first_b
         else:  # added to W's (m1, m2, n1, n2) view
-            merged = torch.addcmul(weight.reshape(grid), first_a, first_b)
+            merged = torch.addcmul(weight.reshape(m1, m2, n1, n2), first_a, first_b)
         for k in range(1, R):
-            merged.addcmul_(a[k][:, None, :, None], b[k][None, :, None, :])
+            merged.addcmul_(rows[k], cols[k])
         return merged.view(m1 * m2, n1 * n2)  # (m1, m2, n1, n2) -> (m, n)
 
 
@@ -140,9 +155,9 @@ class KroneckerMergedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, A: Tensor, B: Tensor, weight: Optional[Tensor],  # type: ignore[override]
                 bias: Optional[Tensor]) -> Tensor:
-        merged = kronecker_merged_weight(weight, A, B).to(x.dtype)
+        merged = _cast(kronecker_merged_weight(weight, A, B), x.dtype)
         ctx.save_for_backward(x if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) else None, A, B, weight)
-        return F.linear(x, merged, None if bias is None else bias.to(x.dtype))
+        return F.linear(x, merged, None if bias is None else _cast(bias, x.dtype))
 
     @staticmethod
     @once_differentiable
@@ -152,13 +167,13 @@ class KroneckerMergedFunction(torch.autograd.Function):
         grad_x = grad_a = grad_b = None
         with torch.autocast(grad_y.device.type, enabled=False):  # a backward run inside autocast keeps the dtypes
             if need_x:
-                grad_x = grad_y @ kronecker_merged_weight(weight, A, B).to(grad_y.dtype)  # (..., m) @ (m, n)
+                grad_x = grad_y @ _cast(kronecker_merged_weight(weight, A, B), grad_y.dtype)  # (..., m) @ (m, n)
             if need_a or need_b:
                 rows, grads = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])  # (..., d) -> (T, d)
                 dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
                 grad_a, grad_b = kronecker_factor_grads(rows, grads, A, B, need_a, need_b, dtype=dtype)
-        return (grad_x, None if grad_a is None else grad_a.to(A.dtype), None if grad_b is None else grad_b.to(B.dtype),
-                None, None)
+        return (grad_x, None if grad_a is None else _cast(grad_a, A.dtype),
+                None if grad_b is None else _cast(grad_b, B.dtype), None, None)
 
 
 def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Tensor] = None,
@@ -181,4 +196,4 @@ def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Te
     autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast leaves fp64 alone
     dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     with torch.autocast(device, enabled=False):  # one dtype through forward and backward (autocast would split it)
-        return KroneckerMergedFunction.apply(x.to(dtype), A, B, weight, bias)
+        return KroneckerMergedFunction.apply(_cast(x, dtype), A, B, weight, bias)

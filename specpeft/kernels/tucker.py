@@ -40,7 +40,6 @@ from ._dispatch import (
     matmul_fp32_out,
     next_power_of_2,
 )
-from ..init.tucker import TuckerShape, unmerged_indices
 from ..init.tucker_cost import kronecker_apply_macs
 from .kronecker import kronecker_linear
 
@@ -48,12 +47,12 @@ from .kronecker import kronecker_linear
 __all__ = [
     "TuckerMaterializedFunction",
     "kronecker_factors",
+    "outer_as_kronecker",
+    "outer_chain",
     "tucker_delta",
     "tucker_linear",
     "tucker_linear_reference",
     "tucker_prefers_factored",
-    "tucker_vector_grads_dense",
-    "tucker_vector_grads_projected",
 ]
 
 TuckerMode = Literal["auto", "materialized", "factored"]
@@ -114,29 +113,47 @@ def tucker_linear_reference(
     return F.linear(x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+def outer_chain(core: Tensor, factors: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """P = 𝒢 ×_1 U_1 … ×_{N−1} U_{N−1} with its rank axis first, (R_N, J_1·…·J_{N−1}), in the inputs' dtype, and
+    the left operand M_k of each product (views; TeRA's hand-written backward, adapters/tera_network.py, reads them).
+
+    Each product contracts the leading axis and appends the new one, C_k = M_k U_kᵀ with M_k = C_{k−1} as
+    (R_k, rest)ᵀ: one mm on transposed views, no copies (TeRA forms this network every step: ops are host time).
+    """
+    chain, inputs = core, []
+    for factor in factors[:-1]:  # (R_k, rest) -> (rest, R_k) @ (R_k, J_k) -> (rest, J_k)
+        inputs.append(chain.reshape(factor.shape[1], -1).T)
+        chain = inputs[-1] @ factor.T
+    return chain.reshape(core.shape[-1], -1), inputs  # (R_N·J_1·…, J_{N−1}) -> (R_N, J')
+
+
+def outer_as_kronecker(chain: Tensor, out_modes: Sequence[int], in_modes: Sequence[int]) -> Tensor:
+    """(R_N, J') from `outer_chain` → A (R_N, m', n'), A_r = unfold'(P[:, r]) over the outer modes (one copy)."""
+    rank, order = chain.shape[0], len(out_modes)
+    pairs = chain.reshape(rank, *[s for m, n in zip(out_modes[:-1], in_modes[:-1]) for s in (m, n)])  # (R, m_1, n_1, …)
+    split = pairs.permute(0, *range(1, 2 * order - 1, 2), *range(2, 2 * order - 1, 2))  # (R, m_1.., n_1..)
+    return split.reshape(rank, math.prod(out_modes[:-1]), math.prod(in_modes[:-1]))  # -> (R, m', n')
+
+
+def _in_work_dtype(tensor: Tensor) -> Tensor:
+    """fp32 for 16-bit inputs, fp64 stays fp64 (no op when already there)."""
+    work = torch.promote_types(tensor.dtype, torch.float32)
+    return tensor if tensor.dtype == work else tensor.to(work)
+
+
 def _outer_and_last(core: Tensor, factors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """P = 𝒢 ×_{k<N} U_k as (J', R_N) and U_N (J_N, R_N), fp32 (float64 stays float64), differentiable."""
-    work = torch.promote_types(core.dtype, torch.float32)
-    P = core.to(work)
-    for mode, factor in enumerate(factors[:-1]):
-        P = _mode_product(P, factor.to(work), mode)
-    return P.reshape(-1, core.shape[-1]), factors[-1].to(work)  # (J_1..J_{N−1}, R_N) -> (J', R_N)
-
-
-def _kron_factors(P: Tensor, U: Tensor, out_modes: Sequence[int], in_modes: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """Δ = Σ_r A_r ⊗ B_r with A_r = unfold'(P[:, r]) (m', n') and B_r = reshape(U_N[:, r], (m_N, n_N))."""
-    rank = U.shape[1]
-    outer = P.reshape(*[m * n for m, n in zip(out_modes[:-1], in_modes[:-1])], rank)  # (J_1..J_{N−1}, R)
-    A = _unfold_tensor(outer, out_modes[:-1], in_modes[:-1]).permute(2, 0, 1)  # (m', n', R) -> (R, m', n')
-    B = U.T.reshape(rank, out_modes[-1], in_modes[-1])  # (J_N, R) -> (R, m_N, n_N)
-    return A, B
+    """P as (J', R_N) (a transposed view of `outer_chain`'s) and U_N (J_N, R_N), fp32 (fp64 stays), differentiable."""
+    factors = [_in_work_dtype(f) for f in factors]
+    return outer_chain(_in_work_dtype(core), factors)[0].T, factors[-1]
 
 
 def kronecker_factors(core: Tensor, factors: Sequence[Tensor], out_modes: Sequence[int], in_modes: Sequence[int]
                       ) -> tuple[Tensor, Tensor]:
-    """Δ = Σ_r A_r ⊗ B_r split at the last mode: A (R_N, m', n'), B (R_N, m_N, n_N), fp32 (fp64 stays fp64),
-    differentiable in the core and factors (`_outer_and_last`, then `_kron_factors`)."""
-    return _kron_factors(*_outer_and_last(core, factors), out_modes, in_modes)
+    """Δ = Σ_r A_r ⊗ B_r split at the last mode: A (R_N, m', n') (`outer_as_kronecker`) and
+    B_r = reshape(U_N[:, r], (m_N, n_N)) (R_N, m_N, n_N), fp32 (fp64 stays fp64), differentiable."""
+    P, U = _outer_and_last(core, factors)
+    B = U.T.reshape(U.shape[1], out_modes[-1], in_modes[-1])  # (J_N, R) -> (R, m_N, n_N)
+    return outer_as_kronecker(P.T, out_modes, in_modes), B
 
 
 def tucker_prefers_factored(tokens: int, core_shape: Sequence[int], out_modes: Sequence[int],
@@ -322,68 +339,3 @@ def tucker_linear(
         if base_rows is not None:
             y = y + base_rows
     return y.reshape(*x.shape[:-1], d_out)  # (T, d_out) -> (..., d_out)
-
-
-# -- torch contractions for TeRA's hand-written backward (specpeft/adapters/tera_function.py) ---------------
-
-
-def tucker_vector_grads_dense(g2: Tensor, x2: Tensor, outer: Tensor, last: Tensor, shape: TuckerShape,
-                              workspace: Optional[Tensor] = None, small: bool = False) -> tuple[Tensor, Tensor]:
-    """(dP, dŨ_N) from dΔ = dYᵀX formed with rows (a_N, a') (the layout of `last_mode_delta_rows`); dΔ is
-    written into `workspace` (a free contiguous m×n buffer) when its dtype fits. TeRA's "dense" vector gradients
-    (specpeft/adapters/tera.py): outer = P (m'·n', R_N) of `last_mode_outer`, last = Ũ_N (J_N, R_N).
-
-    dP = Σ_{a_N, b_N} dΔ[(a', a_N), (b', b_N)] Ũ_N[(a_N, b_N), :],   dŨ_N = Σ_{a', b'} dΔ[…] P[(a', b'), :].
-    `small`: fold dΔ with one copy and contract with two GEMMs; else a loop over a_N on strided blocks (no m·n
-    copy, dΔ's rows produced in the (a_N, a') order by permuting the smaller of dY and dΔ).
-    """
-    tokens, m_last, n_last = g2.shape[0], shape.out_modes[-1], shape.in_modes[-1]
-    m, n = shape.out_features, shape.in_features
-    if small:  # fold dΔ with one copy, then two GEMMs (fewer ops than the loop below)
-        d_full = g2.T @ x2 if g2.dtype == x2.dtype == torch.float64 else matmul_fp32_out(g2.T, x2)  # (m, n)
-        # (m', m_N, n', n_N) -> (m', n', m_N, n_N) -> (m'·n', J_N)
-        folded = d_full.to(outer.dtype).view(m // m_last, m_last, n // n_last, n_last).transpose(1, 2)
-        folded = folded.reshape(outer.shape[0], m_last * n_last)
-        return folded @ last, folded.T @ outer  # (m'n', J_N)·(J_N, R_N) and (J_N, m'n')·(m'n', R_N)
-    permute_grad = tokens <= n  # reorder the smaller of dY (T·m) and dΔ (m·n) into the (a_N, a') row order
-    if permute_grad:  # (T, m', m_N) -> (T, m_N, m') -> (T, m): dY's columns in the (a_N, a') order
-        g2 = g2.reshape(tokens, m // m_last, m_last).transpose(1, 2).reshape(tokens, m)
-    if workspace is not None and permute_grad and workspace.dtype == g2.dtype == x2.dtype == outer.dtype:
-        d_rows = torch.mm(g2.T, x2, out=workspace.view(m, n))  # (m, T)·(T, n) -> (m, n)
-    elif g2.dtype == x2.dtype == torch.float64:
-        d_rows = g2.T @ x2  # (m, T)·(T, n) -> (m, n)
-    else:  # 16-bit activations: an fp32 dΔ (it is reduced further; bf16 rounding would cost ~1 % relative)
-        d_rows = matmul_fp32_out(g2.T, x2).to(outer.dtype)
-    if not permute_grad:  # rows (a', a_N) -> (a_N, a'): a gather of contiguous rows of n
-        d_rows = d_rows.view(m // m_last, m_last, n).transpose(0, 1).contiguous()
-    d_rows = d_rows.view(m_last, outer.shape[0], n_last)  # (m_N·m', n'·n_N) -> (m_N, m'·n', n_N)
-    cube = last.reshape(m_last, n_last, -1)  # (J_N, R_N) -> (m_N, n_N, R_N)
-    grad_outer = torch.zeros_like(outer)
-    grad_cube = torch.empty_like(cube)
-    for a_last in range(m_last):
-        block = d_rows[a_last]  # (m'·n', n_N), contiguous
-        grad_outer.addmm_(block, cube[a_last])  # Σ_{b_N}: (m'n', n_N)·(n_N, R_N)
-        torch.mm(block.T, outer, out=grad_cube[a_last])  # Σ_{(a', b')}: (n_N, m'n')·(m'n', R_N)
-    return grad_outer, grad_cube.view_as(last)
-
-
-def tucker_vector_grads_projected(g2: Tensor, x2: Tensor, merged: Tensor, factor: Tensor, shape: TuckerShape,
-                                  k: int) -> tuple[Tensor, Tensor]:
-    """(dP_k, dŨ_k) contracting dY and X through the frozen network mode by mode, never forming dΔ.
-
-    merged = P_k = 𝒢 ×_{l≠k} Ũ_l in `init.tucker.unmerged_core`'s layout, factor = Ũ_k. With Z = X ×_{b_k} Ũ_k:
-    dP_k = Σ_{t, a_k} dY ⊗ Z, dZ = dY ×_{a_{≠k}} P_k, dŨ_k = Σ_{t, b_{≠k}} X ⊗ dZ
-    (2·T·(n·m_k·R_k + (n/n_k)·R_k·m) MACs).
-    """
-    tokens = g2.shape[0]
-    idx = unmerged_indices(shape.order, k)
-    cube = factor.reshape(shape.out_modes[k], shape.in_modes[k], shape.ranks[k]).to(g2.dtype)  # (m_k, n_k, R_k)
-    xs = x2.reshape(tokens, *shape.in_modes).to(g2.dtype)  # (T, n) -> (T, n_1..n_N)
-    gs = g2.reshape(tokens, *shape.out_modes)  # (T, m) -> (T, m_1..m_N)
-    pairs = merged.to(g2.dtype)
-    z = torch.einsum(f"t{idx.b},{idx.cube}->{idx.z}", xs, cube)  # (T, n_{≠k}, m_k, R_k)
-    grad_merged = torch.einsum(f"t{idx.a},{idx.z}->{idx.p}", gs, z)  # Σ_{t, a_k} -> P_k's layout
-    del z
-    grad_z = torch.einsum(f"t{idx.a},{idx.p}->{idx.z}", gs, pairs)  # Σ_{a_{≠k}} -> (T, n_{≠k}, m_k, R_k)
-    grad_cube = torch.einsum(f"t{idx.b},{idx.z}->{idx.cube}", xs, grad_z)  # Σ_{t, b_{≠k}}
-    return grad_merged.to(merged.dtype), grad_cube.reshape(factor.shape).to(factor.dtype)
