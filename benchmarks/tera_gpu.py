@@ -8,7 +8,7 @@ Builds as `tera_speed.py` does (one nn.Linear, the base on the GPU in bf16 befor
 median over `--repeats`. "host ms" is the time to queue one step without synchronizing: when it exceeds the step time
 of the frozen base plus the adapter's kernels, the layer is host-bound (the GPU waits for Python and the launches).
 Variants: the frozen base; peft VeRA r=16; TeRA default as "auto" runs it on CUDA (the torch path, factored from
-`init.tucker_cost.ACCELERATOR_FACTORED_TOKENS` tokens, merged below), each of its two paths forced ("factored": Δ never
+`init.tucker_cost.CUDA_FACTORED_TOKENS` tokens, merged below), each of its two paths forced ("factored": Δ never
 formed; "merged": one GEMM on W + P ⊗ M_N, factor gradients contracted from dY and x), and the Triton kernels "auto"
 does not pick (`triton_by_default = False`). CUDA only. Results: benchmarks/results/tera_gpu{,_quick}.{md,json}.
 """

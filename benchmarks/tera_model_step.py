@@ -147,7 +147,7 @@ def main() -> None:
     lines = [
         f"# TeRA vs peft VeRA: training step of {MODEL['title']}", "",
         _harness.header_markdown(header, f"Batch {args.batch} × {args.tokens} tokens, {str(PLACE['dtype'])[6:]} on "
-                                 f"{args.device}, every query/key/value/dense layer adapted; median of {rounds} "
+                                 f"{args.device}, every {'/'.join(MODEL['targets'])} layer adapted; median of {rounds} "
                                  "round-robin rounds after 2 warm-up"
                                  + (f" ({args.steps} steps queued per timing)." if on_cuda else ".")),
         "| variant | trainable | step ms | ÷ frozen model | ÷ VeRA r=16 | ÷ VeRA count-matched |",

@@ -190,3 +190,22 @@ def test_tucker_network_through_the_merged_op_equals_the_tucker_reference(ranks:
         results.append((out, *torch.autograd.grad(out, leaves, upstream)))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
+
+
+def test_empty_batch_gives_zero_factor_gradients() -> None:
+    """T = 0 tokens (an empty micro-batch): output (0, m), zero factor gradients of the factors' shapes."""
+    A = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    y = K.kronecker_merged_linear(torch.randn(0, 18, dtype=torch.float64), A, B)
+    assert y.shape == (0, 20)
+    grad_a, grad_b = torch.autograd.grad(y.sum(), (A, B))
+    assert torch.equal(grad_a, torch.zeros_like(A)) and torch.equal(grad_b, torch.zeros_like(B))
+
+
+def test_merged_weight_of_strided_factors() -> None:
+    """Factors passed as non-contiguous views (a transposed copy of the layout) build the same Σ_k A_k ⊗ B_k."""
+    A = torch.randn(2, 3, 4, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)  # (2, 3, 4), strided
+    B = torch.randn(2, 5, 2, dtype=torch.float64)
+    assert not A.is_contiguous()
+    dense = _dense(A.contiguous(), B, 15, 8)  # torch.kron itself rejects the strided view
+    torch.testing.assert_close(kronecker_merged_weight(None, A, B), dense, atol=1e-12, rtol=0)

@@ -255,17 +255,46 @@ def test_auto_mode_picks_by_token_count() -> None:
     assert not any(_adapter(384, 384, dtype=torch.float32).use_factored(t) for t in (256, 1024, 4096))
 
 
-def test_accelerators_run_the_default_layout_factored_from_a_token_count() -> None:
-    """On an accelerator the default layout (Δ = P ⊗ M_N) is factored from `ACCELERATOR_FACTORED_TOKENS` tokens and
-    merged below (the H100 winners in benchmarks/results/tera_gpu.md); other layouts keep the cost model's choice,
-    and "materialized" / "factored" still force their path."""
-    from specpeft.init.tucker_cost import ACCELERATOR_FACTORED_TOKENS as threshold
+def test_cuda_runs_the_default_layout_factored_from_a_token_count() -> None:
+    """On CUDA a plain linear with the default layout (Δ = P ⊗ M_N) is factored from `CUDA_FACTORED_TOKENS` tokens
+    and merged below (the H100 winners in benchmarks/results/tera_gpu.md); other layouts and bases whose merged path
+    is not the Kronecker merged op (a quantized one) keep the cost model's choice, and "materialized" / "factored"
+    still force their path."""
+    from specpeft.init.tucker_cost import CUDA_FACTORED_TOKENS as threshold
 
     default = _adapter(4096, 4096, dtype=torch.float32)
     assert default.edge_kronecker and not default.use_factored(threshold)  # the CPU model merges there
     assert all(default.use_factored(t, "cuda") for t in (threshold, 4 * threshold))
     assert not any(default.use_factored(t, "cuda") for t in (1, threshold - 1))
-    rank16 = _adapter(4096, 4096, dtype=torch.float32, rank=16)
-    assert [rank16.use_factored(t, "cuda") for t in (8, 4096)] == [rank16.use_factored(t) for t in (8, 4096)]
+    for other in (_adapter(4096, 4096, dtype=torch.float32, rank=16), _quantized_adapter(4096, 4096)):
+        assert [other.use_factored(t, "cuda") for t in (8, 1024, 4096)] == [other.use_factored(t) for t in (8, 1024, 4096)]
     assert not _adapter(4096, 4096, dtype=torch.float32, forward_mode="materialized").use_factored(1 << 16, "cuda")
     assert _adapter(4096, 4096, dtype=torch.float32, forward_mode="factored").use_factored(1, "cuda")
+
+
+def _quantized_adapter(d_out: int, d_in: int):
+    """The default layout on a quantized base geometry: its merged alternative is not the Kronecker merged op."""
+    from specpeft.adapters.tera import TeRAAdapter
+
+    geometry = LayerGeometry("linear", (d_out, d_in), quantized=True, standard_forward=False)
+    return TeRAAdapter.create(geometry, TeRAConfig(target_modules=["x"]), None, None, name="x")
+
+
+def test_factored_default_layout_trains_under_bf16_autocast() -> None:
+    """The factored Kronecker path under bf16 autocast (the standard mixed-precision recipe; the default layout at few
+    tokens): the network node keeps its fp32 diagonals' dtype in forward and backward, and the vector gradients match
+    the fp32 step to bf16 accuracy, with backward called inside or outside the autocast region."""
+    torch.manual_seed(0)
+    base = nn.Linear(256, 256).requires_grad_(False)
+    adapter = _adapter(256, 256, dtype=torch.float32)
+    assert adapter.use_factored(8)
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(1))
+    reference = torch.autograd.grad(adapter(x, FrozenBase(base)).square().sum(), adapter.vectors())
+    for backward_inside in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = adapter(x, FrozenBase(base)).float().square().sum()
+            grads = torch.autograd.grad(loss, adapter.vectors()) if backward_inside else None
+        grads = grads or torch.autograd.grad(loss, adapter.vectors())
+        for got, want in zip(grads, reference):
+            assert got.dtype == torch.float32
+            assert ((got - want).norm() / want.norm()).item() < 5e-2

@@ -31,7 +31,7 @@ from ..init.tucker import (
     unfold_view,
 )
 from ..init.tucker_cost import (
-    ACCELERATOR_FACTORED_TOKENS,
+    CUDA_FACTORED_TOKENS,
     apply_macs,
     best_mode,
     edge_kronecker_cost,
@@ -213,7 +213,8 @@ class TeRAAdapter(MethodAdapter):
 
     def _shared_views(self) -> tuple[Tensor, list[Tensor]]:
         """The core and factors as views of this layer's bucket (`split_shared`), re-split only when the bucket tensor
-        was replaced (`.to()`, a load) or the memo no longer views it (a deepcopy): each split is host time."""
+        was replaced (`.to()`, a load) or the memo no longer views it (`.data =`, `share_memory_()`): each split is
+        host time."""
         flat = self.shared_buffer
         views = self._views
         if views is None or views[0] is not flat or views[1].data_ptr() != flat.data_ptr():
@@ -269,9 +270,10 @@ class TeRAAdapter(MethodAdapter):
 
     def use_factored(self, tokens: int, device_type: str = "cpu") -> bool:
         """Factored contraction (Δ never formed) iff its estimated training-step cost is below the cheapest merged
-        plan's (`_step_costs`, calibrated on CPU). On an accelerator the default layout's Kronecker path (Δ = P ⊗ M_N
-        applied to x, `edge_kronecker`) is factored from `ACCELERATOR_FACTORED_TOKENS` tokens and merged below, as
-        measured on an H100 (`init.tucker_cost`).
+        plan's (`_step_costs`, calibrated on CPU). On CUDA a plain linear with the default layout (Δ = P ⊗ M_N applied
+        to x, `edge_kronecker`; merged alternative `kernels.kronecker_merged_linear`) is factored from
+        `CUDA_FACTORED_TOKENS` tokens and merged below, as measured on an H100 (`init.tucker_cost`); other layers,
+        whose merged alternatives were not timed there, keep the cost model.
 
         The choice depends on T and the device only, never on grad mode, so a model runs the same path (and bits) in
         training, eval and after reload.
@@ -280,8 +282,8 @@ class TeRAAdapter(MethodAdapter):
             return False
         if self.forward_mode == "factored":
             return True
-        if device_type != "cpu" and self.edge_kronecker:
-            return tokens >= ACCELERATOR_FACTORED_TOKENS
+        if device_type == "cuda" and self.edge_kronecker and self.kronecker_capable:
+            return tokens >= CUDA_FACTORED_TOKENS
         costs = self._step_costs(tokens)
         return costs["factored"] < costs[self.grad_plan(tokens)]
 

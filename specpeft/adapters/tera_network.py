@@ -62,6 +62,12 @@ class KroneckerNetworkFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_a: Optional[Tensor], grad_b: Optional[Tensor]):  # type: ignore[override]
+        device = ctx.saved_tensors[0].device.type
+        with torch.autocast(device, enabled=False):  # a backward called inside autocast keeps the forward's dtype
+            return KroneckerNetworkFunction._backward(ctx, grad_a, grad_b)
+
+    @staticmethod
+    def _backward(ctx, grad_a: Optional[Tensor], grad_b: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
         shape: TuckerShape = ctx.shape
         order, rank = shape.order, shape.ranks[-1]
         saved = ctx.saved_tensors
@@ -103,4 +109,5 @@ def kronecker_network(shape: TuckerShape, core: Tensor, factors: Sequence[Tensor
                       mus: Sequence[Tensor], alpha: float = 1.0) -> tuple[Tensor, Tensor]:
     """(A (R_N, m', n'), B (R_N, m_N, n_N)) of α·Δ for diagonals `lams` (N or none) and `mus` (N or none), in their
     dtype; differentiable in the diagonals (`KroneckerNetworkFunction`)."""
-    return KroneckerNetworkFunction.apply(shape, alpha, len(lams), len(mus), core, *factors, *lams, *mus)
+    with torch.autocast(core.device.type, enabled=False):  # the diagonals' dtype throughout, as the backward runs
+        return KroneckerNetworkFunction.apply(shape, alpha, len(lams), len(mus), core, *factors, *lams, *mus)

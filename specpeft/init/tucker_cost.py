@@ -4,7 +4,7 @@ building Δ and of applying it to tokens without forming it, per plan, so caller
 Integer arithmetic on a `TuckerShape` (init/tucker.py, which runs the plans this module prices) or on the factor
 sizes of a Kronecker product, and TeRA's training-step model on top (`training_step_costs`), which weighs memory
 passes and slow contractions by two constants calibrated on the 2-core dev box (plus one token count measured on an
-H100, `ACCELERATOR_FACTORED_TOKENS`).
+H100, `CUDA_FACTORED_TOKENS`).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ MEMORY_MACS = 40
 # R=1, 1024² R=1 in benchmarks/results/tera_speed.md); their estimate is scaled by this before comparing.
 PROJECTED_PENALTY = 2.5
 # The model above is CPU-calibrated. On an H100 (bf16, benchmarks/results/tera_gpu.md) the default layout's factored
-# path (Δ = P ⊗ M_N applied to x) trained as fast as the merged one or up to 1.4x faster at 4096-wide layers from
-# T = 4096, and 1.35-1.5x faster at T = 16384, where the merged path's two fp32 m×n weight builds and fp32
+# path (Δ = P ⊗ M_N applied to x) trained within noise of the merged one or up to 1.25x faster at 4096-wide layers
+# from T = 4096, and 1.3-1.5x faster at T = 16384, where the merged path's two fp32 m×n weight builds and fp32
 # factor-gradient GEMMs dominate; at T = 1024 both are bound by host time and the merged path, with fewer ops, was
-# 10-16 % faster (a 1024² layer, host-bound at every T, stayed 1.1-1.25x faster merged: one threshold for all
-# widths). TeRA therefore runs that layout factored on an accelerator from this many tokens per call.
-ACCELERATOR_FACTORED_TOKENS = 4096
+# 10-20 % faster (a 1024² layer, host-bound at every T, stayed 1.1-1.27x faster merged at T >= 4096: one threshold
+# for all widths). TeRA therefore runs that layout on a plain CUDA linear factored from this many tokens per call.
+CUDA_FACTORED_TOKENS = 4096
 
 
 def build_macs(shape: TuckerShape) -> int:

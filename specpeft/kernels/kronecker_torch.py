@@ -117,6 +117,8 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
                 grad_b[k] = _accumulate(grad_b[k], (a[k].T @ gs).view(q1 * c, p2).T @ xs, acc)  # (p2, q2)
             if need_a:  # Z_k = Xs B_kᵀ: (q1·c, q2) @ (q2, p2) -> (q1, c·p2); dA_k = Gs Z_kᵀ over (t, j)
                 grad_a[k] = _accumulate(grad_a[k], gs @ (xs @ b[k].T).view(q1, c * p2).T, acc)  # (p1, q1)
+    if not chunks:  # no tokens: zero gradients
+        grad_a, grad_b = ([torch.zeros(p, q, device=x.device, dtype=acc)] * R for p, q in ((p1, q1), (p2, q2)))
     stacked_a = torch.stack(grad_a) if need_a else None  # R × (p1, q1) -> (R, p1, q1)
     stacked_b = torch.stack(grad_b) if need_b else None
     return (stacked_b, stacked_a) if transposed else (stacked_a, stacked_b)  # the run problem's A is b, its B is a
@@ -143,7 +145,7 @@ def kronecker_merged_weight(weight: Optional[Tensor], a: Tensor, b: Tensor) -> T
             merged = torch.addcmul(weight.reshape(m1, m2, n1, n2), first_a, first_b)
         for k in range(1, R):
             merged.addcmul_(rows[k], cols[k])
-        return merged.view(m1 * m2, n1 * n2)  # (m1, m2, n1, n2) -> (m, n)
+        return merged.reshape(m1 * m2, n1 * n2)  # (m1, m2, n1, n2) -> (m, n); a copy if the factors were strided
 
 
 class KroneckerMergedFunction(torch.autograd.Function):
