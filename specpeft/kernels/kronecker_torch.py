@@ -80,6 +80,7 @@ def _accumulate(total: Optional[Tensor], piece: Tensor, dtype: torch.dtype) -> T
         return _cast(piece, dtype)
     return total.add_(piece)
 
+
 def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need_a: bool = True,
                            need_b: bool = True, dtype: Optional[torch.dtype] = None,
                            ) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -118,7 +119,8 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
             if need_a:  # Z_k = Xs B_kᵀ: (q1·c, q2) @ (q2, p2) -> (q1, c·p2); dA_k = Gs Z_kᵀ over (t, j)
                 grad_a[k] = _accumulate(grad_a[k], gs @ (xs @ b[k].T).view(q1, c * p2).T, acc)  # (p1, q1)
     if not chunks:  # no tokens: zero gradients
-        grad_a, grad_b = ([torch.zeros(p, q, device=x.device, dtype=acc)] * R for p, q in ((p1, q1), (p2, q2)))
+        grad_a = [torch.zeros(p1, q1, device=x.device, dtype=acc)] * R
+        grad_b = [torch.zeros(p2, q2, device=x.device, dtype=acc)] * R
     stacked_a = torch.stack(grad_a) if need_a else None  # R × (p1, q1) -> (R, p1, q1)
     stacked_b = torch.stack(grad_b) if need_b else None
     return (stacked_b, stacked_a) if transposed else (stacked_a, stacked_b)  # the run problem's A is b, its B is a
