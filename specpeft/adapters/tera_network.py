@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..init.tucker import TuckerShape
-from ..kernels.tucker import outer_as_kronecker, outer_chain
+from ..init.tucker import TuckerShape, outer_as_kronecker, outer_chain
 
 
 def scaled_factor(factor: Tensor, lam: Optional[Tensor], mu: Optional[Tensor]) -> Tensor:

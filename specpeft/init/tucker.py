@@ -36,6 +36,8 @@ __all__ = [
     "last_mode_delta_rows",
     "last_mode_outer",
     "mode_product",
+    "outer_as_kronecker",
+    "outer_chain",
     "prime_factors",
     "tucker_apply",
     "tucker_to_tensor",
@@ -352,16 +354,36 @@ def tucker_apply(x: Tensor, core: Tensor, factors: list[Tensor], shape: TuckerSh
     return out.reshape(tokens, shape.out_features)  # (T, m_1..m_N) -> (T, m)
 
 
+def outer_chain(core: Tensor, factors: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """P = 𝒢 ×_1 U_1 … ×_{N−1} U_{N−1} with its rank axis first, (R_N, J_1·…·J_{N−1}), in the inputs' dtype, and
+    the left operand M_k of each product (views; TeRA's hand-written backward, adapters/tera_network.py, reads them).
+
+    Each product contracts the leading axis and appends the new one, C_k = M_k U_kᵀ with M_k = C_{k−1} as
+    (R_k, rest)ᵀ: one mm on transposed views, no copies (TeRA forms this network every step: ops are host time).
+    """
+    chain, inputs = core, []
+    for factor in factors[:-1]:  # (R_k, rest) -> (rest, R_k) @ (R_k, J_k) -> (rest, J_k)
+        inputs.append(chain.reshape(factor.shape[1], -1).T)
+        chain = inputs[-1] @ factor.T
+    return chain.reshape(core.shape[-1], -1), inputs  # (R_N·J_1·…, J_{N−1}) -> (R_N, J')
+
+
+def outer_as_kronecker(chain: Tensor, out_modes: Sequence[int], in_modes: Sequence[int]) -> Tensor:
+    """(R_N, J') from `outer_chain` → A (R_N, m', n'), A_r = unfold'(P[:, r]) over the outer modes (one copy)."""
+    rank, order = chain.shape[0], len(out_modes)
+    pairs = chain.reshape(rank, *[s for m, n in zip(out_modes[:-1], in_modes[:-1]) for s in (m, n)])  # (R, m_1, n_1, …)
+    split = pairs.permute(0, *range(1, 2 * order - 1, 2), *range(2, 2 * order - 1, 2))  # (R, m_1.., n_1..)
+    return split.reshape(rank, math.prod(out_modes[:-1]), math.prod(in_modes[:-1]))  # -> (R, m', n')
+
+
 def last_mode_outer(core: Tensor, factors: list[Tensor], shape: TuckerShape) -> Tensor:
-    """P = 𝒢 ×_{l<N} U_l as a (m'·n', R_N) matrix, rows (a', b') = ((a_1..a_{N−1}), (b_1..b_{N−1})) row-major.
+    """P = 𝒢 ×_{l<N} U_l as a (m'·n', R_N) matrix, rows (a', b') = ((a_1..a_{N−1}), (b_1..b_{N−1})) row-major: the
+    Kronecker factors A_r of `outer_as_kronecker` side by side.
 
     Then Δ[(a', a_N), (b', b_N)] = Σ_r P[(a', b'), r] · U_N[a_N·n_N + b_N, r] (`last_mode_delta_rows`).
     """
-    order, rank = shape.order, shape.ranks[-1]
-    pairs = unmerged_core(core, factors, shape, order - 1)  # (m_1, n_1, …, m_{N−1}, n_{N−1}, R_N)
-    # -> (m_1..m_{N−1}, n_1..n_{N−1}, R_N)
-    outer = pairs.permute(*range(0, 2 * order - 2, 2), *range(1, 2 * order - 2, 2), 2 * order - 2)
-    return outer.reshape(-1, rank)  # -> (m'·n', R_N)
+    A = outer_as_kronecker(outer_chain(core, factors)[0], shape.out_modes, shape.in_modes)  # (R_N, m', n')
+    return A.reshape(shape.ranks[-1], -1).T.contiguous()  # (R_N, m'·n') -> (m'·n', R_N), rows contiguous
 
 
 def last_mode_delta_rows(outer: Tensor, last_factor: Tensor, shape: TuckerShape) -> Tensor:

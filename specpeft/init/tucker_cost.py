@@ -112,6 +112,7 @@ def last_mode_split(out_modes: Sequence[int], in_modes: Sequence[int]) -> tuple[
     return math.prod(out_modes[:-1]), math.prod(in_modes[:-1]), out_modes[-1], in_modes[-1]
 
 
+@functools.lru_cache(maxsize=None)
 def kronecker_grads_cost(m1: int, n1: int, m2: int, n2: int) -> tuple[int, int, bool]:
     """(MACs, elements moved, transposed) per token of the factor gradients dA, dB of x (A ⊗ B)ᵀ, A (m1×n1),
     B (m2×n2), as `kernels.kronecker_factor_grads` runs them, in the cheaper order: D = AᵀG and Z = X Bᵀ

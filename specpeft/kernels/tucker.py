@@ -40,6 +40,7 @@ from ._dispatch import (
     matmul_fp32_out,
     next_power_of_2,
 )
+from ..init.tucker import outer_as_kronecker, outer_chain
 from ..init.tucker_cost import kronecker_apply_macs
 from .kronecker import kronecker_linear
 
@@ -47,8 +48,6 @@ from .kronecker import kronecker_linear
 __all__ = [
     "TuckerMaterializedFunction",
     "kronecker_factors",
-    "outer_as_kronecker",
-    "outer_chain",
     "tucker_delta",
     "tucker_linear",
     "tucker_linear_reference",
@@ -113,28 +112,6 @@ def tucker_linear_reference(
     return F.linear(x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-def outer_chain(core: Tensor, factors: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    """P = 𝒢 ×_1 U_1 … ×_{N−1} U_{N−1} with its rank axis first, (R_N, J_1·…·J_{N−1}), in the inputs' dtype, and
-    the left operand M_k of each product (views; TeRA's hand-written backward, adapters/tera_network.py, reads them).
-
-    Each product contracts the leading axis and appends the new one, C_k = M_k U_kᵀ with M_k = C_{k−1} as
-    (R_k, rest)ᵀ: one mm on transposed views, no copies (TeRA forms this network every step: ops are host time).
-    """
-    chain, inputs = core, []
-    for factor in factors[:-1]:  # (R_k, rest) -> (rest, R_k) @ (R_k, J_k) -> (rest, J_k)
-        inputs.append(chain.reshape(factor.shape[1], -1).T)
-        chain = inputs[-1] @ factor.T
-    return chain.reshape(core.shape[-1], -1), inputs  # (R_N·J_1·…, J_{N−1}) -> (R_N, J')
-
-
-def outer_as_kronecker(chain: Tensor, out_modes: Sequence[int], in_modes: Sequence[int]) -> Tensor:
-    """(R_N, J') from `outer_chain` → A (R_N, m', n'), A_r = unfold'(P[:, r]) over the outer modes (one copy)."""
-    rank, order = chain.shape[0], len(out_modes)
-    pairs = chain.reshape(rank, *[s for m, n in zip(out_modes[:-1], in_modes[:-1]) for s in (m, n)])  # (R, m_1, n_1, …)
-    split = pairs.permute(0, *range(1, 2 * order - 1, 2), *range(2, 2 * order - 1, 2))  # (R, m_1.., n_1..)
-    return split.reshape(rank, math.prod(out_modes[:-1]), math.prod(in_modes[:-1]))  # -> (R, m', n')
-
-
 def _in_work_dtype(tensor: Tensor) -> Tensor:
     """fp32 for 16-bit inputs, fp64 stays fp64 (no op when already there)."""
     work = torch.promote_types(tensor.dtype, torch.float32)
@@ -149,11 +126,12 @@ def _outer_and_last(core: Tensor, factors: Sequence[Tensor]) -> tuple[Tensor, Te
 
 def kronecker_factors(core: Tensor, factors: Sequence[Tensor], out_modes: Sequence[int], in_modes: Sequence[int]
                       ) -> tuple[Tensor, Tensor]:
-    """Δ = Σ_r A_r ⊗ B_r split at the last mode: A (R_N, m', n') (`outer_as_kronecker`) and
+    """Δ = Σ_r A_r ⊗ B_r split at the last mode: A (R_N, m', n') (`init.tucker.outer_as_kronecker`) and
     B_r = reshape(U_N[:, r], (m_N, n_N)) (R_N, m_N, n_N), fp32 (fp64 stays fp64), differentiable."""
-    P, U = _outer_and_last(core, factors)
-    B = U.T.reshape(U.shape[1], out_modes[-1], in_modes[-1])  # (J_N, R) -> (R, m_N, n_N)
-    return outer_as_kronecker(P.T, out_modes, in_modes), B
+    factors = [_in_work_dtype(f) for f in factors]
+    chain = outer_chain(_in_work_dtype(core), factors)[0]  # (R_N, J')
+    B = factors[-1].T.reshape(chain.shape[0], out_modes[-1], in_modes[-1])  # (J_N, R) -> (R, m_N, n_N)
+    return outer_as_kronecker(chain, out_modes, in_modes), B
 
 
 def tucker_prefers_factored(tokens: int, core_shape: Sequence[int], out_modes: Sequence[int],
