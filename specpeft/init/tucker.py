@@ -377,11 +377,8 @@ def outer_as_kronecker(chain: Tensor, out_modes: Sequence[int], in_modes: Sequen
 
 
 def last_mode_outer(core: Tensor, factors: list[Tensor], shape: TuckerShape) -> Tensor:
-    """P = 𝒢 ×_{l<N} U_l as a (m'·n', R_N) matrix, rows (a', b') = ((a_1..a_{N−1}), (b_1..b_{N−1})) row-major: the
-    Kronecker factors A_r of `outer_as_kronecker` side by side.
-
-    Then Δ[(a', a_N), (b', b_N)] = Σ_r P[(a', b'), r] · U_N[a_N·n_N + b_N, r] (`last_mode_delta_rows`).
-    """
+    """P = 𝒢 ×_{l<N} U_l as a (m'·n', R_N) matrix, rows (a', b') = ((a_1..a_{N−1}), (b_1..b_{N−1})) row-major (the
+    factors A_r of `outer_as_kronecker` side by side): Δ[(a', a_N), (b', b_N)] = Σ_r P[(a', b'), r] U_N[(a_N, b_N), r]."""
     A = outer_as_kronecker(outer_chain(core, factors)[0], shape.out_modes, shape.in_modes)  # (R_N, m', n')
     return A.reshape(shape.ranks[-1], -1).T.contiguous()  # (R_N, m'·n') -> (m'·n', R_N), rows contiguous
 
