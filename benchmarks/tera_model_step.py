@@ -4,12 +4,15 @@
     python benchmarks/tera_model_step.py --quick      # 3 rounds
     python benchmarks/tera_model_step.py --model llama --device cuda --batch 4 --tokens 2048 \
         --stem tera_model_step_llama_cuda                    # bf16 on a GPU, 8K tokens per layer call
+    python benchmarks/tera_model_step.py --compile --rounds 9 --stem tera_model_step_compiled   # + torch.compile rows
 
 The model is the pretrained MiniLM-L6 encoder of the README's quality task (examples/assets.py, offline), every
 query/key/value/dense layer adapted, fed `inputs_embeds` that require grad, and timed as `out.backward(g)`
 round-robin per round (`_harness.interleaved_medians`). `--model llama` times a 4-layer LlamaModel at 2048 hidden /
 5504 FFN with seeded random weights (the weights do not change the time), every q/k/v/o/gate/up/down projection
-adapted; on CUDA the Triton kernels "auto" does not pick are timed too ("[triton]").
+adapted; on CUDA the Triton kernels "auto" does not pick are timed too ("[triton]"). `--compile` adds the frozen
+model, TeRA default and VeRA r = 16 under `torch.compile` (inductor, static shapes; compiled in the warm-up steps),
+whose ratios are taken against the compiled frozen model and compiled VeRA.
 Throughput is the inverse of the step time, so "÷ VeRA" below 1 means TeRA trains faster. Variants: TeRA's default,
 the balanced-modes layout it replaced, peft VeRA r = 16, its default r = 256, and the VeRA whose trainable count is
 closest to TeRA default's (VeRA trains d_out + r per layer, so r = 1 whenever TeRA trains fewer than Σ d_out + layers).
@@ -112,6 +115,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="CUDA: steps queued between synchronizes per timing")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--stem", default=None, help="results file stem (default tera_model_step[_quick])")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd frozen / TeRA / VeRA r=16 rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -131,6 +135,9 @@ def main() -> None:
     if on_cuda:  # the kernel backend "auto" does not pick there
         other = "torch" if specpeft.get_method(specpeft.TeRAConfig).adapter_cls.triton_by_default else "triton"
         models[f"TeRA default [{other}]"] = tera(balanced=False, backend=other)
+    if args.compile:
+        for label in ("frozen model", "TeRA default", "peft VeRA r=16"):
+            models[f"{label} [compiled]"] = torch.compile(models[label], dynamic=False)
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, args.tokens, MODEL["hidden"], generator=gen).to(**PLACE).requires_grad_(True)
@@ -139,11 +146,14 @@ def main() -> None:
                                            steps=args.steps if on_cuda else 1)
     header["wall_s"] = time.perf_counter() - start
 
-    base = seconds["frozen model"]
-    vera16, matched = seconds["peft VeRA r=16"], seconds[f"peft VeRA count-matched (r={matched_rank})"]
-    rows = [{"variant": label, "trainable": trainable(model), "ms": 1e3 * seconds[label],
-             "vs_frozen": seconds[label] / base, "vs_vera16": seconds[label] / vera16,
-             "vs_matched": seconds[label] / matched} for label, model in models.items()]
+    matched = seconds[f"peft VeRA count-matched (r={matched_rank})"]
+    rows = []
+    for label, model in models.items():
+        tag = " [compiled]" if label.endswith(" [compiled]") else ""  # compiled rows against compiled rows
+        rows.append({"variant": label, "trainable": trainable(model), "ms": 1e3 * seconds[label],
+                     "vs_frozen": seconds[label] / seconds["frozen model" + tag],
+                     "vs_vera16": seconds[label] / seconds["peft VeRA r=16" + tag],
+                     "vs_matched": None if tag else seconds[label] / matched})
     lines = [
         f"# TeRA vs peft VeRA: training step of {MODEL['title']}", "",
         _harness.header_markdown(header, f"Batch {args.batch} × {args.tokens} tokens, {str(PLACE['dtype'])[6:]} on "
@@ -154,7 +164,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['variant']} | {r['trainable']:,} | {r['ms']:.1f} | {r['vs_frozen']:.2f} | {r['vs_vera16']:.2f} | "
-              f"{r['vs_matched']:.2f} |" for r in rows]
+              f"{'—' if r['vs_matched'] is None else format(r['vs_matched'], '.2f')} |" for r in rows]
     table = "\n".join(lines) + "\n"
     print(table)
     stem = args.stem or ("tera_model_step_quick" if args.quick else "tera_model_step")

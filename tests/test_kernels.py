@@ -404,6 +404,18 @@ def test_torch_backend_is_the_reference() -> None:
     assert torch.equal(K.lowrank_linear(x, V, s, U, backend="torch"), K.lowrank_linear_reference(x, V, s, U))
 
 
+def test_autocast_off_disables_only_an_enabled_autocast() -> None:
+    a, b = torch.randn(2, 3), torch.randn(3, 2)  # CPU tensors whatever DEVICE is
+    with _dispatch.autocast_off("cpu"):  # off already: a no-op context, nothing entered
+        assert not torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _dispatch.autocast_off("cpu"):
+            assert not torch.is_autocast_enabled("cpu")
+            assert (a @ b).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu")  # restored on exit
+        assert (a @ b).dtype == torch.bfloat16
+
+
 # -- CUDA only: the compiled kernels at realistic sizes ---------------------------------------------------------
 
 

@@ -43,6 +43,7 @@ from ..init.kronecker import (
     select_rank,
 )
 from ..init.svd import SVDInit
+from ..kernels._dispatch import autocast_off
 from .base import FrozenBase, MethodAdapter, zeros_like_shape
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
@@ -253,7 +254,7 @@ class SoKAAdapter(MethodAdapter):
             factors, transposed = (self.A, self.B, self.A0, self.B0), False
         else:  # A first = B first on the transposed problem, with ΔW = Σ A⊗(B − B⁰) + (A − A⁰)⊗B⁰
             factors, transposed = (self.B, self.A, self.B0, self.A0), True
-        with torch.autocast(device, enabled=False):  # the function runs in `dtype` throughout
+        with autocast_off(device):  # the function runs in `dtype` throughout
             y = KroneckerDeltaFunction.apply(tokens.contiguous(), *factors, fused, transposed)  # (T, m1·m2)
         if pad_out:
             y = y[:, :d_out]  # (T, m1·m2) -> (T, d_out)

@@ -38,6 +38,7 @@ from ..init.tucker_cost import (
     training_step_costs,
 )
 from ..init.tucker_random import shared_random_factors, split_shared
+from ..kernels._dispatch import autocast_off
 from .base import FrozenBase, MethodAdapter
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
@@ -166,12 +167,11 @@ class TeRAAdapter(MethodAdapter):
         self.kronecker_capable = shape.ranks[-1] == 1 and geometry.is_plain_linear
         self._costs_by_tokens: dict[int, dict[str, float]] = {}  # `_step_costs` memo: a pure function of T
         self._views: Optional[tuple[Tensor, Tensor, list[Tensor]]] = None  # `_shared_views` memo: (bucket, core, U_k)
-        if scale_sides in ("mode", "both"):
-            for k, size in enumerate(shape.mode_sizes):
-                self.register_parameter(f"mode_scale_{k}", nn.Parameter(torch.ones(size)))
-        if scale_sides in ("rank", "both"):
-            for k, rank in enumerate(shape.ranks):
-                self.register_parameter(f"rank_scale_{k}", nn.Parameter(torch.ones(rank)))
+        sizes = {"mode": shape.mode_sizes, "rank": shape.ranks}
+        for side in ("mode", "rank") if scale_sides == "both" else (scale_sides,):
+            for k, size in enumerate(sizes[side]):
+                self.register_parameter(f"{side}_scale_{k}", nn.Parameter(torch.ones(size)))
+        self._vector_names = tuple(self._parameters)  # λ_1..λ_N, then μ_1..μ_N: the `vectors()` order
         with torch.no_grad():
             self.vectors()[0].zero_()  # λ_1 = 0 (μ_1 if only rank-side): Δ = 0 with a non-zero gradient
 
@@ -216,6 +216,8 @@ class TeRAAdapter(MethodAdapter):
         was replaced (`.to()`, a load) or the memo no longer views it (`.data =`, `share_memory_()`): each split is
         host time."""
         flat = self.shared_buffer
+        if torch.compiler.is_compiling():  # a compiled graph traces the split as free views (the memo's data_ptr
+            return split_shared(flat, self.shape)  # check would break the graph)
         views = self._views
         if views is None or views[0] is not flat or views[1].data_ptr() != flat.data_ptr():
             self._views = (flat, *split_shared(flat, self.shape))
@@ -223,9 +225,7 @@ class TeRAAdapter(MethodAdapter):
 
     def vectors(self) -> list[nn.Parameter]:
         """The trainables in a fixed order: mode scales λ_1..λ_N, then rank scales μ_1..μ_N (those that exist)."""
-        order = range(self.shape.order)
-        names = [f"mode_scale_{k}" for k in order] + [f"rank_scale_{k}" for k in order]
-        return [self._parameters[n] for n in names if n in self._parameters]
+        return [self._parameters[name] for name in self._vector_names]
 
     def _diagonals(self, vectors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """(λ_1..λ_N, μ_1..μ_N) out of `vectors` (in `vectors()` order); a side that is not trained is an empty list."""
@@ -273,11 +273,8 @@ class TeRAAdapter(MethodAdapter):
         plan's (`_step_costs`, calibrated on CPU). On CUDA a plain linear with the default layout (Δ = P ⊗ M_N applied
         to x, `edge_kronecker`; merged alternative `kernels.kronecker_merged_linear`) is factored from
         `CUDA_FACTORED_TOKENS` tokens and merged below, as measured on an H100 (`init.tucker_cost`); other layers,
-        whose merged alternatives were not timed there, keep the cost model.
-
-        The choice depends on T and the device only, never on grad mode, so a model runs the same path (and bits) in
-        training, eval and after reload.
-        """
+        whose merged alternatives were not timed there, keep the cost model. The choice depends on T and the device
+        only, never on grad mode, so a model runs the same path (and bits) in training, eval and after reload."""
         if self.geometry.kind != "linear" or self.forward_mode == "materialized":
             return False
         if self.forward_mode == "factored":
@@ -291,7 +288,12 @@ class TeRAAdapter(MethodAdapter):
         """The cheapest merged-weight plan (`_step_costs`): "dense" dΔ, "projected", or (R_N = 1 on a plain linear)
         "kronecker", run by `kernels.kronecker_merged_linear`."""
         costs = self._step_costs(tokens)
-        return min((plan for plan in costs if plan != "factored"), key=costs.__getitem__)
+        plans = [plan for plan in costs if plan != "factored"]
+        best = plans[0]
+        for plan in plans[1:]:  # a loop, not min(key=): torch.compile traces it without a graph break
+            if costs[plan] < costs[best]:
+                best = plan
+        return best
 
     def _kronecker_factors(self) -> tuple[Tensor, Tensor]:
         """(A, B) with α·Δ = Σ_r A_r ⊗ B_r split at the last mode, in the vectors' dtype, as one autograd node
@@ -315,9 +317,12 @@ class TeRAAdapter(MethodAdapter):
         """x (W + Δ)ᵀ + b (module given) or x Δᵀ as one GEMM on the merged weight, Δ = P ⊗ M_N built by a fused
         multiply-add and rebuilt in backward; the gradients of (P, M_N) are contracted from dY and x, no m×n dΔ
         (`kernels.kronecker_merged_linear`; P, M_N formed from the vectors by `_kronecker_factors`)."""
-        with torch.autocast(x.device.type, enabled=False):  # P, M_N in the vectors' fp32, as the gradients are
+        with autocast_off(x.device.type):  # P, M_N in the vectors' fp32, as the gradients are
             A, B = self._kronecker_factors()
         weight, bias = (None, None) if module is None else (module.weight, module.bias)
+        if torch.compiler.is_compiling():  # traced, the backward's rebuild of W + Δ merges with the forward's and the
+            # partitioner saves it (m×n per layer); a checkpointed region makes it recompute W + Δ instead
+            return checkpoint(kernels.kronecker_merged_linear, x, A, B, weight, bias, use_reentrant=False)
         return kernels.kronecker_merged_linear(x, A, B, weight, bias)
 
     def _explicit_backward_ok(self, base: FrozenBase) -> bool:

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..init.tucker import TuckerShape, outer_as_kronecker, outer_chain
+from ..kernels._dispatch import autocast_off
 
 
 def scaled_factor(factor: Tensor, lam: Optional[Tensor], mu: Optional[Tensor]) -> Tensor:
@@ -62,7 +63,7 @@ class KroneckerNetworkFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_a: Optional[Tensor], grad_b: Optional[Tensor]):  # type: ignore[override]
         device = ctx.saved_tensors[0].device.type
-        with torch.autocast(device, enabled=False):  # a backward called inside autocast keeps the forward's dtype
+        with autocast_off(device):  # a backward called inside autocast keeps the forward's dtype
             return KroneckerNetworkFunction._backward(ctx, grad_a, grad_b)
 
     @staticmethod
@@ -108,5 +109,5 @@ def kronecker_network(shape: TuckerShape, core: Tensor, factors: Sequence[Tensor
                       mus: Sequence[Tensor], alpha: float = 1.0) -> tuple[Tensor, Tensor]:
     """(A (R_N, m', n'), B (R_N, m_N, n_N)) of α·Δ for diagonals `lams` (N or none) and `mus` (N or none), in their
     dtype; differentiable in the diagonals (`KroneckerNetworkFunction`)."""
-    with torch.autocast(core.device.type, enabled=False):  # the diagonals' dtype throughout, as the backward runs
+    with autocast_off(core.device.type):  # the diagonals' dtype throughout, as the backward runs
         return KroneckerNetworkFunction.apply(shape, alpha, len(lams), len(mus), core, *factors, *lams, *mus)

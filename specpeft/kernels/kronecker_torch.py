@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..init.tucker_cost import kronecker_grads_cost
+from ._dispatch import autocast_off
 
 __all__ = [
     "KroneckerMergedFunction",
@@ -81,6 +82,11 @@ def _accumulate(total: Optional[Tensor], piece: Tensor, dtype: torch.dtype) -> T
     return total.add_(piece)
 
 
+def _stack(parts: list[Tensor]) -> Tensor:
+    """R × (p, q) -> (R, p, q); a view for R = 1 (TeRA's factors), no copy."""
+    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+
+
 def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need_a: bool = True,
                            need_b: bool = True, dtype: Optional[torch.dtype] = None,
                            ) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -93,7 +99,9 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
     token matrices are laid side by side, Xs (n1, c, n2) and Gs (m1, c, m2) (one copy each), so every contraction
     is one 2-D GEMM: D_k = A_kᵀ Gs, dB_k = Σ_(p,t) D_k Xs, Z_k = Xs B_kᵀ, dA_k = Σ_(t,j) Gs Z_k. On CPU that is
     1.6-2.5× faster than the same contractions as per-token einsums, and 0.9-1.6× the time of the einsum forward's
-    autograd backward, which has X Bᵀ saved already (benchmarks/results/kronecker_grads.md).
+    autograd backward, which has X Bᵀ saved already (benchmarks/results/kronecker_grads.md). The mirror problem's
+    side-by-side copies (n2, c, n1) gather single elements (slow on CPU); the same MACs on the (n1, c, n2) copies,
+    via G B_k and A_k X, were tried and ran 1.47× slower at TeRA's 1536×384 (skinny (c·m1, n2) GEMMs), so it stays.
     """
     R, m1, n1 = a.shape
     _, m2, n2 = b.shape
@@ -121,8 +129,8 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
     if not chunks:  # no tokens: zero gradients
         grad_a = [torch.zeros(p1, q1, device=x.device, dtype=acc)] * R
         grad_b = [torch.zeros(p2, q2, device=x.device, dtype=acc)] * R
-    stacked_a = torch.stack(grad_a) if need_a else None  # R × (p1, q1) -> (R, p1, q1)
-    stacked_b = torch.stack(grad_b) if need_b else None
+    stacked_a = _stack(grad_a) if need_a else None  # R × (p1, q1) -> (R, p1, q1)
+    stacked_b = _stack(grad_b) if need_b else None
     return (stacked_b, stacked_a) if transposed else (stacked_a, stacked_b)  # the run problem's A is b, its B is a
 
 
@@ -169,7 +177,7 @@ class KroneckerMergedFunction(torch.autograd.Function):
         x, A, B, weight = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_a = grad_b = None
-        with torch.autocast(grad_y.device.type, enabled=False):  # a backward run inside autocast keeps the dtypes
+        with autocast_off(grad_y.device.type):  # a backward run inside autocast keeps the dtypes
             if need_x:
                 grad_x = grad_y @ _cast(kronecker_merged_weight(weight, A, B), grad_y.dtype)  # (..., m) @ (m, n)
             if need_a or need_b:
@@ -199,5 +207,5 @@ def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Te
     device = x.device.type
     autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast leaves fp64 alone
     dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-    with torch.autocast(device, enabled=False):  # one dtype through forward and backward (autocast would split it)
+    with autocast_off(device):  # one dtype through forward and backward (autocast would split it)
         return KroneckerMergedFunction.apply(_cast(x, dtype), A, B, weight, bias)

@@ -1,0 +1,91 @@
+"""TeRA under torch.compile: the default layout's paths trace as one graph (fullgraph=True), every path trains to
+the same numbers as eager, and a real small model with TeRA adapters has no more graph breaks than the model alone.
+Compiling is the standard fix for host-bound small ops (TeRA's per-layer network, benchmarks/results/tera_gpu.md),
+so a graph break in the adapter would cost every layer. The `aot_eager` backend traces forward and backward like
+inductor without generating code, so these run in seconds on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import specpeft
+from adapter_matrix import perturb
+from specpeft import TeRAConfig
+
+# config overrides, tokens -> the path that runs (asserted below), whether it traces as one graph. The dΔ/projected
+# plans (layouts with R_N > 1, quantized bases) take their vector gradients with torch.autograd.grad inside the
+# backward, which dynamo does not trace: one graph break per layer, run eagerly, same numbers.
+PATHS = {
+    "factored P ⊗ M_N": (dict(), 12, "factored", True),
+    "merged, Kronecker grads": (dict(forward_mode="materialized"), 12, "kronecker", True),
+    "merged, dΔ/projected grads": (dict(forward_mode="materialized", rank=4), 12, "dense|projected", False),
+    "factored tucker_apply": (dict(forward_mode="factored", rank=4), 12, "factored", True),
+}
+
+
+def _model(**overrides) -> nn.Module:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 512))
+    model = specpeft.get_adapter_model(base, TeRAConfig(target_modules=["0", "2"], **overrides))
+    perturb(model, 0.3)
+    return model
+
+
+def _step(model: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> list[torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    trainables = [p for p in model.parameters() if p.requires_grad]
+    return [out, *torch.autograd.grad(out, [x, *trainables], upstream)]
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_every_path_compiles_and_matches_eager(path: str) -> None:
+    overrides, tokens, expected, fullgraph = PATHS[path]
+    model = _model(**overrides)
+    layer = next(m for m in model.modules() if hasattr(m, "use_factored"))
+    ran = "factored" if layer.use_factored(tokens) else layer.grad_plan(tokens)
+    assert ran in expected.split("|")
+    x, upstream = torch.randn(tokens, 256), torch.randn(tokens, 512)
+    eager = _step(model, x, upstream)
+    torch._dynamo.reset()
+    compiled = _step(torch.compile(model, backend="aot_eager", fullgraph=fullgraph), x, upstream)  # True: no break
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_llama_with_tera_has_no_more_graph_breaks_than_llama() -> None:
+    from transformers import LlamaConfig, LlamaModel
+
+    def llama() -> nn.Module:
+        torch.manual_seed(0)
+        return LlamaModel(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=128))
+
+    ids = torch.randint(0, 128, (2, 12))
+    torch._dynamo.reset()
+    alone = torch._dynamo.explain(llama())(input_ids=ids).graph_break_count
+    config = TeRAConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    adapted = specpeft.get_adapter_model(llama(), config)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(adapted)(input_ids=ids).graph_break_count == alone
+
+
+def test_compiled_merged_path_saves_no_dense_weight() -> None:
+    """Traced, the merged path's backward rebuild of W + Δ would merge with the forward's and be saved (one m×n
+    tensor per layer); the only weight-sized tensors saved for backward are the frozen weights themselves."""
+    model = _model(forward_mode="materialized")
+    frozen = {p.data_ptr() for name, p in model.named_parameters() if name.endswith("base_layer.weight")}
+    saved: list[bool] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() >= 256 * 256:
+            saved.append(t.data_ptr() in frozen)
+        return t
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        compiled(torch.randn(12, 256, requires_grad=True))
+    assert saved and all(saved)
