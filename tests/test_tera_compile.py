@@ -55,12 +55,27 @@ def test_every_path_compiles_and_matches_eager(path: str) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["factored P ⊗ M_N", "merged, Kronecker grads"])
+def test_default_layout_compiles_under_bf16_autocast_like_eager(path: str) -> None:
+    """The network and the merged op pin fp32 inside the caller's autocast; traced, that region must survive into
+    the backward (the vector gradients came out in bf16, 1.6e-2 off, when it did not)."""
+    overrides, tokens, _, _ = PATHS[path]
+    model = _model(**overrides)
+    x, upstream = torch.randn(tokens, 256), torch.randn(tokens, 512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = _step(model, x, upstream)
+        torch._dynamo.reset()
+        compiled = _step(torch.compile(model, backend="aot_eager", fullgraph=True), x, upstream)
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_llama_with_tera_has_no_more_graph_breaks_than_llama() -> None:
     from transformers import LlamaConfig, LlamaModel
 
-    def llama() -> nn.Module:
+    def llama() -> nn.Module:  # 256 wide: the default layout P ⊗ M_N (smaller layers fall back to tucker_apply)
         torch.manual_seed(0)
-        return LlamaModel(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        return LlamaModel(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=4, vocab_size=128))
 
     ids = torch.randint(0, 128, (2, 12))
@@ -68,6 +83,7 @@ def test_llama_with_tera_has_no_more_graph_breaks_than_llama() -> None:
     alone = torch._dynamo.explain(llama())(input_ids=ids).graph_break_count
     config = TeRAConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     adapted = specpeft.get_adapter_model(llama(), config)
+    assert all(layer.edge_kronecker for layer in adapted.modules() if hasattr(layer, "edge_kronecker"))
     torch._dynamo.reset()
     assert torch._dynamo.explain(adapted)(input_ids=ids).graph_break_count == alone
 

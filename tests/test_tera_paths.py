@@ -298,3 +298,28 @@ def test_factored_default_layout_trains_under_bf16_autocast() -> None:
         for got, want in zip(grads, reference):
             assert got.dtype == torch.float32
             assert ((got - want).norm() / want.norm()).item() < 5e-2
+
+
+@pytest.mark.parametrize("mode", ["auto", "materialized"])
+def test_default_layout_trains_under_hf_gradient_checkpointing(mode: str) -> None:
+    """transformers' `gradient_checkpointing_enable()` (non-reentrant: every saved tensor unpacks once) on a Llama
+    with the default layout, factored (auto at 24 tokens) and merged: the step runs and its gradients equal the
+    step without checkpointing (the network's backward once read its saved tensors twice and raised)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def step(checkpointing: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=4, vocab_size=128))
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = specpeft.get_adapter_model(model, TeRAConfig(target_modules=targets, forward_mode=mode))
+        perturb(model, 0.3)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    for got, want in zip(step(True), step(False)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

@@ -320,9 +320,6 @@ class TeRAAdapter(MethodAdapter):
         with autocast_off(x.device.type):  # P, M_N in the vectors' fp32, as the gradients are
             A, B = self._kronecker_factors()
         weight, bias = (None, None) if module is None else (module.weight, module.bias)
-        if torch.compiler.is_compiling():  # traced, the backward's rebuild of W + Δ merges with the forward's and the
-            # partitioner saves it (m×n per layer); a checkpointed region makes it recompute W + Δ instead
-            return checkpoint(kernels.kronecker_merged_linear, x, A, B, weight, bias, use_reentrant=False)
         return kernels.kronecker_merged_linear(x, A, B, weight, bias)
 
     def _explicit_backward_ok(self, base: FrozenBase) -> bool:

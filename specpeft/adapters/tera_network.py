@@ -62,7 +62,7 @@ class KroneckerNetworkFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_a: Optional[Tensor], grad_b: Optional[Tensor]):  # type: ignore[override]
-        device = ctx.saved_tensors[0].device.type
+        device = (grad_a if grad_a is not None else grad_b).device.type  # saved tensors unpack once (checkpointing)
         with autocast_off(device):  # a backward called inside autocast keeps the forward's dtype
             return KroneckerNetworkFunction._backward(ctx, grad_a, grad_b)
 

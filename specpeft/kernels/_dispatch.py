@@ -137,6 +137,10 @@ def matmul_fp32_out(a: Tensor, b: Tensor) -> Tensor:
 
 
 def autocast_off(device_type: str) -> AbstractContextManager:
-    """`torch.autocast(device_type, enabled=False)` when autocast is on for that device, else a no-op context:
-    entering autocast costs ~8 µs of host time, paid per layer and step by the ops that pin their dtypes."""
-    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+    """`torch.autocast(device_type, enabled=False)` when autocast is on for that device or torch.compile is tracing,
+    else a no-op context: entering autocast costs ~8 µs of host time, paid per layer and step by the ops that pin
+    their dtypes. While tracing, the check would run once, and a backward traced later under the caller's autocast
+    would lose the region."""
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()

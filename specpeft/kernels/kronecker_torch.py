@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from ..init.tucker_cost import kronecker_grads_cost
 from ._dispatch import autocast_off
@@ -208,4 +209,7 @@ def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Te
     autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast leaves fp64 alone
     dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     with autocast_off(device):  # one dtype through forward and backward (autocast would split it)
+        if torch.compiler.is_compiling():  # traced, the backward's rebuild of W + Δ merges with the forward's and
+            # the partitioner saves it (m×n); a checkpointed region recomputes it instead, as the eager op does
+            return checkpoint(KroneckerMergedFunction.apply, _cast(x, dtype), A, B, weight, bias, use_reentrant=False)
         return KroneckerMergedFunction.apply(_cast(x, dtype), A, B, weight, bias)
