@@ -6,9 +6,12 @@ inductor without generating code, so these run in seconds on CPU."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import specpeft
 from adapter_matrix import perturb
@@ -105,3 +108,32 @@ def test_compiled_merged_path_saves_no_dense_weight() -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         compiled(torch.randn(12, 256, requires_grad=True))
     assert saved and all(saved)
+
+
+class _GemmCounter(TorchDispatchMode):
+    """Counts mm / addmm calls by their operand shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.calls[tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_compiled_merged_backward_runs_the_eager_gemms() -> None:
+    """The recompute region keeps the layer's GEMM output (GELU's backward needs it): the compiled backward runs the
+    same GEMMs as eager, not the forward GEMM a second time."""
+    model = _model(forward_mode="materialized")
+    x, upstream = torch.randn(256, 256, requires_grad=True), torch.randn(256, 512)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    counts = []
+    for run in (model, compiled):
+        out = run(x)
+        with _GemmCounter() as counter:
+            out.backward(upstream)
+        counts.append(counter.calls)
+    assert counts[1] == counts[0]

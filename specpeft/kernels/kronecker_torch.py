@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..init.tucker_cost import kronecker_grads_cost
 from ._dispatch import autocast_off
@@ -210,6 +210,20 @@ def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Te
     dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     with autocast_off(device):  # one dtype through forward and backward (autocast would split it)
         if torch.compiler.is_compiling():  # traced, the backward's rebuild of W + Δ merges with the forward's and
-            # the partitioner saves it (m×n); a checkpointed region recomputes it instead, as the eager op does
-            return checkpoint(KroneckerMergedFunction.apply, _cast(x, dtype), A, B, weight, bias, use_reentrant=False)
+            # the partitioner saves it (m×n); a checkpointed region recomputes it instead, as the eager op does, and
+            # keeps the GEMM's output (a later op may need it: recomputing that would cost a GEMM)
+            return checkpoint(KroneckerMergedFunction.apply, _cast(x, dtype), A, B, weight, bias, use_reentrant=False,
+                              context_fn=_recompute_all_but_gemms)
         return KroneckerMergedFunction.apply(_cast(x, dtype), A, B, weight, bias)
+
+
+_GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.linear.default)
+
+
+def _gemm_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _GEMMS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _recompute_all_but_gemms():
+    """Selective checkpointing contexts of `kronecker_merged_linear` under compile (`_gemm_policy`)."""
+    return create_selective_checkpoint_contexts(_gemm_policy)
