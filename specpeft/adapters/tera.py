@@ -216,8 +216,8 @@ class TeRAAdapter(MethodAdapter):
         was replaced (`.to()`, a load) or the memo no longer views it (`.data =`, `share_memory_()`): each split is
         host time."""
         flat = self.shared_buffer
-        if torch.compiler.is_compiling():  # a compiled graph traces the split as free views (the memo's data_ptr
-            return split_shared(flat, self.shape)  # check would break the graph)
+        if torch.compiler.is_compiling():  # traced, the split is free views; the memo's data_ptr test breaks graphs
+            return split_shared(flat, self.shape)
         views = self._views
         if views is None or views[0] is not flat or views[1].data_ptr() != flat.data_ptr():
             self._views = (flat, *split_shared(flat, self.shape))

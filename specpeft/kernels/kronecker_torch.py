@@ -189,6 +189,21 @@ class KroneckerMergedFunction(torch.autograd.Function):
                 None if grad_b is None else _cast(grad_b, B.dtype), None, None)
 
 
+_GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.linear.default)
+
+
+def _gemm_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _GEMMS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _recompute_all_but_gemms():
+    """Selective-checkpoint contexts for `kronecker_merged_linear` under torch.compile. Traced, the backward's rebuild
+    of W + Δ merges with the forward's and the partitioner saves it (m×n per layer); in this region it is recomputed,
+    as the eager op does, while GEMM outputs are kept (a later op, GELU or a norm, may need the layer's output, and
+    recomputing it would cost a GEMM)."""
+    return create_selective_checkpoint_contexts(_gemm_policy)
+
+
 def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Tensor] = None,
                             bias: Optional[Tensor] = None) -> Tensor:
     """y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b (`KroneckerMergedFunction`), for x (..., n1·n2), A (R, m1, n1), B (R, m2, n2),
@@ -209,21 +224,7 @@ def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Te
     autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast leaves fp64 alone
     dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     with autocast_off(device):  # one dtype through forward and backward (autocast would split it)
-        if torch.compiler.is_compiling():  # traced, the backward's rebuild of W + Δ merges with the forward's and
-            # the partitioner saves it (m×n); a checkpointed region recomputes it instead, as the eager op does, and
-            # keeps the GEMM's output (a later op may need it: recomputing that would cost a GEMM)
+        if torch.compiler.is_compiling():
             return checkpoint(KroneckerMergedFunction.apply, _cast(x, dtype), A, B, weight, bias, use_reentrant=False,
                               context_fn=_recompute_all_but_gemms)
         return KroneckerMergedFunction.apply(_cast(x, dtype), A, B, weight, bias)
-
-
-_GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.linear.default)
-
-
-def _gemm_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _GEMMS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _recompute_all_but_gemms():
-    """Selective checkpointing contexts of `kronecker_merged_linear` under compile (`_gemm_policy`)."""
-    return create_selective_checkpoint_contexts(_gemm_policy)
