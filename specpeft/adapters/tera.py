@@ -38,7 +38,7 @@ from ..init.tucker_cost import (
     training_step_costs,
 )
 from ..init.tucker_random import shared_random_factors, split_shared
-from ..kernels._dispatch import autocast_off
+from ..kernels._dispatch import as_dtype
 from .base import FrozenBase, MethodAdapter
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
@@ -165,7 +165,7 @@ class TeRAAdapter(MethodAdapter):
         self.edge_kronecker = edge is not None and edge[0] <= apply_macs(shape, self.unmerged_mode)[1]
         # R_N = 1 on a plain linear: the merged path may run W + P ⊗ M_N with Kronecker factor gradients (no dΔ)
         self.kronecker_capable = shape.ranks[-1] == 1 and geometry.is_plain_linear
-        self._costs_by_tokens: dict[int, dict[str, float]] = {}  # `_step_costs` memo: a pure function of T
+        self._costs_by_tokens: dict[int, tuple[dict[str, float], GradPlan]] = {}  # `_step_costs` memo, by T
         self._views: Optional[tuple[Tensor, Tensor, list[Tensor]]] = None  # `_shared_views` memo: (bucket, core, U_k)
         sizes = {"mode": shape.mode_sizes, "rank": shape.ranks}
         for side in ("mode", "rank") if scale_sides == "both" else (scale_sides,):
@@ -238,10 +238,10 @@ class TeRAAdapter(MethodAdapter):
         """α·𝒢 and Ũ_k = diag(λ_k) U_k diag(μ_k) in `dtype`."""
         core, factors = self._shared_views()
         lams, mus = self._diagonals(vectors)
-        cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731 - no-op casts are host time
         none = [None] * self.shape.order
-        scaled = [scaled_factor(cast(f), cast(lam), cast(mu)) for f, lam, mu in zip(factors, lams or none, mus or none)]
-        core = cast(core)
+        scaled = [scaled_factor(as_dtype(f, dtype), as_dtype(lam, dtype), as_dtype(mu, dtype))
+                  for f, lam, mu in zip(factors, lams or none, mus or none)]
+        core = as_dtype(core, dtype)
         return (core * self.alpha if self.alpha != 1.0 else core), scaled
 
     def _network(self, *vectors: Tensor) -> Tensor:
@@ -258,14 +258,19 @@ class TeRAAdapter(MethodAdapter):
 
     # -- forward ------------------------------------------------------------------------------------------------
 
-    def _step_costs(self, tokens: int) -> dict[str, float]:
+    def _step_costs(self, tokens: int) -> tuple[dict[str, float], GradPlan]:
         """Training-step cost of each path beyond the frozen base op (`init.tucker_cost.training_step_costs`:
-        "factored", the merged-weight plans "dense", "projected" and, when `kronecker_capable`, "kronecker").
-        Memoized per T: every forward asks (`use_factored`, then `grad_plan`)."""
+        "factored", the merged-weight plans "dense", "projected" and, when `kronecker_capable`, "kronecker"), and the
+        cheapest merged plan. Memoized per T: every forward asks (`use_factored`, then `grad_plan`)."""
         if tokens not in self._costs_by_tokens:
-            self._costs_by_tokens[tokens] = training_step_costs(self.shape, tokens, self.unmerged_mode,
-                                                                self.projected_mode, self.edge_kronecker,
-                                                                self.kronecker_capable)
+            costs = training_step_costs(self.shape, tokens, self.unmerged_mode, self.projected_mode,
+                                        self.edge_kronecker, self.kronecker_capable)
+            plans = [plan for plan in costs if plan != "factored"]
+            best = plans[0]
+            for plan in plans[1:]:  # a loop, not min(key=): torch.compile traces it without a graph break
+                if costs[plan] < costs[best]:
+                    best = plan
+            self._costs_by_tokens[tokens] = costs, best
         return self._costs_by_tokens[tokens]
 
     def use_factored(self, tokens: int, device_type: str = "cpu") -> bool:
@@ -281,19 +286,13 @@ class TeRAAdapter(MethodAdapter):
             return True
         if device_type == "cuda" and self.edge_kronecker and self.kronecker_capable:
             return tokens >= CUDA_FACTORED_TOKENS
-        costs = self._step_costs(tokens)
-        return costs["factored"] < costs[self.grad_plan(tokens)]
+        costs, plan = self._step_costs(tokens)
+        return costs["factored"] < costs[plan]
 
     def grad_plan(self, tokens: int) -> GradPlan:
         """The cheapest merged-weight plan (`_step_costs`): "dense" dΔ, "projected", or (R_N = 1 on a plain linear)
         "kronecker", run by `kernels.kronecker_merged_linear`."""
-        costs = self._step_costs(tokens)
-        plans = [plan for plan in costs if plan != "factored"]
-        best = plans[0]
-        for plan in plans[1:]:  # a loop, not min(key=): torch.compile traces it without a graph break
-            if costs[plan] < costs[best]:
-                best = plan
-        return best
+        return self._step_costs(tokens)[1]
 
     def _kronecker_factors(self) -> tuple[Tensor, Tensor]:
         """(A, B) with α·Δ = Σ_r A_r ⊗ B_r split at the last mode, in the vectors' dtype, as one autograd node
@@ -317,8 +316,7 @@ class TeRAAdapter(MethodAdapter):
         """x (W + Δ)ᵀ + b (module given) or x Δᵀ as one GEMM on the merged weight, Δ = P ⊗ M_N built by a fused
         multiply-add and rebuilt in backward; the gradients of (P, M_N) are contracted from dY and x, no m×n dΔ
         (`kernels.kronecker_merged_linear`; P, M_N formed from the vectors by `_kronecker_factors`)."""
-        with autocast_off(x.device.type):  # P, M_N in the vectors' fp32, as the gradients are
-            A, B = self._kronecker_factors()
+        A, B = self._kronecker_factors()  # in the vectors' fp32 (autocast off inside), as the gradients are
         weight, bias = (None, None) if module is None else (module.weight, module.bias)
         return kernels.kronecker_merged_linear(x, A, B, weight, bias)
 

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..init.tucker import TuckerShape, outer_as_kronecker, outer_chain
-from ..kernels._dispatch import autocast_off
+from ..init.tucker import TuckerShape, last_as_kronecker, outer_as_kronecker, outer_chain
+from ..kernels._dispatch import as_dtype, autocast_off
 
 
 def scaled_factor(factor: Tensor, lam: Optional[Tensor], mu: Optional[Tensor]) -> Tensor:
@@ -47,14 +47,13 @@ class KroneckerNetworkFunction(torch.autograd.Function):
                 core: Tensor, *tensors: Tensor) -> tuple[Tensor, Tensor]:
         order = shape.order
         dtype = tensors[order].dtype  # the first diagonal's: fp32 trainables (fp64 after model.double())
-        factors = [f if f.dtype == dtype else f.to(dtype) for f in tensors[:order]]
+        factors = [as_dtype(f, dtype) for f in tensors[:order]]
         lams = list(tensors[order:order + n_lams]) or [None] * order
         mus = list(tensors[order + n_lams:]) or [None] * order
         scaled = [scaled_factor(factor, lam, mu) for factor, lam, mu in zip(factors, lams, mus)]
-        chain, inputs = outer_chain(core if core.dtype == dtype else core.to(dtype), scaled)  # (R_N, J'), M_k
+        chain, inputs = outer_chain(as_dtype(core, dtype), scaled)  # (R_N, J'), M_k
         A = outer_as_kronecker(chain, shape.out_modes, shape.in_modes)  # (R, m', n')
-        last = scaled[-1] * alpha if alpha != 1.0 else scaled[-1]
-        B = last.T.reshape(shape.ranks[-1], shape.out_modes[-1], shape.in_modes[-1])  # (J_N, R) -> (R, m_N, n_N)
+        B = last_as_kronecker(scaled[-1] * alpha if alpha != 1.0 else scaled[-1], shape.out_modes, shape.in_modes)
         ctx.shape, ctx.alpha, ctx.n_lams, ctx.n_mus = shape, alpha, n_lams, n_mus
         ctx.save_for_backward(*factors, *scaled, *inputs, *tensors[order:])
         return A, B

@@ -28,24 +28,9 @@ from .svd import SVDInit, truncated_svd
 from .tucker_cost import apply_macs, best_mode, is_kronecker, kronecker_splits
 
 __all__ = [
-    "TuckerShape",
-    "balanced_factors",
-    "cheap_mode_ranks",
-    "fold",
-    "hosvd",
-    "last_mode_delta_rows",
-    "last_mode_outer",
-    "mode_product",
-    "outer_as_kronecker",
-    "outer_chain",
-    "prime_factors",
-    "tucker_apply",
-    "tucker_to_tensor",
-    "unfold",
-    "unmerged_core",
-    "unmerged_indices",
-    "unfold_view",
-    "wide_last_mode",
+    "TuckerShape", "balanced_factors", "cheap_mode_ranks", "fold", "hosvd", "last_as_kronecker", "last_mode_delta_rows",
+    "last_mode_outer", "mode_product", "outer_as_kronecker", "outer_chain", "prime_factors", "tucker_apply",
+    "tucker_to_tensor", "unfold", "unfold_view", "unmerged_core", "unmerged_indices", "wide_last_mode",
 ]
 
 
@@ -374,6 +359,11 @@ def outer_as_kronecker(chain: Tensor, out_modes: Sequence[int], in_modes: Sequen
     pairs = chain.reshape(rank, *[s for m, n in zip(out_modes[:-1], in_modes[:-1]) for s in (m, n)])  # (R, m_1, n_1, …)
     split = pairs.permute(0, *range(1, 2 * order - 1, 2), *range(2, 2 * order - 1, 2))  # (R, m_1.., n_1..)
     return split.reshape(rank, math.prod(out_modes[:-1]), math.prod(in_modes[:-1]))  # -> (R, m', n')
+
+
+def last_as_kronecker(last: Tensor, out_modes: Sequence[int], in_modes: Sequence[int]) -> Tensor:
+    """U_N (J_N, R_N) → B (R_N, m_N, n_N), B_r = reshape(U_N[:, r], (m_N, n_N)): `outer_as_kronecker`'s partner."""
+    return last.T.reshape(last.shape[1], out_modes[-1], in_modes[-1])  # (J_N, R) -> (R, m_N, n_N)
 
 
 def last_mode_outer(core: Tensor, factors: list[Tensor], shape: TuckerShape) -> Tensor:

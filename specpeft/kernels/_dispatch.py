@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -134,6 +134,15 @@ def matmul_fp32_out(a: Tensor, b: Tensor) -> Tensor:
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
+
+
+MaybeTensor = TypeVar("MaybeTensor", Tensor, None)
+
+
+def as_dtype(tensor: MaybeTensor, dtype: torch.dtype) -> MaybeTensor:
+    """`tensor.to(dtype)` without the dispatch when it is a no-op, None passed through: the adapters' per-layer ops
+    run every step, and their cost there is host time."""
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 def autocast_off(device_type: str) -> AbstractContextManager:

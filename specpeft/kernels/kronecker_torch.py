@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..init.tucker_cost import kronecker_grads_cost
-from ._dispatch import autocast_off
+from ._dispatch import as_dtype, autocast_off
 
 __all__ = [
     "KroneckerMergedFunction",
@@ -59,11 +59,6 @@ def accumulate_mm(acc: Tensor, left: Tensor, right: Tensor) -> None:
         acc += (left @ right).to(acc.dtype)
 
 
-def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    """`tensor.to(dtype)` without the dispatch when it is a no-op (these ops run per layer and step: host time)."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
 def _pad(rows: Tensor, size: int) -> Tensor:
     return rows if rows.shape[1] == size else F.pad(rows, (0, size - rows.shape[1]))  # zero columns: padded factors
 
@@ -79,7 +74,7 @@ def _spread(rows: Tensor, n1: int, n2: int, transposed: bool, dtype: torch.dtype
 def _accumulate(total: Optional[Tensor], piece: Tensor, dtype: torch.dtype) -> Tensor:
     """total + piece summed in `dtype`; the first chunk's piece becomes the total (no zero-filled buffer)."""
     if total is None:
-        return _cast(piece, dtype)
+        return as_dtype(piece, dtype)
     return total.add_(piece)
 
 
@@ -110,7 +105,7 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
     transposed = kronecker_grads_cost(m1, n1, m2, n2)[2]
     if transposed:  # the same contractions on Y_tᵀ = Σ_k B_k X_tᵀ A_kᵀ
         a, b, need_a, need_b = b, a, need_b, need_a
-    a, b = _cast(a, dtype), _cast(b, dtype)
+    a, b = as_dtype(a, dtype), as_dtype(b, dtype)
     (p1, q1), (p2, q2) = a.shape[1:], b.shape[1:]  # the run problem's A_k (p1, q1), B_k (p2, q2)
     acc = torch.promote_types(dtype, torch.float32)
     grad_a: list[Optional[Tensor]] = [None] * R
@@ -168,9 +163,9 @@ class KroneckerMergedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, A: Tensor, B: Tensor, weight: Optional[Tensor],  # type: ignore[override]
                 bias: Optional[Tensor]) -> Tensor:
-        merged = _cast(kronecker_merged_weight(weight, A, B), x.dtype)
+        merged = as_dtype(kronecker_merged_weight(weight, A, B), x.dtype)
         ctx.save_for_backward(x if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) else None, A, B, weight)
-        return F.linear(x, merged, None if bias is None else _cast(bias, x.dtype))
+        return F.linear(x, merged, as_dtype(bias, x.dtype))
 
     @staticmethod
     @once_differentiable
@@ -180,13 +175,12 @@ class KroneckerMergedFunction(torch.autograd.Function):
         grad_x = grad_a = grad_b = None
         with autocast_off(grad_y.device.type):  # a backward run inside autocast keeps the dtypes
             if need_x:
-                grad_x = grad_y @ _cast(kronecker_merged_weight(weight, A, B), grad_y.dtype)  # (..., m) @ (m, n)
+                grad_x = grad_y @ as_dtype(kronecker_merged_weight(weight, A, B), grad_y.dtype)  # (..., m) @ (m, n)
             if need_a or need_b:
                 rows, grads = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])  # (..., d) -> (T, d)
                 dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
                 grad_a, grad_b = kronecker_factor_grads(rows, grads, A, B, need_a, need_b, dtype=dtype)
-        return (grad_x, None if grad_a is None else _cast(grad_a, A.dtype),
-                None if grad_b is None else _cast(grad_b, B.dtype), None, None)
+        return grad_x, as_dtype(grad_a, A.dtype), as_dtype(grad_b, B.dtype), None, None
 
 
 _GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.linear.default)
@@ -224,7 +218,8 @@ def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Te
     autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast leaves fp64 alone
     dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     with autocast_off(device):  # one dtype through forward and backward (autocast would split it)
+        x = as_dtype(x, dtype)
         if torch.compiler.is_compiling():
-            return checkpoint(KroneckerMergedFunction.apply, _cast(x, dtype), A, B, weight, bias, use_reentrant=False,
+            return checkpoint(KroneckerMergedFunction.apply, x, A, B, weight, bias, use_reentrant=False,
                               context_fn=_recompute_all_but_gemms)
-        return KroneckerMergedFunction.apply(_cast(x, dtype), A, B, weight, bias)
+        return KroneckerMergedFunction.apply(x, A, B, weight, bias)

@@ -34,13 +34,14 @@ from torch import Tensor
 from ._dispatch import (
     HAS_TRITON,
     BackendChoice,
+    as_dtype,
     as_rows,
     interpreting,
     kernel_backend,
     matmul_fp32_out,
     next_power_of_2,
 )
-from ..init.tucker import outer_as_kronecker, outer_chain
+from ..init.tucker import last_as_kronecker, outer_as_kronecker, outer_chain
 from ..init.tucker_cost import kronecker_apply_macs
 from .kronecker import kronecker_linear
 
@@ -114,8 +115,7 @@ def tucker_linear_reference(
 
 def _in_work_dtype(tensor: Tensor) -> Tensor:
     """fp32 for 16-bit inputs, fp64 stays fp64 (no op when already there)."""
-    work = torch.promote_types(tensor.dtype, torch.float32)
-    return tensor if tensor.dtype == work else tensor.to(work)
+    return as_dtype(tensor, torch.promote_types(tensor.dtype, torch.float32))
 
 
 def _outer_and_last(core: Tensor, factors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -130,8 +130,7 @@ def kronecker_factors(core: Tensor, factors: Sequence[Tensor], out_modes: Sequen
     B_r = reshape(U_N[:, r], (m_N, n_N)) (R_N, m_N, n_N), fp32 (fp64 stays fp64), differentiable."""
     factors = [_in_work_dtype(f) for f in factors]
     chain = outer_chain(_in_work_dtype(core), factors)[0]  # (R_N, J')
-    B = factors[-1].T.reshape(chain.shape[0], out_modes[-1], in_modes[-1])  # (J_N, R) -> (R, m_N, n_N)
-    return outer_as_kronecker(chain, out_modes, in_modes), B
+    return outer_as_kronecker(chain, out_modes, in_modes), last_as_kronecker(factors[-1], out_modes, in_modes)
 
 
 def tucker_prefers_factored(tokens: int, core_shape: Sequence[int], out_modes: Sequence[int],
