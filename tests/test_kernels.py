@@ -433,3 +433,8 @@ def test_cuda_realistic_shapes_bf16() -> None:
     compare(lambda **a: K.lowrank_linear(**a, backend="triton"), K.lowrank_linear_reference, inputs, dt)
     inputs = dict(x=tensor(T, 4096, dtype=dt), A=tensor(4, 64, 64, scale=0.1), B=tensor(4, 64, 64, scale=0.1))
     compare(lambda **a: K.kronecker_linear(**a, backend="triton"), K.kronecker_linear_reference, inputs, dt)
+    for shape in ((1, 128, 128, 43, 16), (2, 64, 64, 32, 32)):  # A first, B first: the torch path's batched GEMMs
+        R, m1, n1, m2, n2 = shape
+        inputs = dict(x=tensor(T, n1 * n2, dtype=dt), A=tensor(R, m1, n1, scale=0.1), B=tensor(R, m2, n2, scale=0.1),
+                      base_out=tensor(T, m1 * m2, dtype=dt))
+        compare(lambda **a: K.kronecker_linear(**a, backend="torch"), K.kronecker_linear_reference, inputs, dt)

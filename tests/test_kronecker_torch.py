@@ -1,5 +1,6 @@
-"""specpeft/kernels/kronecker_torch.py: the Kronecker factor gradients and the merged-weight op, against autograd
-through the dense float64 formula y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b (torch.kron, an independent construction)."""
+"""specpeft/kernels/kronecker_torch.py: the Kronecker factor gradients, the merged-weight op and the batched-GEMM op,
+against autograd through the dense float64 formula y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b (torch.kron, an independent
+construction)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import torch.nn.functional as F
 import specpeft.kernels as K
 from specpeft.init.tucker_cost import kronecker_grads_cost
 from specpeft.kernels import kronecker_torch
-from specpeft.kernels.kronecker_torch import kronecker_factor_grads, kronecker_merged_linear, kronecker_merged_weight
+from specpeft.kernels.kronecker_torch import (
+    _a_first,
+    kronecker_factor_grads,
+    kronecker_linear_bmm,
+    kronecker_merged_linear,
+    kronecker_merged_weight,
+)
 
 F64 = torch.float64
 # (R, m1, n1, m2, n2, d_out, d_in): both contraction orders (transposed: 2nd, 6th-8th), one and several components,
@@ -209,3 +216,109 @@ def test_merged_weight_of_strided_factors() -> None:
     assert not A.is_contiguous()
     dense = _dense(A.contiguous(), B, 15, 8)  # torch.kron itself rejects the strided view
     torch.testing.assert_close(kronecker_merged_weight(None, A, B), dense, atol=1e-12, rtol=0)
+
+
+# -- kronecker_linear_bmm (the CUDA torch path of kernels.kronecker_linear) ----------------------------------------
+
+
+def test_bmm_shapes_cover_both_orders() -> None:
+    assert {_a_first(m1, n1, m2, n2) for _, m1, n1, m2, n2, _, _ in SHAPES} == {True, False}
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bmm_linear_equals_the_dense_formula(shape: tuple, with_base: bool) -> None:
+    """Output and the gradients of x, A, B and base_out, with leading batch dims and SoKA-style padding."""
+    R, m1, n1, m2, n2, d_out, d_in = shape
+    A, B = _factors(R, m1, n1, m2, n2, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    x, base = torch.randn(2, 5, d_in, dtype=F64, generator=gen), torch.randn(2, 5, d_out, dtype=F64, generator=gen)
+    upstream = torch.randn(2, 5, d_out, dtype=F64, generator=gen)
+    results = []
+    for op in ("bmm", "dense"):
+        leaves = [t.clone().requires_grad_(True) for t in ((x, A, B, base) if with_base else (x, A, B))]
+        if op == "bmm":
+            out = kronecker_linear_bmm(*leaves[:3], base_out=leaves[3] if with_base else None, out_features=d_out)
+        else:
+            out = leaves[0] @ _dense(leaves[1], leaves[2], d_out, d_in).T + (leaves[3] if with_base else 0)
+        results.append((out, *torch.autograd.grad(out, leaves, upstream)))
+    assert results[0][0].shape == (2, 5, d_out)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[2]])
+def test_bmm_linear_computes_only_the_gradients_asked_for(shape: tuple) -> None:
+    R, m1, n1, m2, n2, d_out, d_in = shape
+    A, B = _factors(R, m1, n1, m2, n2, seed=10)
+    x = torch.randn(7, d_in, dtype=F64, generator=torch.Generator().manual_seed(11))
+    upstream = torch.randn(7, d_out, dtype=F64, generator=torch.Generator().manual_seed(12))
+    a, b = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    want = torch.autograd.grad(x @ _dense(a, b, d_out, d_in).T, [a, b], upstream)
+    for leaf, reference in ((a, want[0]), (b, want[1])):  # x and the other factor need no gradient
+        frozen = [t.detach() if t is not leaf else t for t in (a, b)]
+        (got,) = torch.autograd.grad(kronecker_linear_bmm(x, *frozen, out_features=d_out), [leaf], upstream)
+        torch.testing.assert_close(got, reference, atol=1e-11, rtol=1e-11)
+
+
+def test_bmm_linear_takes_strided_inputs_and_expanded_gradients() -> None:
+    """A transposed x, a base_out view and the stride-0 gradient of `.sum()` give the dense formula's results."""
+    A, B = _factors(2, 4, 3, 5, 6, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    x, base = torch.randn(18, 9, dtype=F64, generator=gen).T, torch.randn(20, 9, dtype=F64, generator=gen).T
+    assert not x.is_contiguous() and not base.is_contiguous()
+    results = []
+    for op in ("bmm", "dense"):
+        leaves = [t.clone().requires_grad_(True) for t in (A, B)]
+        out = (kronecker_linear_bmm(x, *leaves, base_out=base) if op == "bmm"
+               else x @ _dense(*leaves, 20, 18).T + base)
+        results.append((out, *torch.autograd.grad(out.sum(), leaves)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
+
+
+def test_bmm_linear_empty_batch_gives_zero_factor_gradients() -> None:
+    A = torch.randn(2, 4, 3, dtype=F64, requires_grad=True)
+    B = torch.randn(2, 5, 6, dtype=F64, requires_grad=True)
+    y = kronecker_linear_bmm(torch.randn(0, 18, dtype=F64), A, B)
+    assert y.shape == (0, 20)
+    grad_a, grad_b = torch.autograd.grad(y.sum(), (A, B))
+    assert torch.equal(grad_a, torch.zeros_like(A)) and torch.equal(grad_b, torch.zeros_like(B))
+
+
+def test_bmm_linear_under_bf16_autocast_matches_fp32() -> None:
+    """Autocast runs the op in bf16 (x and base_out cast once); the factor gradients come back in the factors'
+    fp32 within bf16 rounding of the fp32 run."""
+    A, B = (t.float() for t in _factors(1, 6, 4, 3, 5, seed=15))
+    gen = torch.Generator().manual_seed(16)
+    x, base, upstream = torch.randn(64, 20, generator=gen), torch.randn(64, 18, generator=gen), torch.randn(64, 18)
+    results = []
+    for autocast in (False, True):
+        a, b, inp = (t.clone().requires_grad_(True) for t in (A, B, x))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = kronecker_linear_bmm(inp, a, b, base_out=base)
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        out.float().backward(upstream)
+        assert a.grad.dtype == b.grad.dtype == inp.grad.dtype == torch.float32
+        results.append((out.float(), a.grad, b.grad, inp.grad))
+    for low, high in zip(results[1], results[0]):
+        assert ((low - high).norm() / high.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]])  # B first, A first
+def test_bmm_linear_compiles_as_one_graph_and_matches_eager(shape: tuple) -> None:
+    """TeRA's factored CUDA path under torch.compile (aot_eager traces forward and backward, fullgraph: no break)."""
+    R, m1, n1, m2, n2, d_out, d_in = shape
+    A, B = (t.float() for t in _factors(R, m1, n1, m2, n2, seed=17))
+    gen = torch.Generator().manual_seed(18)
+    x, base, upstream = (torch.randn(9, d, generator=gen) for d in (d_in, d_out, d_out))
+
+    def step(op) -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_(True) for t in (x, A, B, base)]
+        out = op(*leaves[:3], base_out=leaves[3], out_features=d_out)
+        return [out, *torch.autograd.grad(out, leaves, upstream)]
+
+    torch._dynamo.reset()
+    compiled = step(torch.compile(kronecker_linear_bmm, backend="aot_eager", fullgraph=True))
+    for got, want in zip(compiled, step(kronecker_linear_bmm)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -5,6 +5,8 @@ Row t of x, viewed row-major as X_t (n1×n2), gives y_t = vec(Σ_k A_k X_t B_k�
 * `kronecker_factor_grads`: dA_k = Σ_t G_t B_k X_tᵀ and dB_k = Σ_t G_tᵀ A_k X_t, reductions over all tokens into
   R·(m1·n1 + m2·n2) numbers, from x and dY alone. The backward of the Triton `kronecker_linear` (its torch
   path is autograd through the einsum reference, whose forward keeps X Bᵀ) and of the merged op below.
+* `kronecker_linear_bmm`: y = base_out + x (Σ_k A_k ⊗ B_k)ᵀ as token-batched GEMMs, the torch path of
+  `kernels.kronecker_linear` on CUDA, with a hand-written backward.
 * `kronecker_merged_linear`: y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b as one GEMM on the merged weight, rebuilt in backward,
   never saved. With many tokens this beats applying the factors to x (three Kronecker passes per step): the base
   GEMMs absorb ΔW and only the factor gradients are extra, with no m×n dΔ (TeRA's Δ = P ⊗ M_N layers).
@@ -26,9 +28,11 @@ from ..init.tucker_cost import kronecker_grads_cost
 from ._dispatch import as_dtype, autocast_off
 
 __all__ = [
+    "KroneckerBmmFunction",
     "KroneckerMergedFunction",
     "accumulate_mm",
     "kronecker_factor_grads",
+    "kronecker_linear_bmm",
     "kronecker_merged_linear",
     "kronecker_merged_weight",
     "token_chunks",
@@ -223,3 +227,101 @@ def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Te
             return checkpoint(KroneckerMergedFunction.apply, x, A, B, weight, bias, use_reentrant=False,
                               context_fn=_recompute_all_but_gemms)
         return KroneckerMergedFunction.apply(x, A, B, weight, bias)
+
+
+def _a_first(m1: int, n1: int, m2: int, n2: int) -> bool:
+    """Whether contracting A first (m1·n2·(n1 + m2) MACs per token and component) beats B first (n1·m2·(n2 + m1))."""
+    return m1 * n2 * (n1 + m2) < n1 * m2 * (n2 + m1)
+
+
+class KroneckerBmmFunction(torch.autograd.Function):
+    """y = base_out + x (Σ_k A_k ⊗ B_k)ᵀ for x (T, n1·n2) as batched GEMMs over the tokens whose factor operand is
+    broadcast (batch stride 0), so no T-sized tensor is permuted in forward and one in backward:
+
+        B first:  Z_tᵀ = B_k X_tᵀ,  Y_t = A_k Z_t;   dX_t = Σ_k W_t B_k with W_t = A_kᵀ G_t,
+                  dB_k = Σ_t W_tᵀ X_t,  dA_k = Σ_t G_t Z_tᵀ  (G laid out as (m1, T·m2): the one copy);
+        A first:  U_t = A_k X_t,  Y_t = U_t B_kᵀ;    dX_t = Σ_k A_kᵀ V_t with V_t = G_t B_k,
+                  dB_k = Σ_t G_tᵀ U_t,  dA_k = Σ_t V_t X_tᵀ  (X laid out as (T·n2, n1): the one copy).
+
+    Z_tᵀ (resp. U_t) is saved per component. All GEMMs run in x's dtype; base_out (T, d_out) in x's dtype or None.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor],  # type: ignore[override]
+                d_out: int) -> Tensor:
+        T, d_in = x.shape
+        R, m1, n1 = A.shape
+        _, m2, n2 = B.shape
+        a, b = as_dtype(A, x.dtype), as_dtype(B, x.dtype)
+        X = _pad(x, n1 * n2).reshape(T, n1, n2).contiguous()  # (T, n1·n2) -> (T, n1, n2)
+        a_first = _a_first(m1, n1, m2, n2)
+        fused = base_out is not None and d_out == m1 * m2  # base_out is the first accumulator
+        y = base_out.reshape(T, m1, m2) if fused else None
+        saved = []
+        for k in range(R):
+            if a_first:  # U_t = A_k X_t: (T, m1, n1) @ (T, n1, n2) -> (T, m1, n2); Y_t = U_t B_kᵀ
+                saved.append(torch.bmm(a[k].expand(T, m1, n1), X))
+                left, right = saved[-1], b[k].mT.expand(T, n2, m2)
+            else:  # Z_tᵀ = B_k X_tᵀ: (T, m2, n2) @ (T, n2, n1) -> (T, m2, n1); Y_t = A_k Z_t
+                saved.append(torch.bmm(b[k].expand(T, m2, n2), X.mT))
+                left, right = a[k].expand(T, m1, n1), saved[-1].mT
+            y = torch.bmm(left, right) if y is None else torch.baddbmm(y, left, right)  # (T, m1, m2)
+        out = y.view(T, m1 * m2)  # (T, m1, m2) -> (T, m1·m2)
+        if not fused:
+            out = out[:, :d_out] if base_out is None else base_out + out[:, :d_out]
+        ctx.a_first, ctx.d_in, ctx.dtypes = a_first, d_in, (A.dtype, B.dtype)
+        ctx.save_for_backward(X, a, b, *saved)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        X, a, b, *saved = ctx.saved_tensors
+        need_x, need_a, need_b, need_base, _ = ctx.needs_input_grad
+        T, n1, n2 = X.shape
+        R, m1, _ = a.shape
+        m2 = b.shape[1]
+        G = _pad(grad_y, m1 * m2).reshape(T, m1, m2).contiguous()  # (T, d_out) -> (T, m1, m2)
+        if need_a:  # the one T-sized copy: the operand whose token axis must pair with its column axis
+            spread = X.mT.reshape(T * n2, n1) if ctx.a_first else G.transpose(0, 1).reshape(m1, T * m2)
+        grad_x: Optional[Tensor] = None
+        grad_a, grad_b = [], []
+        for k in range(R):
+            if ctx.a_first:
+                V = torch.bmm(G, b[k].expand(T, m2, n2))  # V_t = G_t B_k: (T, m1, n2)
+                if need_x:  # dX_t += A_kᵀ V_t: (T, n1, m1) @ (T, m1, n2)
+                    step = torch.bmm(a[k].mT.expand(T, n1, m1), V)
+                    grad_x = step if grad_x is None else grad_x.add_(step)
+                if need_b:  # Σ_t G_tᵀ U_t: (m2, T·m1) @ (T·m1, n2)
+                    grad_b.append(G.view(T * m1, m2).T @ saved[k].view(T * m1, n2))
+                if need_a:  # Σ_t V_t X_tᵀ: (m1, T·n2) @ (T·n2, n1)
+                    grad_a.append(V.transpose(0, 1).reshape(m1, T * n2) @ spread)
+            else:
+                W = torch.bmm(a[k].mT.expand(T, n1, m1), G).view(T * n1, m2)  # W_t = A_kᵀ G_t: (T·n1, m2)
+                if need_x:  # dX_t += W_t B_k: (T·n1, m2) @ (m2, n2)
+                    grad_x = W @ b[k] if grad_x is None else grad_x.addmm_(W, b[k])
+                if need_b:  # Σ_t W_tᵀ X_t: (m2, T·n1) @ (T·n1, n2)
+                    grad_b.append(W.T @ X.view(T * n1, n2))
+                if need_a:  # Σ_t G_t Z_tᵀ: (m1, T·m2) @ (T·m2, n1)
+                    grad_a.append(spread @ saved[k].view(T * m2, n1))
+        if grad_x is not None:
+            grad_x = grad_x.reshape(T, n1 * n2)[:, :ctx.d_in]  # (T, n1, n2) -> (T, d_in)
+        return (grad_x, as_dtype(_stack(grad_a), ctx.dtypes[0]) if need_a else None,
+                as_dtype(_stack(grad_b), ctx.dtypes[1]) if need_b else None, grad_y if need_base else None, None)
+
+
+def kronecker_linear_bmm(x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor] = None,
+                         out_features: Optional[int] = None) -> Tensor:
+    """`kernels.kronecker_linear`'s torch op on CUDA (`KroneckerBmmFunction`): x (..., d_in ≤ n1·n2), A (R, m1, n1),
+    B (R, m2, n2), base_out (..., d_out) or None → (..., d_out), d_out = out_features or m1·m2. Runs in x's dtype, or
+    autocast's. On an H100 its step runs 35 aten ops against the einsum reference's 80 (host time) and 0.7-0.9× the
+    GPU time when B goes first (1.0-1.2× A first); MKL's batched small GEMMs make it up to 1.8× slower on CPU."""
+    d_in, d_out = x.shape[-1], out_features or A.shape[1] * B.shape[1]
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast leaves fp64 alone
+    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+    with autocast_off(device):
+        rows = as_dtype(x, dtype).reshape(-1, d_in)  # (..., d_in) -> (T, d_in)
+        base_rows = None if base_out is None else as_dtype(base_out, dtype).reshape(-1, d_out)
+        y = KroneckerBmmFunction.apply(rows, A, B, base_rows, d_out)
+    return y.reshape(*x.shape[:-1], d_out)  # (T, d_out) -> (..., d_out)
