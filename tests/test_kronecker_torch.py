@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import specpeft.kernels as K
-from specpeft.init.tucker_cost import kronecker_grads_cost
+from specpeft.init.tucker_cost import kronecker_a_first, kronecker_grads_cost
 from specpeft.kernels import kronecker_torch
 from specpeft.kernels.kronecker_torch import (
-    _a_first,
     kronecker_factor_grads,
     kronecker_linear_bmm,
     kronecker_merged_linear,
@@ -222,7 +221,7 @@ def test_merged_weight_of_strided_factors() -> None:
 
 
 def test_bmm_shapes_cover_both_orders() -> None:
-    assert {_a_first(m1, n1, m2, n2) for _, m1, n1, m2, n2, _, _ in SHAPES} == {True, False}
+    assert {kronecker_a_first(m1, n1, m2, n2) for _, m1, n1, m2, n2, _, _ in SHAPES} == {True, False}
 
 
 @pytest.mark.parametrize("with_base", [True, False])

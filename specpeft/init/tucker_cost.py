@@ -110,6 +110,12 @@ def kronecker_apply_macs(m1: int, n1: int, m2: int, n2: int) -> int:
     return min(n1 * n2 * m2 + m1 * n1 * m2, m1 * n1 * n2 + m1 * n2 * m2)
 
 
+def kronecker_a_first(m1: int, n1: int, m2: int, n2: int) -> bool:
+    """Whether `kronecker_apply_macs`'s cheaper order applies A first (Y_t = (A X_t) Bᵀ); ties go to B first. The order
+    of `kernels.kronecker_linear` (its Triton kernel, einsum reference and batched-GEMM torch op)."""
+    return m1 * n1 * n2 + m1 * n2 * m2 < n1 * n2 * m2 + m1 * n1 * m2
+
+
 def last_mode_split(out_modes: Sequence[int], in_modes: Sequence[int]) -> tuple[int, int, int, int]:
     """(m', n', m_N, n_N): the factor sizes of Δ = Σ_r P_r ⊗ M_N^{(r)} split at the last mode (P over modes < N)."""
     return math.prod(out_modes[:-1]), math.prod(in_modes[:-1]), out_modes[-1], in_modes[-1]

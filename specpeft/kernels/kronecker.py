@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..init.tucker_cost import kronecker_a_first
 from ._dispatch import HAS_TRITON, BackendChoice, as_rows, dot_precision, interpreting, kernel_backend, next_power_of_2
 from .kronecker_torch import kronecker_factor_grads, kronecker_linear_bmm
 
@@ -52,13 +53,6 @@ def _check(x: Tensor, A: Tensor, B: Tensor, out_features: Optional[int]) -> tupl
     return d_in, d_out
 
 
-def _a_first(A: Tensor, B: Tensor) -> bool:
-    """Whether contracting A first (r·m1·n2·(n1 + m2) MACs/token) beats B first (r·n1·m2·(n2 + m1))."""
-    _, m1, n1 = A.shape
-    _, m2, n2 = B.shape
-    return m1 * n2 * (n1 + m2) < n1 * m2 * (n2 + m1)
-
-
 def kronecker_linear_reference(
     x: Tensor, A: Tensor, B: Tensor, *, base_out: Optional[Tensor] = None, out_features: Optional[int] = None,
 ) -> Tensor:
@@ -71,7 +65,7 @@ def kronecker_linear_reference(
     if d_in < n1 * n2:
         rows = F.pad(rows, (0, n1 * n2 - d_in))  # zero columns meet the padded factor columns
     X = rows.reshape(-1, n1, n2)  # (T, n1·n2) -> (T, n1, n2)
-    if _a_first(A, B):
+    if kronecker_a_first(*A.shape[1:], *B.shape[1:]):
         Z = torch.einsum("kip,tpq->tkiq", a, X)  # (T, R, m1, n2)
         Y = torch.einsum("tkiq,kjq->tij", Z, b)  # (T, m1, m2)
     else:
@@ -142,7 +136,7 @@ def _kron_apply(x: Tensor, a: Tensor, b: Tensor, d_out: int, base: Optional[Tens
         return y
     # B first on (X_t, a, b); A first is the same kernel on the transposed problem (X_tᵀ, b, a) -> Y_tᵀ.
     x_strides, y_strides = (n2, 1), (m2, 1)
-    if _a_first(a, b):
+    if kronecker_a_first(*a.shape[1:], *b.shape[1:]):
         a, b = b, a
         m1, n1, m2, n2 = m2, n2, m1, n1
         x_strides, y_strides = x_strides[::-1], y_strides[::-1]

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from ..init.tucker_cost import kronecker_grads_cost
+from ..init.tucker_cost import kronecker_a_first, kronecker_grads_cost
 from ._dispatch import as_dtype, autocast_off
 
 __all__ = [
@@ -229,11 +229,6 @@ def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Te
         return KroneckerMergedFunction.apply(x, A, B, weight, bias)
 
 
-def _a_first(m1: int, n1: int, m2: int, n2: int) -> bool:
-    """Whether contracting A first (m1·n2·(n1 + m2) MACs per token and component) beats B first (n1·m2·(n2 + m1))."""
-    return m1 * n2 * (n1 + m2) < n1 * m2 * (n2 + m1)
-
-
 class KroneckerBmmFunction(torch.autograd.Function):
     """y = base_out + x (Σ_k A_k ⊗ B_k)ᵀ for x (T, n1·n2) as batched GEMMs over the tokens whose factor operand is
     broadcast (batch stride 0), so no T-sized tensor is permuted in forward and one in backward:
@@ -254,7 +249,7 @@ class KroneckerBmmFunction(torch.autograd.Function):
         _, m2, n2 = B.shape
         a, b = as_dtype(A, x.dtype), as_dtype(B, x.dtype)
         X = _pad(x, n1 * n2).reshape(T, n1, n2).contiguous()  # (T, n1·n2) -> (T, n1, n2)
-        a_first = _a_first(m1, n1, m2, n2)
+        a_first = kronecker_a_first(m1, n1, m2, n2)
         fused = base_out is not None and d_out == m1 * m2  # base_out is the first accumulator
         y = base_out.reshape(T, m1, m2) if fused else None
         saved = []
@@ -314,8 +309,9 @@ def kronecker_linear_bmm(x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Ten
                          out_features: Optional[int] = None) -> Tensor:
     """`kernels.kronecker_linear`'s torch op on CUDA (`KroneckerBmmFunction`): x (..., d_in ≤ n1·n2), A (R, m1, n1),
     B (R, m2, n2), base_out (..., d_out) or None → (..., d_out), d_out = out_features or m1·m2. Runs in x's dtype, or
-    autocast's. On an H100 its step runs 35 aten ops against the einsum reference's 80 (host time) and 0.7-0.9× the
-    GPU time when B goes first (1.0-1.2× A first); MKL's batched small GEMMs make it up to 1.8× slower on CPU."""
+    autocast's. Its step runs 35 aten ops against the einsum reference's 80 (host time); a TeRA layer's step on an H100
+    at T = 16384 took 0.85× (4096², B first), 0.94× (4096×11008, B first) and 0.99× (11008×4096, A first) of its time
+    on the einsum path (benchmarks/results/tera_gpu.md). MKL's batched small GEMMs make it up to 1.8× slower on CPU."""
     d_in, d_out = x.shape[-1], out_features or A.shape[1] * B.shape[1]
     device = x.device.type
     autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast leaves fp64 alone
