@@ -285,10 +285,11 @@ def test_bmm_linear_empty_batch_gives_zero_factor_gradients() -> None:
     assert torch.equal(grad_a, torch.zeros_like(A)) and torch.equal(grad_b, torch.zeros_like(B))
 
 
-def test_bmm_linear_under_bf16_autocast_matches_fp32() -> None:
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]])  # B first, A first
+def test_bmm_linear_under_bf16_autocast_matches_fp32(shape: tuple) -> None:
     """Autocast runs the op in bf16 (x and base_out cast once); the factor gradients come back in the factors'
     fp32 within bf16 rounding of the fp32 run."""
-    A, B = (t.float() for t in _factors(1, 6, 4, 3, 5, seed=15))
+    A, B = (t.float() for t in _factors(*shape[:5], seed=15))
     gen = torch.Generator().manual_seed(16)
     x, base, upstream = torch.randn(64, 20, generator=gen), torch.randn(64, 18, generator=gen), torch.randn(64, 18)
     results = []
@@ -321,3 +322,32 @@ def test_bmm_linear_compiles_as_one_graph_and_matches_eager(shape: tuple) -> Non
     compiled = step(torch.compile(kronecker_linear_bmm, backend="aot_eager", fullgraph=True))
     for got, want in zip(compiled, step(kronecker_linear_bmm)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]])  # B first, A first
+def test_bmm_linear_saves_only_what_the_needed_gradients_read(shape: tuple) -> None:
+    """x is saved only for a factor gradient, the forward's intermediate Z_tᵀ (B first) only for dA, U_t (A first)
+    only for dB: a frozen adapter keeps no activation-sized tensor."""
+    R, m1, n1, m2, n2, d_out, d_in = shape
+    tokens = 37  # no factor dimension equals it
+    reads_intermediate = "B" if kronecker_a_first(m1, n1, m2, n2) else "A"
+    for trainable in ("x", "A", "B"):
+        x, A, B = torch.randn(tokens, d_in), *(t.float() for t in _factors(R, m1, n1, m2, n2))
+        leaves = dict(x=x, A=A, B=B)
+        leaves[trainable].requires_grad_(True)
+        saved: list[torch.Size] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            kronecker_linear_bmm(leaves["x"], leaves["A"], leaves["B"], out_features=d_out)
+        token_sized = [shape for shape in saved if shape[0] == tokens]
+        expected = 0 if trainable == "x" else 2 if trainable == reads_intermediate else 1
+        assert len(token_sized) == expected, (trainable, saved)
+
+
+def test_bmm_linear_with_no_components_adds_nothing() -> None:
+    A, B = torch.zeros(0, 3, 4, requires_grad=True), torch.zeros(0, 5, 2, requires_grad=True)
+    x, base = torch.randn(6, 8, requires_grad=True), torch.randn(6, 15)
+    assert torch.equal(kronecker_linear_bmm(x, A, B), torch.zeros(6, 15))
+    out = kronecker_linear_bmm(x, A, B, base_out=base)
+    assert torch.equal(out, base)
+    grads = torch.autograd.grad(out.sum(), [x, A, B])
+    assert all(torch.equal(g, torch.zeros_like(t)) for g, t in zip(grads, (x, A, B)))

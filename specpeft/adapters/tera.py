@@ -132,7 +132,7 @@ class TeRAAdapter(MethodAdapter):
 
     uses_shared_state = True
     # On an H100 the torch path (factored, see `use_factored`) trained as fast as the Triton kernels or faster at
-    # every measured shape and T (benchmarks/results/tera_gpu.md).
+    # every measured shape and T, with the einsum factored op and with its batched-GEMM successor (tera_gpu.md).
     triton_by_default = False
 
     def __init__(

@@ -1,11 +1,12 @@
-"""Which implementation a kernel op runs: the Triton kernel or the torch reference.
+"""Which implementation a kernel op runs: the Triton kernel or the torch path.
 
 Resolution, first match wins:
 
 1. the op's `backend=` argument;
 2. the process-wide setting of `set_kernel_backend` / `use_kernel_backend` (what a config flag sets);
 3. the environment variable `SPECPEFT_KERNELS` ∈ {auto, triton, torch};
-4. "auto": Triton for CUDA tensors when `triton` imports, the torch reference otherwise.
+4. "auto": Triton for CUDA tensors when `triton` imports, the torch path otherwise (the op's `*_reference`, except
+   `kronecker_linear` on CUDA, which runs its batched-GEMM op).
 
 Forcing "triton" on CPU tensors is allowed only under the Triton interpreter (`TRITON_INTERPRET=1` set before
 `triton` is first imported), which is how the kernels are tested on machines without a GPU.

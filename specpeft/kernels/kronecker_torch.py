@@ -3,8 +3,8 @@
 Row t of x, viewed row-major as X_t (n1×n2), gives y_t = vec(Σ_k A_k X_t B_kᵀ) = (Σ_k A_k ⊗ B_k) x_t. Two pieces:
 
 * `kronecker_factor_grads`: dA_k = Σ_t G_t B_k X_tᵀ and dB_k = Σ_t G_tᵀ A_k X_t, reductions over all tokens into
-  R·(m1·n1 + m2·n2) numbers, from x and dY alone. The backward of the Triton `kronecker_linear` (its torch
-  path is autograd through the einsum reference, whose forward keeps X Bᵀ) and of the merged op below.
+  R·(m1·n1 + m2·n2) numbers, from x and dY alone. The backward of the Triton `kronecker_linear` and of the merged
+  op below.
 * `kronecker_linear_bmm`: y = base_out + x (Σ_k A_k ⊗ B_k)ᵀ as token-batched GEMMs, the torch path of
   `kernels.kronecker_linear` on CUDA, with a hand-written backward.
 * `kronecker_merged_linear`: y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b as one GEMM on the merged weight, rebuilt in backward,
@@ -32,7 +32,6 @@ __all__ = [
     "KroneckerMergedFunction",
     "accumulate_mm",
     "kronecker_factor_grads",
-    "kronecker_linear_bmm",
     "kronecker_merged_linear",
     "kronecker_merged_weight",
     "token_chunks",
@@ -231,14 +230,16 @@ def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Te
 
 class KroneckerBmmFunction(torch.autograd.Function):
     """y = base_out + x (Σ_k A_k ⊗ B_k)ᵀ for x (T, n1·n2) as batched GEMMs over the tokens whose factor operand is
-    broadcast (batch stride 0), so no T-sized tensor is permuted in forward and one in backward:
+    broadcast (batch stride 0), so no T-sized tensor is permuted in forward:
 
         B first:  Z_tᵀ = B_k X_tᵀ,  Y_t = A_k Z_t;   dX_t = Σ_k W_t B_k with W_t = A_kᵀ G_t,
-                  dB_k = Σ_t W_tᵀ X_t,  dA_k = Σ_t G_t Z_tᵀ  (G laid out as (m1, T·m2): the one copy);
+                  dB_k = Σ_t W_tᵀ X_t,  dA_k = Σ_t G_t Z_tᵀ  (copies G as (m1, T·m2) once);
         A first:  U_t = A_k X_t,  Y_t = U_t B_kᵀ;    dX_t = Σ_k A_kᵀ V_t with V_t = G_t B_k,
-                  dB_k = Σ_t G_tᵀ U_t,  dA_k = Σ_t V_t X_tᵀ  (X laid out as (T·n2, n1): the one copy).
+                  dB_k = Σ_t G_tᵀ U_t,  dA_k = Σ_t V_t X_tᵀ  (copies X as (T·n2, n1) once, V per component).
 
-    Z_tᵀ (resp. U_t) is saved per component. All GEMMs run in x's dtype; base_out (T, d_out) in x's dtype or None.
+    The GEMMs run in x's dtype (base_out, (T, d_out) or None, must be in it), dA and dB too (rounded once, then cast to
+    the factors' dtype, as the einsum reference's autograd does). Saved: x when a factor needs a gradient, Z_tᵀ (U_t)
+    per component when A (B) does. Once differentiable, like the Triton op.
     """
 
     @staticmethod
@@ -250,8 +251,8 @@ class KroneckerBmmFunction(torch.autograd.Function):
         a, b = as_dtype(A, x.dtype), as_dtype(B, x.dtype)
         X = _pad(x, n1 * n2).reshape(T, n1, n2).contiguous()  # (T, n1·n2) -> (T, n1, n2)
         a_first = kronecker_a_first(m1, n1, m2, n2)
-        fused = base_out is not None and d_out == m1 * m2  # base_out is the first accumulator
-        y = base_out.reshape(T, m1, m2) if fused else None
+        fused = base_out is not None and d_out == m1 * m2 and R > 0  # base_out is the first accumulator
+        y = base_out.reshape(T, m1, m2) if fused else x.new_zeros(T, m1, m2) if R == 0 else None
         saved = []
         for k in range(R):
             if a_first:  # U_t = A_k X_t: (T, m1, n1) @ (T, n1, n2) -> (T, m1, n2); Y_t = U_t B_kᵀ
@@ -265,7 +266,9 @@ class KroneckerBmmFunction(torch.autograd.Function):
         if not fused:
             out = out[:, :d_out] if base_out is None else base_out + out[:, :d_out]
         ctx.a_first, ctx.d_in, ctx.dtypes = a_first, d_in, (A.dtype, B.dtype)
-        ctx.save_for_backward(X, a, b, *saved)
+        need_a, need_b = ctx.needs_input_grad[1:3]
+        keep_saved = need_b if a_first else need_a  # U_t feeds dB, Z_tᵀ feeds dA
+        ctx.save_for_backward(X if need_a or need_b else None, a, b, *(saved if keep_saved else [None] * R))
         return out
 
     @staticmethod
@@ -273,9 +276,13 @@ class KroneckerBmmFunction(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
         X, a, b, *saved = ctx.saved_tensors
         need_x, need_a, need_b, need_base, _ = ctx.needs_input_grad
-        T, n1, n2 = X.shape
-        R, m1, _ = a.shape
-        m2 = b.shape[1]
+        R, m1, n1 = a.shape
+        _, m2, n2 = b.shape
+        T = grad_y.shape[0]
+        if R == 0:  # no components: zero gradients
+            return (grad_y.new_zeros(T, ctx.d_in) if need_x else None,
+                    torch.zeros_like(a, dtype=ctx.dtypes[0]) if need_a else None,
+                    torch.zeros_like(b, dtype=ctx.dtypes[1]) if need_b else None, grad_y if need_base else None, None)
         G = _pad(grad_y, m1 * m2).reshape(T, m1, m2).contiguous()  # (T, d_out) -> (T, m1, m2)
         if need_a:  # the one T-sized copy: the operand whose token axis must pair with its column axis
             spread = X.mT.reshape(T * n2, n1) if ctx.a_first else G.transpose(0, 1).reshape(m1, T * m2)
@@ -307,11 +314,12 @@ class KroneckerBmmFunction(torch.autograd.Function):
 
 def kronecker_linear_bmm(x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor] = None,
                          out_features: Optional[int] = None) -> Tensor:
-    """`kernels.kronecker_linear`'s torch op on CUDA (`KroneckerBmmFunction`): x (..., d_in ≤ n1·n2), A (R, m1, n1),
-    B (R, m2, n2), base_out (..., d_out) or None → (..., d_out), d_out = out_features or m1·m2. Runs in x's dtype, or
-    autocast's. Its step runs 35 aten ops against the einsum reference's 80 (host time); a TeRA layer's step on an H100
-    at T = 16384 took 0.85× (4096², B first), 0.94× (4096×11008, B first) and 0.99× (11008×4096, A first) of its time
-    on the einsum path (benchmarks/results/tera_gpu.md). MKL's batched small GEMMs make it up to 1.8× slower on CPU."""
+    """`kernels.kronecker_linear`'s torch op on CUDA (`KroneckerBmmFunction`), which validates the shapes: x (...,
+    d_in ≤ n1·n2), A (R, m1, n1), B (R, m2, n2), base_out (..., d_out) or None → (..., d_out), d_out = out_features
+    or m1·m2. Runs in x's dtype or autocast's, base_out cast to it (as the Triton op adds it). Its step runs 35 aten
+    ops against the einsum reference's 80 (host time); a TeRA layer's step on an H100 at T = 16384 took 0.85×
+    (4096², B first), 0.94× (4096×11008, B first) and 0.99× (11008×4096, A first) of its time on the einsum path
+    (benchmarks/results/tera_gpu.md). MKL's batched small GEMMs make it up to 1.8× slower on CPU."""
     d_in, d_out = x.shape[-1], out_features or A.shape[1] * B.shape[1]
     device = x.device.type
     autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast leaves fp64 alone
