@@ -40,7 +40,6 @@ __all__ = [
     "select_rank",
     "allocate_budget",
     "kron_sum",
-    "kron_matmul",
 ]
 
 RankRule = Literal["min", "max", "energy", "elbow"]
@@ -369,46 +368,3 @@ def kron_sum(A: Tensor, B: Tensor) -> Tensor:
     for k in range(1, A.shape[0]):
         total = total + torch.kron(A[k], B[k])
     return total
-
-
-def kron_matmul(x: Tensor, A: Tensor, B: Tensor, accumulate: Tensor | None = None) -> Tensor:
-    """y = x (Σ_k A_k⊗B_k)ᵀ (+ accumulate) by the reshape identity, never forming A_k⊗B_k: (T, n1·n2) → (T, m1·m2).
-
-    Row t of x viewed as X_t (n1×n2) gives y_t = vec(Σ_k A_k X_t B_kᵀ). All r components share two GEMMs laid out so
-    that no activation-sized tensor is permuted: the second GEMM contracts a (factor column, component) pair that is
-    contiguous in the first one's output. The cheaper order runs: B first costs r·n1·m2·(n2 + m1) MACs per token,
-    A first r·m1·n2·(n1 + m2) (spec §2.6).
-
-    Args:
-        x: (T, n1·n2) inputs.
-        A: (r, m1, n1) factors.
-        B: (r, m2, n2) factors.
-        accumulate: optional (T, m1·m2) tensor added by the second GEMM itself (e.g. the base layer's output).
-    """
-    r, m1, n1 = A.shape
-    _, m2, n2 = B.shape
-    tokens = x.shape[0]
-    acc = None
-    if accumulate is not None and accumulate.dtype == x.dtype and accumulate.is_contiguous():
-        acc = accumulate
-    if r * n1 * m2 * (n2 + m1) <= r * m1 * n2 * (n1 + m2):
-        z = x.reshape(tokens * n1, n2) @ B.reshape(r * m2, n2).mT  # (T·n1, n2) @ (n2, r·m2) -> (T·n1, r·m2)
-        z = z.view(tokens, n1 * r, m2)  # (T, n1, r, m2) -> (T, n1·r, m2): rows are (column j of A, component k)
-        a = A.permute(1, 2, 0).reshape(m1, n1 * r).expand(tokens, m1, n1 * r)  # (r, m1, n1) -> (T, m1, n1·r)
-        if acc is None:
-            y = torch.bmm(a, z)  # (T, m1, n1·r) @ (T, n1·r, m2) -> (T, m1, m2)
-        else:
-            y = torch.baddbmm(acc.view(tokens, m1, m2), a, z)  # acc + (T, m1, n1·r) @ (T, n1·r, m2)
-    else:
-        a = A.permute(1, 0, 2).reshape(m1 * r, n1).expand(tokens, m1 * r, n1)  # (r, m1, n1) -> (T, m1·r, n1)
-        p = torch.bmm(a, x.reshape(tokens, n1, n2))  # (T, m1·r, n1) @ (T, n1, n2) -> (T, m1·r, n2)
-        p = p.view(tokens * m1, r * n2)  # (T, m1, r, n2) -> (T·m1, r·n2): columns are (component k, column l of B)
-        b = B.permute(0, 2, 1).reshape(r * n2, m2)  # (r, m2, n2) -> (r, n2, m2) -> (r·n2, m2)
-        if acc is None:
-            y = p @ b  # (T·m1, r·n2) @ (r·n2, m2) -> (T·m1, m2)
-        else:
-            y = torch.addmm(acc.view(tokens * m1, m2), p, b)  # acc + (T·m1, r·n2) @ (r·n2, m2)
-    y = y.reshape(tokens, m1 * m2)  # (T, m1, m2) or (T·m1, m2) -> (T, m1·m2), a view
-    if accumulate is not None and acc is None:
-        y = accumulate + y
-    return y
