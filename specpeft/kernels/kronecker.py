@@ -16,9 +16,9 @@ dB_k = Σ_t dY_tᵀ A_k X_t are reductions over all tokens into R·(m1n1 + m2n2)
 chunks in x's dtype, like the forward (`kronecker_torch.kronecker_factor_grads`; a fused kernel would need a
 cross-program reduction per factor).
 Torch path: on CUDA `kronecker_torch.kronecker_linear_bmm`, batched GEMMs over the tokens with the factor broadcast
-and a hand-written backward that permutes one T-sized tensor (an earlier hand-written backward with four einsums
-permuted several and ran 1.4-2.2× slower than autograd); on CPU `kronecker_linear_reference`, two einsums under
-autograd, since MKL runs the batched small GEMMs slowly.
+and a hand-written backward that lays out one T-sized tensor anew (B first; A first one per component more), where
+an earlier hand-written backward with four einsums permuted several and ran 1.4-2.2× slower than autograd; on CPU
+`kronecker_linear_reference`, two einsums under autograd, since MKL runs the batched small GEMMs slowly.
 """
 
 from __future__ import annotations
