@@ -43,7 +43,7 @@ from ..init.kronecker import (
     select_rank,
 )
 from ..init.svd import SVDInit
-from ..kernels._dispatch import autocast_off
+from ..kernels._dispatch import autocast_dtype, autocast_off
 from .base import FrozenBase, MethodAdapter, zeros_like_shape
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
@@ -243,7 +243,7 @@ class SoKAAdapter(MethodAdapter):
         d_out, d_in = self.geometry.matrix_shape
         pad_out, pad_in = self.shape.padding
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = autocast_dtype(x)
         tokens = x.reshape(-1, d_in).to(dtype)  # (..., d_in) -> (T, d_in)
         if pad_in:
             tokens = F.pad(tokens, (0, pad_in))  # (T, d_in) -> (T, n1·n2): zero columns meet W's zero padding

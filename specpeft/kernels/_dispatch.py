@@ -146,6 +146,15 @@ def as_dtype(tensor: MaybeTensor, dtype: torch.dtype) -> MaybeTensor:
     return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
+def autocast_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would run a GEMM on x in: autocast's for x's device when it is on (fp64 stays fp64, which
+    autocast leaves alone), else x's. For ops that cast once and then run with autocast off (`autocast_off`)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def autocast_off(device_type: str) -> AbstractContextManager:
     """`torch.autocast(device_type, enabled=False)` when autocast is on for that device or torch.compile is tracing,
     else a no-op context: entering autocast costs ~8 µs of host time, paid per layer and step by the ops that pin

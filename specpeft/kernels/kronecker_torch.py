@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..init.tucker_cost import kronecker_a_first, kronecker_grads_cost
-from ._dispatch import as_dtype, autocast_off
+from ._dispatch import as_dtype, autocast_dtype, autocast_off
 
 __all__ = [
     "KroneckerBmmFunction",
@@ -217,11 +217,8 @@ def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Te
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias)):
         raise ValueError("kronecker_merged_linear: weight and bias must be frozen (no gradient flows to them); use "
                          "kernels.tucker_linear or F.linear for a trainable base.")
-    device = x.device.type
-    autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast leaves fp64 alone
-    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-    with autocast_off(device):  # one dtype through forward and backward (autocast would split it)
-        x = as_dtype(x, dtype)
+    x = as_dtype(x, autocast_dtype(x))  # cast once, then one dtype through forward and backward
+    with autocast_off(x.device.type):
         if torch.compiler.is_compiling():
             return checkpoint(KroneckerMergedFunction.apply, x, A, B, weight, bias, use_reentrant=False,
                               context_fn=_recompute_all_but_gemms)
@@ -321,10 +318,8 @@ def kronecker_linear_bmm(x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Ten
     (4096², B first), 0.94× (4096×11008, B first) and 0.99× (11008×4096, A first) of its time on the einsum path
     (benchmarks/results/tera_gpu.md). MKL's batched small GEMMs make it up to 1.8× slower on CPU."""
     d_in, d_out = x.shape[-1], out_features or A.shape[1] * B.shape[1]
-    device = x.device.type
-    autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast leaves fp64 alone
-    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-    with autocast_off(device):
+    dtype = autocast_dtype(x)
+    with autocast_off(x.device.type):
         rows = as_dtype(x, dtype).reshape(-1, d_in)  # (..., d_in) -> (T, d_in)
         base_rows = None if base_out is None else as_dtype(base_out, dtype).reshape(-1, d_out)
         y = KroneckerBmmFunction.apply(rows, A, B, base_rows, d_out)

@@ -128,9 +128,8 @@ def kronecker_factors(core: Tensor, factors: Sequence[Tensor], out_modes: Sequen
                       ) -> tuple[Tensor, Tensor]:
     """Δ = Σ_r A_r ⊗ B_r split at the last mode: A (R_N, m', n') (`init.tucker.outer_as_kronecker`) and
     B_r = reshape(U_N[:, r], (m_N, n_N)) (R_N, m_N, n_N), fp32 (fp64 stays fp64), differentiable."""
-    factors = [_in_work_dtype(f) for f in factors]
-    chain = outer_chain(_in_work_dtype(core), factors)[0]  # (R_N, J')
-    return outer_as_kronecker(chain, out_modes, in_modes), last_as_kronecker(factors[-1], out_modes, in_modes)
+    outer, last = _outer_and_last(core, factors)  # (J', R_N), (J_N, R_N)
+    return outer_as_kronecker(outer.T, out_modes, in_modes), last_as_kronecker(last, out_modes, in_modes)
 
 
 def tucker_prefers_factored(tokens: int, core_shape: Sequence[int], out_modes: Sequence[int],
