@@ -1,7 +1,8 @@
 """Fused adapter kernels: Triton on CUDA when available, the torch reference otherwise (design.md §5).
 
 Each family has a public op that dispatches, a `*_reference` with the same signature (the CPU path and the
-oracle; on CUDA `kronecker_linear`'s torch path is `kronecker_torch.kronecker_linear_bmm`), and a
+oracle; `kronecker_linear`'s torch path is `kronecker_torch.kronecker_linear_bmm` on CUDA and
+`kronecker_gemm.kronecker_linear_gemm` on CPU), and a
 `torch.autograd.Function` with a hand-written backward:
 
     lowrank_linear      y = x Wᵀ + b + ((x V) ⊙ s) Uᵀ                    SVFit, LoRA shapes

@@ -6,7 +6,7 @@ Resolution, first match wins:
 2. the process-wide setting of `set_kernel_backend` / `use_kernel_backend` (what a config flag sets);
 3. the environment variable `SPECPEFT_KERNELS` ∈ {auto, triton, torch};
 4. "auto": Triton for CUDA tensors when `triton` imports, the torch path otherwise (the op's `*_reference`, except
-   `kronecker_linear` on CUDA, which runs its batched-GEMM op).
+   `kronecker_linear`, which runs a batched-GEMM op on CUDA and a 2-D-GEMM op on CPU).
 
 Forcing "triton" on CPU tensors is allowed only under the Triton interpreter (`TRITON_INTERPRET=1` set before
 `triton` is first imported), which is how the kernels are tested on machines without a GPU.

@@ -18,7 +18,9 @@ cross-program reduction per factor).
 Torch path: on CUDA `kronecker_torch.kronecker_linear_bmm`, batched GEMMs over the tokens with the factor broadcast
 and a hand-written backward that lays out one T-sized tensor anew (B first; A first one per component more), where
 an earlier hand-written backward with four einsums permuted several and ran 1.4-2.2× slower than autograd; on CPU
-`kronecker_linear_reference`, two einsums under autograd, since MKL runs the batched small GEMMs slowly.
+`kronecker_gemm.kronecker_linear_gemm`, 2-D GEMMs and per-token transposes with a hand-written backward (20 aten ops
+a step against the einsums' 80; MKL runs the batched small GEMMs slowly). `kronecker_linear_reference`, two einsums
+under autograd, is the oracle.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from ..init.tucker_cost import kronecker_a_first
 from ._dispatch import HAS_TRITON, BackendChoice, as_rows, dot_precision, interpreting, kernel_backend, next_power_of_2
+from .kronecker_gemm import kronecker_linear_gemm
 from .kronecker_torch import kronecker_factor_grads, kronecker_linear_bmm
 
 __all__ = ["KroneckerLinearFunction", "kronecker_linear", "kronecker_linear_reference"]
@@ -56,7 +59,7 @@ def _check(x: Tensor, A: Tensor, B: Tensor, out_features: Optional[int]) -> tupl
 def kronecker_linear_reference(
     x: Tensor, A: Tensor, B: Tensor, *, base_out: Optional[Tensor] = None, out_features: Optional[int] = None,
 ) -> Tensor:
-    """Eager torch form of `kronecker_linear` (the CPU path and the oracle): two batched GEMMs per call."""
+    """Eager torch form of `kronecker_linear` (the oracle): two einsums per call, autograd for the backward."""
     d_in, d_out = _check(x, A, B, out_features)
     _, m1, n1 = A.shape
     _, m2, n2 = B.shape
@@ -199,7 +202,7 @@ def kronecker_linear(
     if kernel_backend(x, A, B, backend=backend) == "torch":
         if x.is_cuda:
             return kronecker_linear_bmm(x, A, B, base_out=base_out, out_features=out_features)
-        return kronecker_linear_reference(x, A, B, base_out=base_out, out_features=out_features)
+        return kronecker_linear_gemm(x, A, B, base_out=base_out, out_features=out_features)
     rows = as_rows(x, d_in, "kronecker_linear x")  # (..., d_in) -> (T, d_in)
     base_rows = None if base_out is None else as_rows(base_out.to(x.dtype), d_out, "kronecker_linear base_out")
     y = KroneckerLinearFunction.apply(rows, A, B, base_rows, d_out)
