@@ -78,6 +78,10 @@ set_peft_model_state_dict = _resolve("set_peft_model_state_dict")
 for _method in ("_create_and_replace", "_get_adapter_state_dict", "_remap_adapter_state_dict_for_load"):
     if not hasattr(BaseTuner, _method):
         raise _fail(f"peft {peft.__version__} BaseTuner lacks `{_method}`")
+# PeftModel enters `base_model.<this>(*args, **kwargs)` around every forward and generate when the tuner defines it
+PEFT_FORWARD_HOOK = "_enable_peft_forward_hooks"
+if not hasattr(PeftModel, PEFT_FORWARD_HOOK):
+    raise _fail(f"peft {peft.__version__} PeftModel lacks `{PEFT_FORWARD_HOOK}`")
 
 
 def register_peft_type(peft_type: str, config_cls: type, tuner_cls: type, prefix: str) -> None:
@@ -96,4 +100,6 @@ def bnb_layer_types() -> tuple[type, ...]:
     return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
 
-__all__ = [name for name in _REQUIRED] + ["PEFT_VERSION", "SUPPORTED_PEFT", "register_peft_type", "bnb_layer_types"]
+__all__ = [name for name in _REQUIRED] + [
+    "PEFT_FORWARD_HOOK", "PEFT_VERSION", "SUPPORTED_PEFT", "register_peft_type", "bnb_layer_types",
+]

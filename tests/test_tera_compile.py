@@ -111,15 +111,19 @@ def test_compiled_merged_path_saves_no_dense_weight() -> None:
 
 
 class _GemmCounter(TorchDispatchMode):
-    """Counts mm / addmm calls by their operand shapes."""
+    """Counts mm / addmm calls by their operand shapes; a batch-1 bmm counts as the mm it is (eager and traced
+    code lower a (1, p, q) @ (q, r) matmul to either)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
         if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-            self.calls[tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))] += 1
+            self.calls[shapes] += 1
+        elif func is torch.ops.aten.bmm.default and shapes[0][0] == 1:
+            self.calls[tuple(shape[1:] for shape in shapes)] += 1
         return func(*args, **(kwargs or {}))
 
 

@@ -12,7 +12,8 @@ Conventions every method follows (design.md §4):
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import Any, ClassVar
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -125,6 +126,15 @@ class MethodAdapter(nn.Module, metaclass=ABCMeta):
         For decisions across layers (e.g. a global parameter budget). `adapters` maps module name → this layer's
         new adapter; a method that changes a layer must also update `config.layer_records[name]`.
         """
+
+    @classmethod
+    def forward_pass(cls, adapters: Iterable[MethodAdapter]) -> AbstractContextManager[None]:
+        """Context around one forward pass of the adapted model (the tuner enters it for every forward and generate),
+        given the adapters that may run in it (a lazy iterable); default: nothing.
+
+        For work shared by the layers of one pass (TeRA forms the networks of all same-shape layers in one node).
+        """
+        return nullcontext()
 
     def kernel_path(self, *tensors: Tensor | None) -> str:
         """"triton" or "torch": which implementation a fused kernel op runs on these tensors for this adapter.

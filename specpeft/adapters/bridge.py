@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -176,8 +176,37 @@ class AdapterModel(BaseTuner):
             stores[adapter_name] = BufferDict(persistent=persistent)
         return stores[adapter_name]
 
+    def _adapter_layers(self) -> list[AdapterLayer]:
+        """This tuner's layers (memoized; injection and deletion reset the memo)."""
+        layers = self.__dict__.get("_layers_memo")
+        if layers is None:
+            layers = [m for m in self.model.modules() if isinstance(m, self.tuner_layer_cls)]
+            self.__dict__["_layers_memo"] = layers
+        return layers
+
+    def _running_adapters(self) -> Iterator[MethodAdapter]:
+        """The adapters a forward pass runs: the active ones of layers that are neither merged nor disabled."""
+        for layer in self._adapter_layers():
+            if not (layer.disable_adapters or layer.merged):
+                yield from (layer.adapters[name] for name in layer.active_adapters if name in layer.adapters)
+
+    def forward_pass(self) -> contextlib.AbstractContextManager[None]:
+        """One forward pass of the model (`MethodAdapter.forward_pass`)."""
+        return self.tuner_layer_cls.adapter_cls.forward_pass(self._running_adapters())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.forward_pass():
+            return super().forward(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Entered by PeftModel around every forward and generate (`_peft_compat.PEFT_FORWARD_HOOK`): one pass."""
+        with self.forward_pass():
+            yield
+
     def delete_adapter(self, adapter_name: str) -> None:
         """peft's delete_adapter, plus dropping the adapter's shared-state store."""
+        self.__dict__.pop("_layers_memo", None)
         super().delete_adapter(adapter_name)
         stores = self._modules.get(f"{self.prefix}shared")
         if stores is not None and adapter_name in stores:
@@ -228,6 +257,7 @@ class AdapterModel(BaseTuner):
         parameter_name: Optional[str] = None,
     ) -> None:
         shared = self._shared_state(adapter_name, peft_config)
+        self.__dict__.pop("_layers_memo", None)
         if isinstance(target, AdapterLayer):
             target.update_layer(adapter_name, peft_config, shared=shared)
         else:

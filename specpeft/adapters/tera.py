@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence, Union
+from contextlib import AbstractContextManager
+from typing import Iterable, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,7 @@ from .config import SpecPeftConfig
 from .geometry import LayerGeometry
 from .tera_function import GradPlan, TeRALinearFunction
 from .tera_network import kronecker_network, scaled_factor
+from .tera_pass import network_pass, pass_factors
 
 ForwardMode = Literal["auto", "factored", "materialized"]
 ScaleSides = Literal["mode", "rank", "both"]
@@ -180,6 +182,11 @@ class TeRAAdapter(MethodAdapter):
         return config.save_shared_factors
 
     @classmethod
+    def forward_pass(cls, adapters: Iterable[MethodAdapter]) -> AbstractContextManager[None]:
+        """The factors of every same-bucket layer as one network node per pass (adapters/tera_pass.py)."""
+        return network_pass(adapters)
+
+    @classmethod
     def create(
         cls,
         geometry: LayerGeometry,
@@ -297,6 +304,9 @@ class TeRAAdapter(MethodAdapter):
     def _kronecker_factors(self) -> tuple[Tensor, Tensor]:
         """(A, B) with α·Δ = Σ_r A_r ⊗ B_r split at the last mode, in the vectors' dtype, as one autograd node
         (`tera_network.kronecker_network`: a layer's tiny network costs ops, not FLOPs)."""
+        pair = pass_factors(self)  # formed with the rest of the bucket at the start of this forward pass
+        if pair is not None:
+            return pair
         core, factors = self._shared_views()
         return kronecker_network(self.shape, core, factors, *self._diagonals(self.vectors()), alpha=self.alpha)
 

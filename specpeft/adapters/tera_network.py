@@ -1,4 +1,4 @@
-"""TeRA's scaled Tucker network split at its last mode, Δ = Σ_r A_r ⊗ B_r, as one autograd node.
+"""TeRA's scaled Tucker network split at its last mode, Δ = Σ_r A_r ⊗ B_r, for one or many layers as one autograd node.
 
     Ũ_k = diag(λ_k) U_k diag(μ_k),   C = 𝒢 ×_1 Ũ_1 … ×_{N−1} Ũ_{N−1},
     A_r = unfold'(C[…, r]) (m', n'),   B_r = α·reshape(Ũ_N[:, r], (m_N, n_N)),
@@ -11,7 +11,9 @@ C_k = M_k Ũ_kᵀ with M_k = C_{k−1} reshaped (R_k, rest)ᵀ, and the backward
 
 Why a hand-written node: every tensor here is tiny, so its cost is the number of ops. Autograd through the same
 chain ran 26 forward and 49 backward aten ops at 384² (broadcast muls, their reductions, permutes); this node runs 20
-and 29 (torch.profiler). On CUDA that is host time the GPU waits for (benchmarks/results/tera_gpu.md).
+and 29 (torch.profiler). On CUDA that is host time the GPU waits for (benchmarks/results/tera_gpu.md). Layers of one
+bucket share 𝒢 and U_k, so L of them run as one node whose every product gains a leading L axis (their diagonals
+stacked): the ops of one layer for all L (`kronecker_networks`; adapters/tera_pass.py runs it once per forward pass).
 """
 
 from __future__ import annotations
@@ -23,90 +25,136 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..init.tucker import TuckerShape, last_as_kronecker, outer_as_kronecker, outer_chain
+from ..init.tucker_cost import last_mode_split
 from ..kernels._dispatch import as_dtype, autocast_off
 
 
 def scaled_factor(factor: Tensor, lam: Optional[Tensor], mu: Optional[Tensor]) -> Tensor:
-    """Ũ = diag(λ) U diag(μ) (either side may be absent), all in one dtype; one broadcast op per side at most."""
+    """Ũ = diag(λ) U diag(μ) for U (J, R), λ (…, J), μ (…, R) (either side may be absent), all in one dtype → (…, J, R);
+    one broadcast op per side at most."""
     if lam is not None and mu is not None:
-        return factor * torch.outer(lam, mu)  # (J_k, R_k) ⊙ λ_k μ_kᵀ
+        return factor * (lam.unsqueeze(-1) * mu.unsqueeze(-2))  # (J, R) ⊙ λ μᵀ
     if lam is not None:
-        return lam[:, None] * factor  # (J_k, 1) ⊙ (J_k, R_k)
-    return factor if mu is None else factor * mu  # (J_k, R_k) ⊙ (R_k,)
+        return lam.unsqueeze(-1) * factor  # (…, J, 1) ⊙ (J, R)
+    return factor if mu is None else factor * mu.unsqueeze(-2)  # (J, R) ⊙ (…, 1, R)
+
+
+def _stacked(parts: Sequence[Tensor]) -> Tensor:
+    """L × (size,) → (L, size); a view for L = 1 (a layer outside a forward pass)."""
+    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(list(parts))
+
+
+def _stacked_grads(grads: Sequence[Optional[Tensor]], size: Sequence[int]) -> Optional[Tensor]:
+    """The per-layer gradients of one output as (L, *size), zeros for a layer whose output went unused; None if all did."""
+    if all(g is None for g in grads):
+        return None
+    like = next(g for g in grads if g is not None)
+    return _stacked([like.new_zeros(size) if g is None else g for g in grads])
 
 
 class KroneckerNetworkFunction(torch.autograd.Function):
-    """(A, B) from the frozen core and factors and the trainable diagonals; gradients flow to the diagonals only.
+    """(A_l, B_l) of L layers from the frozen core and factors and each layer's trainable diagonals; gradients flow to
+    the diagonals only.
 
-    Inputs after (shape, alpha, n_lams, n_mus): the core (R_1..R_N), the N factors U_k (J_k, R_k), then λ_1..λ_N
-    (`n_lams` = N or 0) and μ_1..μ_N (`n_mus` = N or 0), all in the diagonals' dtype (the frozen tensors are cast).
+    Inputs after (shape, alpha, rerunnable, n_layers, n_lams, n_mus): the core (R_1..R_N), the N factors U_k (J_k, R_k),
+    then each layer's λ_1..λ_N (`n_lams` = N or 0) and μ_1..μ_N (`n_mus` = N or 0) in turn, all in the diagonals' dtype
+    (the frozen tensors are cast). Outputs A_1..A_L, then B_1..B_L. A layer whose outputs receive no gradient gets None
+    for its diagonals, as it would from a node of its own. `rerunnable` keeps the intermediates on the node instead of
+    saving them, so it may run backward more than once, each time for the layers that received gradients then (a
+    forward pass's shared node, which reentrant activation checkpointing back-propagates block by block).
     """
 
     @staticmethod
-    def forward(ctx, shape: TuckerShape, alpha: float, n_lams: int, n_mus: int,  # type: ignore[override]
-                core: Tensor, *tensors: Tensor) -> tuple[Tensor, Tensor]:
-        order = shape.order
-        dtype = tensors[order].dtype  # the first diagonal's: fp32 trainables (fp64 after model.double())
+    def forward(ctx, shape: TuckerShape, alpha: float, rerunnable: bool, n_layers: int,  # type: ignore[override]
+                n_lams: int, n_mus: int, core: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+        order, per_layer = shape.order, n_lams + n_mus
+        vectors = tensors[order:]
+        dtype = vectors[0].dtype  # the first diagonal's: fp32 trainables (fp64 after model.double())
         factors = [as_dtype(f, dtype) for f in tensors[:order]]
-        lams = list(tensors[order:order + n_lams]) or [None] * order
-        mus = list(tensors[order + n_lams:]) or [None] * order
-        scaled = [scaled_factor(factor, lam, mu) for factor, lam, mu in zip(factors, lams, mus)]
-        chain, inputs = outer_chain(as_dtype(core, dtype), scaled)  # (R_N, J'), M_k
-        A = outer_as_kronecker(chain, shape.out_modes, shape.in_modes)  # (R, m', n')
+        stacked = [_stacked(vectors[i::per_layer]) for i in range(per_layer)]  # (L, J_k) or (L, R_k) each
+        lams = stacked[:n_lams] or [None] * order
+        mus = stacked[n_lams:] or [None] * order
+        scaled = [scaled_factor(factor, lam, mu) for factor, lam, mu in zip(factors, lams, mus)]  # (L, J_k, R_k)
+        chain, inputs = outer_chain(as_dtype(core, dtype), scaled)  # (L, R_N, J'), M_k
+        A = outer_as_kronecker(chain, shape.out_modes, shape.in_modes)  # (L, R, m', n')
         B = last_as_kronecker(scaled[-1] * alpha if alpha != 1.0 else scaled[-1], shape.out_modes, shape.in_modes)
-        ctx.shape, ctx.alpha, ctx.n_lams, ctx.n_mus = shape, alpha, n_lams, n_mus
-        ctx.save_for_backward(*factors, *scaled, *inputs, *tensors[order:])
-        return A, B
+        ctx.shape, ctx.alpha, ctx.n_layers, ctx.n_lams, ctx.per_layer = shape, alpha, n_layers, n_lams, per_layer
+        ctx.rerunnable = rerunnable
+        if rerunnable:  # not freed after a backward (tiny tensors, alive while the outputs are)
+            ctx.intermediates = (*factors, *scaled, *inputs, *stacked)
+        else:
+            ctx.save_for_backward(*factors, *scaled, *inputs, *stacked)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+        return (*A.unbind(0), *B.unbind(0))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_a: Optional[Tensor], grad_b: Optional[Tensor]):  # type: ignore[override]
-        device = (grad_a if grad_a is not None else grad_b).device.type  # saved tensors unpack once (checkpointing)
+    def backward(ctx, *grads: Optional[Tensor]):  # type: ignore[override]
+        shape: TuckerShape = ctx.shape
+        n_layers, order = ctx.n_layers, shape.order
+        rank = shape.ranks[-1]
+        grad_a = _stacked_grads(grads[:n_layers], (rank, *last_mode_split(shape.out_modes, shape.in_modes)[:2]))
+        grad_b = _stacked_grads(grads[n_layers:], (rank, shape.out_modes[-1], shape.in_modes[-1]))
+        frozen = (None,) * (7 + order)  # shape, alpha, rerunnable, n_layers, n_lams, n_mus, core, factors
+        if grad_a is None and grad_b is None:
+            return (*frozen, *([None] * ctx.per_layer * n_layers))
+        device = (grad_a if grad_a is not None else grad_b).device.type
         with autocast_off(device):  # a backward called inside autocast keeps the forward's dtype
-            return KroneckerNetworkFunction._backward(ctx, grad_a, grad_b)
+            columns = [g.unbind(0) for g in KroneckerNetworkFunction._backward(ctx, grad_a, grad_b)]
+        used = [grads[l] is not None or grads[n_layers + l] is not None for l in range(n_layers)]
+        return (*frozen, *(column[l] if used[l] else None for l in range(n_layers) for column in columns))
 
     @staticmethod
-    def _backward(ctx, grad_a: Optional[Tensor], grad_b: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    def _backward(ctx, grad_a: Optional[Tensor], grad_b: Optional[Tensor]) -> list[Tensor]:
+        """The stacked gradients (L, ·) of each diagonal, in the inputs' per-layer order."""
         shape: TuckerShape = ctx.shape
-        order, rank = shape.order, shape.ranks[-1]
-        saved = ctx.saved_tensors
+        order, rank, n_layers = shape.order, shape.ranks[-1], ctx.n_layers
+        saved = ctx.intermediates if ctx.rerunnable else ctx.saved_tensors
         factors, scaled = saved[:order], saved[order:2 * order]
         inputs, vectors = saved[2 * order:3 * order - 1], saved[3 * order - 1:]
         lams = list(vectors[:ctx.n_lams]) or [None] * order
         mus = list(vectors[ctx.n_lams:]) or [None] * order
-        grads: list[Optional[Tensor]] = [None] * order  # dŨ_k
+        grads: list[Optional[Tensor]] = [None] * order  # dŨ_k, (L, J_k, R_k)
         if grad_a is not None and order > 1:
-            split = [rank, *shape.out_modes[:-1], *shape.in_modes[:-1]]
-            inverse = [0] + [a for k in range(order - 1) for a in (1 + k, order + k)]  # undo the unfold's permute
-            d_chain = grad_a.reshape(split).permute(inverse).reshape(-1, shape.mode_sizes[order - 2])  # (…, J_{N−1})
+            split = [n_layers, rank, *shape.out_modes[:-1], *shape.in_modes[:-1]]
+            inverse = [0, 1] + [a for k in range(order - 1) for a in (2 + k, 1 + order + k)]  # undo the unfold
+            d_chain = grad_a.reshape(split).permute(inverse).reshape(n_layers, -1, shape.mode_sizes[order - 2])
             for k in reversed(range(order - 1)):
-                grads[k] = d_chain.T @ inputs[k]  # (J_k, rest) @ (rest, R_k) -> (J_k, R_k)
+                grads[k] = d_chain.mT @ inputs[k]  # (L, J_k, rest) @ (…, rest, R_k) -> (L, J_k, R_k)
                 if k:  # dM_k = dC_k Ũ_k, then back to C_{k−1}'s (rest', J_{k−1}) layout
-                    d_input = d_chain @ scaled[k]  # (rest, J_k) @ (J_k, R_k) -> (rest, R_k)
-                    d_chain = d_input.T.reshape(-1, shape.mode_sizes[k - 1])  # (R_k, rest) -> (rest', J_{k−1})
+                    d_input = d_chain @ scaled[k]  # (L, rest, J_k) @ (L, J_k, R_k) -> (L, rest, R_k)
+                    d_chain = d_input.mT.reshape(n_layers, -1, shape.mode_sizes[k - 1])  # -> (L, rest', J_{k−1})
         if grad_b is not None:
-            grads[-1] = grad_b.reshape(rank, -1).T  # (R, m_N, n_N) -> (J_N, R)
+            grads[-1] = grad_b.reshape(n_layers, rank, -1).mT  # (L, R, m_N, n_N) -> (L, J_N, R)
             if ctx.alpha != 1.0:
                 grads[-1] = grads[-1] * ctx.alpha
-        lam_grads: list[Optional[Tensor]] = []
-        mu_grads: list[Optional[Tensor]] = []
+        lam_grads: list[Tensor] = []
+        mu_grads: list[Tensor] = []
         for grad, factor, lam, mu in zip(grads, factors, lams, mus):
-            weighted = None if grad is None else grad * factor  # dŨ_k ⊙ U_k: (J_k, R_k)
-            if lam is not None:
-                lam_grads.append(None if weighted is None else weighted @ mu if mu is not None else weighted.sum(1))
-            if mu is not None:
-                mu_grads.append(None if weighted is None else lam @ weighted if lam is not None else weighted.sum(0))
-        return (None, None, None, None, None, *([None] * order), *_zeros_for_none(lam_grads + mu_grads, vectors))
+            weighted = None if grad is None else grad * factor  # dŨ_k ⊙ U_k: (L, J_k, R_k)
+            if lam is not None:  # Σ_r weighted μ: (L, J_k, R_k) @ (L, R_k, 1)
+                lam_grads.append(torch.zeros_like(lam) if weighted is None else weighted.sum(-1) if mu is None else
+                                 (weighted @ mu.unsqueeze(-1)).squeeze(-1))
+            if mu is not None:  # Σ_j λ weighted: (L, 1, J_k) @ (L, J_k, R_k)
+                mu_grads.append(torch.zeros_like(mu) if weighted is None else weighted.sum(-2) if lam is None else
+                                (lam.unsqueeze(-2) @ weighted).squeeze(-2))
+        return lam_grads + mu_grads
 
 
-def _zeros_for_none(grads: Sequence[Optional[Tensor]], like: Sequence[Tensor]) -> list[Tensor]:
-    """A diagonal no gradient reached (an unused output) gets zeros, as autograd would report."""
-    return [torch.zeros_like(v) if g is None else g for g, v in zip(grads, like)]
+def kronecker_networks(shape: TuckerShape, core: Tensor, factors: Sequence[Tensor],
+                       layers: Sequence[tuple[Sequence[Tensor], Sequence[Tensor]]], alpha: float = 1.0,
+                       rerunnable: bool = False) -> list[tuple[Tensor, Tensor]]:
+    """(A (R_N, m', n'), B (R_N, m_N, n_N)) of α·Δ for each layer's (λ's (N or none), μ's (N or none)), in the
+    diagonals' dtype; one differentiable node for all (`KroneckerNetworkFunction`, `rerunnable` as there)."""
+    flat = [vector for lams, mus in layers for vector in (*lams, *mus)]
+    n_layers = len(layers)
+    with autocast_off(core.device.type):  # the diagonals' dtype throughout, as the backward runs
+        out = KroneckerNetworkFunction.apply(shape, alpha, rerunnable, n_layers, len(layers[0][0]), len(layers[0][1]),
+                                             core, *factors, *flat)
+    return list(zip(out[:n_layers], out[n_layers:]))
 
 
 def kronecker_network(shape: TuckerShape, core: Tensor, factors: Sequence[Tensor], lams: Sequence[Tensor],
                       mus: Sequence[Tensor], alpha: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(A (R_N, m', n'), B (R_N, m_N, n_N)) of α·Δ for diagonals `lams` (N or none) and `mus` (N or none), in their
-    dtype; differentiable in the diagonals (`KroneckerNetworkFunction`)."""
-    with autocast_off(core.device.type):  # the diagonals' dtype throughout, as the backward runs
-        return KroneckerNetworkFunction.apply(shape, alpha, len(lams), len(mus), core, *factors, *lams, *mus)
+    """`kronecker_networks` of one layer."""
+    return kronecker_networks(shape, core, factors, [(lams, mus)], alpha)[0]

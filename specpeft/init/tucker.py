@@ -340,30 +340,33 @@ def tucker_apply(x: Tensor, core: Tensor, factors: list[Tensor], shape: TuckerSh
 
 
 def outer_chain(core: Tensor, factors: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    """P = 𝒢 ×_1 U_1 … ×_{N−1} U_{N−1} with its rank axis first, (R_N, J_1·…·J_{N−1}), in the inputs' dtype, and
+    """P = 𝒢 ×_1 U_1 … ×_{N−1} U_{N−1} with its rank axis first, (…, R_N, J_1·…·J_{N−1}), in the inputs' dtype, and
     the left operand M_k of each product (views; TeRA's hand-written backward, adapters/tera_network.py, reads them).
+    Factors (…, J_k, R_k) may carry leading batch axes (one network per layer of a bucket); the core has none.
 
     Each product contracts the leading axis and appends the new one, C_k = M_k U_kᵀ with M_k = C_{k−1} as
     (R_k, rest)ᵀ: one mm on transposed views, no copies (TeRA forms this network every step: ops are host time).
     """
+    batch = tuple(factors[0].shape[:-2])
     chain, inputs = core, []
-    for factor in factors[:-1]:  # (R_k, rest) -> (rest, R_k) @ (R_k, J_k) -> (rest, J_k)
-        inputs.append(chain.reshape(factor.shape[1], -1).T)
-        chain = inputs[-1] @ factor.T
-    return chain.reshape(core.shape[-1], -1), inputs  # (R_N·J_1·…, J_{N−1}) -> (R_N, J')
+    for k, factor in enumerate(factors[:-1]):  # (…, R_k, rest) -> (…, rest, R_k) @ (…, R_k, J_k) -> (…, rest, J_k)
+        inputs.append(chain.reshape(*(batch if k else ()), factor.shape[-1], -1).mT)  # M_1 comes from the core
+        chain = inputs[-1] @ factor.mT
+    return chain.reshape(*(batch if len(factors) > 1 else ()), core.shape[-1], -1), inputs  # -> (…, R_N, J')
 
 
 def outer_as_kronecker(chain: Tensor, out_modes: Sequence[int], in_modes: Sequence[int]) -> Tensor:
-    """(R_N, J') from `outer_chain` → A (R_N, m', n'), A_r = unfold'(P[:, r]) over the outer modes (one copy)."""
-    rank, order = chain.shape[0], len(out_modes)
-    pairs = chain.reshape(rank, *[s for m, n in zip(out_modes[:-1], in_modes[:-1]) for s in (m, n)])  # (R, m_1, n_1, …)
-    split = pairs.permute(0, *range(1, 2 * order - 1, 2), *range(2, 2 * order - 1, 2))  # (R, m_1.., n_1..)
-    return split.reshape(rank, math.prod(out_modes[:-1]), math.prod(in_modes[:-1]))  # -> (R, m', n')
+    """(…, R_N, J') from `outer_chain` → A (…, R_N, m', n'), A_r = unfold'(P[:, r]) over the outer modes (one copy)."""
+    batch, order = chain.shape[:-1], len(out_modes)  # batch includes R_N
+    lead = len(batch)
+    pairs = chain.reshape(*batch, *[s for m, n in zip(out_modes[:-1], in_modes[:-1]) for s in (m, n)])  # (…, m_1, n_1, …)
+    split = pairs.permute(*range(lead), *range(lead, lead + 2 * order - 2, 2), *range(lead + 1, lead + 2 * order - 2, 2))
+    return split.reshape(*batch, math.prod(out_modes[:-1]), math.prod(in_modes[:-1]))  # (…, m_1.., n_1..) -> (…, m', n')
 
 
 def last_as_kronecker(last: Tensor, out_modes: Sequence[int], in_modes: Sequence[int]) -> Tensor:
-    """U_N (J_N, R_N) → B (R_N, m_N, n_N), B_r = reshape(U_N[:, r], (m_N, n_N)): `outer_as_kronecker`'s partner."""
-    return last.T.reshape(last.shape[1], out_modes[-1], in_modes[-1])  # (J_N, R) -> (R, m_N, n_N)
+    """U_N (…, J_N, R_N) → B (…, R_N, m_N, n_N), B_r = reshape(U_N[:, r], (m_N, n_N)): `outer_as_kronecker`'s partner."""
+    return last.mT.reshape(*last.shape[:-2], last.shape[-1], out_modes[-1], in_modes[-1])  # (…, J_N, R) -> (…, R, m_N, n_N)
 
 
 def last_mode_outer(core: Tensor, factors: list[Tensor], shape: TuckerShape) -> Tensor:

@@ -1,0 +1,214 @@
+"""TeRA's networks batched per forward pass (specpeft/adapters/tera_pass.py, tera_network.kronecker_networks): one node
+for L layers equals L nodes in float64, a model step with the pass equals the step with per-layer networks, one node
+per bucket, and the pass holds under activation checkpointing (both kinds), no_grad, deepcopy and generate."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import specpeft
+from adapter_matrix import perturb
+from specpeft import TeRAConfig
+from specpeft.adapters import tera_network
+from specpeft.adapters.tera import TeRAAdapter
+from specpeft.adapters.tera_network import kronecker_network, kronecker_networks
+from specpeft.init.tucker import TuckerShape
+
+F64 = torch.float64
+
+
+def _layers(shape: TuckerShape, sides: str, count: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *size: torch.randn(*size, generator=gen, dtype=F64)  # noqa: E731
+    core = rand(*shape.ranks)
+    factors = [rand(j, r) for j, r in zip(shape.mode_sizes, shape.ranks)]
+    layers = []
+    for _ in range(count):
+        lams = [(1 + 0.5 * rand(j)).requires_grad_(True) for j in shape.mode_sizes] if sides != "rank" else []
+        mus = [(1 + 0.5 * rand(r)).requires_grad_(True) for r in shape.ranks] if sides != "mode" else []
+        layers.append((lams, mus))
+    return core, factors, layers
+
+
+def _vectors(layers) -> list[torch.Tensor]:
+    return [v for lams, mus in layers for v in (*lams, *mus)]
+
+
+@pytest.mark.parametrize("modes", [((4, 3), (2, 5), (3, 1)), ((2, 3, 2), (3, 2, 2), (2, 3, 1)),
+                                   ((2, 3, 2), (3, 2, 2), (2, 2, 2))])
+@pytest.mark.parametrize("sides", ["both", "mode", "rank"])
+def test_one_node_for_many_layers_equals_a_node_per_layer(modes, sides: str) -> None:
+    """(A_l, B_l) and the gradients of a random functional of all of them, batched against one node per layer."""
+    shape = TuckerShape(*modes)
+    core, factors, layers = _layers(shape, sides, count=3)
+    batched = kronecker_networks(shape, core, factors, layers, alpha=0.7)
+    single = [kronecker_network(shape, core, factors, lams, mus, alpha=0.7) for lams, mus in layers]
+    gen = torch.Generator().manual_seed(5)
+    weights = [(torch.randn(a.shape, generator=gen, dtype=F64), torch.randn(b.shape, generator=gen, dtype=F64))
+               for a, b in single]
+    totals = []
+    for pairs in (batched, single):
+        totals.append(sum((a * wa).sum() + (b * wb).sum() for (a, b), (wa, wb) in zip(pairs, weights)))
+    for (a, b), (a_ref, b_ref) in zip(batched, single):
+        torch.testing.assert_close(a, a_ref, atol=1e-13, rtol=0)
+        torch.testing.assert_close(b, b_ref, atol=1e-13, rtol=0)
+    vectors = _vectors(layers)
+    got = torch.autograd.grad(totals[0], vectors)
+    want = torch.autograd.grad(totals[1], vectors)
+    for g, w in zip(got, want):
+        assert w.abs().sum() > 0
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+
+
+def test_a_layer_whose_factors_go_unused_gets_no_gradient() -> None:
+    """None, not zeros, as a node of its own gives: an optimizer skips the layer instead of stepping its moments."""
+    shape = TuckerShape((2, 3, 2), (3, 2, 2), (2, 3, 1))
+    core, factors, layers = _layers(shape, "both", count=3)
+    pairs = kronecker_networks(shape, core, factors, layers)
+    (pairs[0][0].sum() + pairs[2][1].sum()).backward()  # layer 0 through A only, layer 2 through B only
+    assert all(v.grad is None for v in (*layers[1][0], *layers[1][1]))
+    assert all(v.grad is not None for v in (*layers[0][0], *layers[0][1], *layers[2][0], *layers[2][1]))
+    assert layers[0][0][-1].grad.abs().sum() == 0  # λ_N does not reach A: a zero, since the layer was used
+    assert layers[2][0][-1].grad.abs().sum() > 0
+
+
+def test_rerunnable_node_back_propagates_once_per_backward() -> None:
+    """The pass node may run backward again for other layers (reentrant checkpointing does that); gradients add up
+    to those of one backward through all. A plain node refuses the second run."""
+    shape = TuckerShape((2, 3, 2), (3, 2, 2), (2, 3, 1))
+    core, factors, layers = _layers(shape, "both", count=2)
+    vectors = _vectors(layers)
+    pairs = kronecker_networks(shape, core, factors, layers, rerunnable=True)
+    pairs[0][0].pow(2).sum().backward()
+    pairs[1][1].pow(2).sum().backward()
+    got = [v.grad.clone() for v in vectors]
+    for v in vectors:
+        v.grad = None
+    pairs = kronecker_networks(shape, core, factors, layers)
+    (pairs[0][0].pow(2).sum() + pairs[1][1].pow(2).sum()).backward()
+    for g, v in zip(got, vectors):
+        torch.testing.assert_close(g, v.grad, atol=1e-12, rtol=0)
+    pairs = kronecker_networks(shape, core, factors, layers)
+    pairs[0][0].sum().backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        pairs[1][1].sum().backward()
+
+
+# -- a whole model ---------------------------------------------------------------------------------------------------
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _llama(**config: object) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=64))
+    model = specpeft.get_adapter_model(model, TeRAConfig(target_modules=config.pop("targets", TARGETS), **config))
+    perturb(model, 0.3)
+    return model
+
+
+@contextlib.contextmanager
+def _per_layer_networks():
+    """TeRA without the pass: every layer forms its own network."""
+    original = TeRAAdapter.__dict__["forward_pass"]
+    TeRAAdapter.forward_pass = classmethod(lambda cls, adapters: contextlib.nullcontext())
+    try:
+        yield
+    finally:
+        TeRAAdapter.forward_pass = original
+
+
+@contextlib.contextmanager
+def _count_network_nodes():
+    calls = []
+    original = tera_network.KroneckerNetworkFunction.apply
+
+    def counted(*args):
+        calls.append(args[3])  # n_layers
+        return original(*args)
+
+    tera_network.KroneckerNetworkFunction.apply = counted
+    try:
+        yield calls
+    finally:
+        tera_network.KroneckerNetworkFunction.apply = original
+
+
+def _step(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return [loss.detach(), *(p.grad for p in model.parameters() if p.requires_grad)]
+
+
+@pytest.mark.parametrize("mode", ["auto", "materialized"])
+def test_model_step_with_the_pass_equals_per_layer_networks(mode: str) -> None:
+    """Loss and every gradient equal (fp32), with one node per bucket instead of one per layer."""
+    model = _llama(forward_mode=mode)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    layers = [m for m in model.modules() if isinstance(m, TeRAAdapter)]
+    buckets = {layer.bucket for layer in layers}
+    with _count_network_nodes() as calls:
+        batched = _step(model, ids)
+    assert sorted(calls) == sorted(sum(layer.bucket == b for layer in layers) for b in buckets)
+    with _per_layer_networks(), _count_network_nodes() as calls:
+        per_layer = _step(model, ids)
+    assert calls == [1] * len(layers)
+    assert len(buckets) > 1 and len(layers) == 2 * len(TARGETS)
+    for got, want in zip(batched, per_layer):
+        assert got is not None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_pass_under_activation_checkpointing(reentrant: bool) -> None:
+    """transformers' gradient checkpointing, non-reentrant (the recomputation in backward must save what the forward
+    did, so it takes the pass's factors again) and reentrant (each recomputed block back-propagates the pass node,
+    and lm_head, adapted outside any block, once more): gradients equal the step without checkpointing."""
+    targets = [*TARGETS, "lm_head"]
+    want = _step(_llama(targets=targets), torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)))
+    model = _llama(targets=targets)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    got = _step(model, torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_grad_enabled_inside_a_no_grad_pass_falls_back_to_per_layer_networks() -> None:
+    """Factors formed without autograd are not used by a layer that runs with grad: the diagonals still train."""
+    model = _llama()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    want = _step(model, ids)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad(), model.base_model.forward_pass(), torch.enable_grad():
+        loss = model.base_model.model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    got = [loss.detach(), *(p.grad for p in model.parameters() if p.requires_grad)]
+    for g, w in zip(got, want):
+        assert g is not None
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_inner_model_deepcopy_and_generate_after_a_pass() -> None:
+    """The inner model called without a pass gives the pass's logits; the modules hold no graph tensors (deepcopy
+    works after a training forward); greedy generation is the same with and without the pass."""
+    model = _llama()
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2))
+    logits = model(input_ids=ids).logits
+    torch.testing.assert_close(model.base_model.model(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-6)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        tokens = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        with _per_layer_networks():
+            again = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(tokens, again) and tokens.shape == (1, 10)
