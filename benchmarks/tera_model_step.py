@@ -14,7 +14,8 @@ adapted; on CUDA the Triton kernels "auto" does not pick are timed too ("[triton
 model, TeRA default and VeRA r = 16 under `torch.compile` (inductor, static shapes; compiled in the warm-up steps),
 whose ratios are taken against the compiled frozen model and compiled VeRA.
 Throughput is the inverse of the step time, so "÷ VeRA" below 1 means TeRA trains faster. Variants: TeRA's default,
-the balanced-modes layout it replaced, peft VeRA r = 16, its default r = 256, and the VeRA whose trainable count is
+the same with a network node per layer instead of one per bucket and pass (`TeRAConfig.batch_networks=False`), the
+balanced-modes layout it replaced, peft VeRA r = 16, its default r = 256, and the VeRA whose trainable count is
 closest to TeRA default's (VeRA trains d_out + r per layer, so r = 1 whenever TeRA trains fewer than Σ d_out + layers).
 Results: benchmarks/results/tera_model_step.{md,json}.
 """
@@ -85,10 +86,11 @@ def adapted_shapes(model: nn.Module) -> list[tuple[int, int]]:
             if isinstance(m, nn.Linear) and name.split(".")[-1] in MODEL["targets"]]
 
 
-def tera(balanced: bool, backend: str = "auto") -> nn.Module:
+def tera(balanced: bool, backend: str = "auto", batch_networks: bool = True) -> nn.Module:
     model = base_model()
     modes = _harness.balanced_tera_modes(adapted_shapes(model)) if balanced else {}
-    config = specpeft.TeRAConfig(target_modules=MODEL["targets"], mode_sizes=modes, kernel_backend=backend)
+    config = specpeft.TeRAConfig(target_modules=MODEL["targets"], mode_sizes=modes, kernel_backend=backend,
+                                 batch_networks=batch_networks)
     return EmbeddingsIn(specpeft.get_adapter_model(model, config))
 
 
@@ -127,6 +129,7 @@ def main() -> None:
     start = time.perf_counter()
 
     models = {"frozen model": EmbeddingsIn(base_model()), "TeRA default": tera(balanced=False),
+              "TeRA default, per-layer networks": tera(balanced=False, batch_networks=False),
               "TeRA balanced modes": tera(balanced=True), "peft VeRA r=16": vera(16), "peft VeRA r=256": vera(256)}
     shapes = adapted_shapes(models["frozen model"].encoder)
     matched_rank = _harness.matched_vera_rank(trainable(models["TeRA default"]), (o for o, _ in shapes),

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import specpeft.kernels as K
 from specpeft.init.tucker_cost import kronecker_a_first
 from specpeft.kernels.kronecker_gemm import KroneckerGemmFunction, kronecker_linear_gemm
+from specpeft.kernels.kronecker_torch import kronecker_linear_bmm
 
 F64 = torch.float64
 # (R, m1, n1, m2, n2, d_out, d_in): in each contraction order (A first: the last four) one component and several,
@@ -130,34 +131,51 @@ def test_only_the_gradients_asked_for_are_computed(shape: tuple, trainable: tupl
     want = torch.autograd.grad(_run(_reference, refs, d_out), [refs[name] for name in trainable], upstream)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11)
-    # the node itself: its backward's outputs (x, A, B, base_out, d_out) and the GEMMs it runs per component: dX
-    # needs W = G' A_k and W' B_k, the run problem's dB W (shared) and W'ᵀ X, its dA one GEMM G'ᵀ Z'
-    out = KroneckerGemmFunction.apply(leaves["x"], leaves["A"], leaves["B"], leaves["base"], d_out)
+    # the node itself: its backward's outputs (x, A, B, base_out) and the GEMMs it runs per component: dX needs
+    # W = G' A_k and W' B_k, the run problem's dB W (shared) and W'ᵀ X, its dA one GEMM G'ᵀ Z'. It takes base_out
+    # only when it covers the output (a cropped output gets it added outside the node).
+    full = d_out == m1 * m2
+    out = KroneckerGemmFunction.apply(leaves["x"], leaves["A"], leaves["B"], leaves["base"] if full else None)
     with _CountGemms() as gemms:
-        grads = dict(zip(("x", "A", "B", "base", "d_out"), out.grad_fn.apply(upstream)))
+        grads = dict(zip(("x", "A", "B", "base"), out.grad_fn.apply(_full_width(upstream, m1 * m2, out.shape))))
     run_a, run_b = ("B", "A") if kronecker_a_first(m1, n1, m2, n2) else ("A", "B")
     need_w = "x" in trainable or run_b in trainable
     assert gemms.count == R * (need_w + ("x" in trainable) + (run_b in trainable) + (run_a in trainable))
-    assert grads.pop("d_out") is None
     for name, grad in grads.items():
-        assert (grad is None) == (name not in trainable), (name, trainable)
+        assert (grad is None) == (name not in trainable or (name == "base" and not full)), (name, trainable)
         if grad is not None:
             torch.testing.assert_close(grad, got[trainable.index(name)], atol=1e-11, rtol=1e-11)
+
+
+def _full_width(upstream: torch.Tensor, width: int, shape: torch.Size) -> torch.Tensor:
+    """An upstream gradient (T, d_out) as the op's output sees it: zero columns up to m1·m2, in its layout."""
+    return torch.nn.functional.pad(upstream, (0, width - upstream.shape[-1])).reshape(shape)
+
+
+def _op_node(out: torch.Tensor) -> torch.autograd.graph.Node:
+    """The `KroneckerGemmFunction` node behind a wrapper's output (past its reshapes, crop and base add)."""
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if type(node).__name__ == "KroneckerGemmFunctionBackward":
+            return node
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    raise AssertionError("no KroneckerGemmFunction node in the graph")
 
 
 @pytest.mark.parametrize("shape", [B_FIRST, A_FIRST, SHAPES[1], SHAPES[5]])  # B first, A first (R = 1, R = 3)
 def test_saves_only_what_the_needed_gradients_read(shape: tuple) -> None:
     """The factors (in x's dtype, run order) are always saved; x laid out for the run problem — (T·n1, n2) B first,
-    (T·n2, n1) A first — only when a factor needs a gradient; the R intermediates Z' — (T·m2, n1) B first,
-    (T·m1, n2) A first — only for the run problem's dA (A's gradient B first, B's A first). A frozen adapter (only x
-    trainable) keeps no activation-sized tensor."""
+    (T·n2, n1) A first — only for the run problem's dB (B's gradient B first, A's A first); the R intermediates Z' —
+    (T·m2, n1) B first, (T·m1, n2) A first — only for the run problem's dA (A's gradient B first, B's A first). A
+    frozen adapter (only x trainable) keeps no activation-sized tensor."""
     R, m1, n1, m2, n2, d_out, d_in = shape
     tokens = 37  # prime, above every factor dimension: a token-sized tensor has a multiple of 37 rows
     a_first = kronecker_a_first(m1, n1, m2, n2)
     x_layout = (tokens * n2, n1) if a_first else (tokens * n1, n2)
     z_layout = (tokens * m1, n2) if a_first else (tokens * m2, n1)
     factors = [(R, m2, n2), (R, m1, n1)] if a_first else [(R, m1, n1), (R, m2, n2)]
-    reads_z = "B" if a_first else "A"
+    reads_z, reads_x = ("B", "A") if a_first else ("A", "B")
     for trainable in (("x",), ("A",), ("B",), ("A", "B"), ("x", "A", "B")):
         A, B = _factors(R, m1, n1, m2, n2, seed=5)
         leaves = dict(x=torch.randn(tokens, d_in, dtype=F64), A=A, B=B)
@@ -167,12 +185,12 @@ def test_saves_only_what_the_needed_gradients_read(shape: tuple) -> None:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
             out = kronecker_linear_gemm(leaves["x"], leaves["A"], leaves["B"], out_features=d_out)
         needs_factor = "A" in trainable or "B" in trainable
-        expected = [*factors, *([x_layout] if needs_factor else []), *([z_layout] * R if reads_z in trainable else [])]
+        expected = [*factors, *([x_layout] if reads_x in trainable else []),
+                    *([z_layout] * R if reads_z in trainable else [])]
         assert sorted(saved) == sorted(expected), (trainable, saved)
         if not needs_factor:
             assert not [s for s in saved if s[0] % tokens == 0], saved
-            node = out.grad_fn.next_functions[0][0]  # the reshape back to x's batch dims, then the op's node
-            assert type(node).__name__ == "KroneckerGemmFunctionBackward"
+            node = _op_node(out)
             assert [tuple(t.shape) if t is not None else None for t in node.saved_tensors] == [None, *factors,
                                                                                              *[None] * R]
 
@@ -259,8 +277,8 @@ def test_under_bf16_autocast_matches_fp32(shape: tuple) -> None:
     (low_out, *low_grads), (high_out, *high_grads) = results
     # the op's own backward (not the engine's cast): bf16 x and fp32 factors give fp32 factor gradients
     factors = [t.clone().requires_grad_(True) for t in (A, B)]
-    node = KroneckerGemmFunction.apply(x.bfloat16(), *factors, None, d_out).grad_fn
-    _, grad_a, grad_b, _, _ = node.apply(upstream.bfloat16())
+    out = KroneckerGemmFunction.apply(x.bfloat16(), *factors, None)
+    _, grad_a, grad_b, _ = out.grad_fn.apply(_full_width(upstream.bfloat16(), m1 * m2, out.shape))
     assert grad_a.dtype == grad_b.dtype == torch.float32
     torch.testing.assert_close(low_out, high_out, rtol=2e-2, atol=2e-2 * high_out.abs().max().item())
     for low, high in zip(low_grads, high_grads):
@@ -291,10 +309,11 @@ def test_compiles_as_one_graph_and_matches_eager(shape: tuple) -> None:
 
 
 def _graph_names(out: torch.Tensor) -> set[str]:
-    names, stack = set(), [out.grad_fn]
+    names, seen, stack = set(), set(), [out.grad_fn]
     while stack:
         node = stack.pop()
-        if node is not None and type(node).__name__ not in names:
+        if node is not None and node not in seen:
+            seen.add(node)
             names.add(type(node).__name__)
             stack.extend(n for n, _ in node.next_functions)
     return names
@@ -322,3 +341,24 @@ def test_public_torch_backend_on_cpu_runs_this_op(shape: tuple, with_base: bool)
     for p, g, r in zip(public, gemm, reference):
         assert torch.equal(p, g)
         torch.testing.assert_close(p, r, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("op", [kronecker_linear_gemm, kronecker_linear_bmm])
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("shape", [B_FIRST, A_FIRST, B_FIRST_CROPPED, A_FIRST_CROPPED])
+def test_output_can_be_modified_in_place(op: Callable[..., torch.Tensor], shape: tuple, with_base: bool) -> None:
+    """The torch ops' output is not a view made inside their autograd node (which autograd forbids to modify), so a
+    following in-place op (ReLU(inplace=True), `out += …`) works, with the gradients of the dense formula."""
+    R, m1, n1, m2, n2, d_out, d_in = shape
+    A, B = _factors(R, m1, n1, m2, n2, seed=16)
+    gen = torch.Generator().manual_seed(17)
+    x, base = torch.randn(6, d_in, dtype=F64, generator=gen), torch.randn(6, d_out, dtype=F64, generator=gen)
+    upstream = torch.randn(6, d_out, dtype=F64, generator=gen)
+    results = []
+    for run in (op, lambda *a, **k: K.kronecker_linear_reference(*a, **k)):
+        leaves = [t.clone().requires_grad_(True) for t in (x, A, B)]
+        out = run(*leaves, base_out=base if with_base else None, out_features=d_out)
+        out.mul_(2.0).relu_()
+        results.append((out, *torch.autograd.grad(out, leaves, upstream)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)

@@ -77,26 +77,19 @@ def test_a_layer_whose_factors_go_unused_gets_no_gradient() -> None:
     assert layers[2][0][-1].grad.abs().sum() > 0
 
 
-def test_rerunnable_node_back_propagates_once_per_backward() -> None:
-    """The pass node may run backward again for other layers (reentrant checkpointing does that); gradients add up
-    to those of one backward through all. A plain node refuses the second run."""
+def test_in_place_update_between_forward_and_backward_raises() -> None:
+    """The node keeps its intermediates itself (out of activation checkpointing's sight), so it checks the diagonals'
+    versions as autograd checks saved tensors."""
     shape = TuckerShape((2, 3, 2), (3, 2, 2), (2, 3, 1))
     core, factors, layers = _layers(shape, "both", count=2)
-    vectors = _vectors(layers)
-    pairs = kronecker_networks(shape, core, factors, layers, rerunnable=True)
-    pairs[0][0].pow(2).sum().backward()
-    pairs[1][1].pow(2).sum().backward()
-    got = [v.grad.clone() for v in vectors]
-    for v in vectors:
-        v.grad = None
-    pairs = kronecker_networks(shape, core, factors, layers)
-    (pairs[0][0].pow(2).sum() + pairs[1][1].pow(2).sum()).backward()
-    for g, v in zip(got, vectors):
-        torch.testing.assert_close(g, v.grad, atol=1e-12, rtol=0)
-    pairs = kronecker_networks(shape, core, factors, layers)
-    pairs[0][0].sum().backward()
-    with pytest.raises(RuntimeError, match="second time"):
-        pairs[1][1].sum().backward()
+    for pairs in (kronecker_networks(shape, core, factors, layers), [kronecker_network(shape, core, factors, *layers[0])]):
+        with torch.no_grad():
+            layers[0][0][1].mul_(1.5)  # before the forward: fine
+        loss = pairs[0][0].sum() if len(pairs) == 1 else pairs[1][0].sum()
+        with torch.no_grad():
+            layers[0][0][1].mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified in place"):
+            loss.backward()
 
 
 # -- a whole model ---------------------------------------------------------------------------------------------------
@@ -105,6 +98,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _llama(**config: object) -> nn.Module:
+    """A 2-layer Llama at 256 hidden (the default layout: R_N = 1 on every projection), TeRA on all seven."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -116,14 +110,16 @@ def _llama(**config: object) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _per_layer_networks():
-    """TeRA without the pass: every layer forms its own network."""
-    original = TeRAAdapter.__dict__["forward_pass"]
-    TeRAAdapter.forward_pass = classmethod(lambda cls, adapters: contextlib.nullcontext())
+def _per_layer_networks(model: nn.Module):
+    """TeRA without the pass (`TeRAConfig.batch_networks=False`, flipped on the built layers): a network per layer."""
+    layers = [m for m in model.modules() if isinstance(m, TeRAAdapter)]
+    for layer in layers:
+        layer.batch_networks = False
     try:
         yield
     finally:
-        TeRAAdapter.forward_pass = original
+        for layer in layers:
+            layer.batch_networks = True
 
 
 @contextlib.contextmanager
@@ -132,7 +128,7 @@ def _count_network_nodes():
     original = tera_network.KroneckerNetworkFunction.apply
 
     def counted(*args):
-        calls.append(args[3])  # n_layers
+        calls.append(args[2])  # n_layers
         return original(*args)
 
     tera_network.KroneckerNetworkFunction.apply = counted
@@ -159,8 +155,8 @@ def test_model_step_with_the_pass_equals_per_layer_networks(mode: str) -> None:
     with _count_network_nodes() as calls:
         batched = _step(model, ids)
     assert sorted(calls) == sorted(sum(layer.bucket == b for layer in layers) for b in buckets)
-    with _per_layer_networks(), _count_network_nodes() as calls:
-        per_layer = _step(model, ids)
+    with _count_network_nodes() as calls:
+        per_layer = _step(_llama(forward_mode=mode, batch_networks=False), ids)  # the same seeds: the same model
     assert calls == [1] * len(layers)
     assert len(buckets) > 1 and len(layers) == 2 * len(TARGETS)
     for got, want in zip(batched, per_layer):
@@ -209,6 +205,98 @@ def test_inner_model_deepcopy_and_generate_after_a_pass() -> None:
     torch.testing.assert_close(clone(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         tokens = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
-        with _per_layer_networks():
+        with _per_layer_networks(model):
             again = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(tokens, again) and tokens.shape == (1, 10)
+
+
+def _checkpointed_step_with(between: str) -> list[torch.Tensor]:
+    """A non-reentrant checkpointed training forward through the PeftModel, another forward `between` it and its
+    backward, then the backward."""
+    model = _llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    if between == "no_grad":
+        with torch.no_grad():
+            model(input_ids=ids)
+    elif between == "inference_mode":
+        with torch.inference_mode():
+            model(input_ids=ids)
+    elif between == "inner model":  # no pass: the layers form their own networks
+        model.base_model.model(input_ids=ids).logits.sum()
+    loss.backward()
+    return [loss.detach(), *(p.grad for p in model.parameters() if p.requires_grad)]
+
+
+@pytest.mark.parametrize("between", ["no_grad", "inference_mode", "inner model"])
+def test_checkpointed_forward_survives_another_forward_before_its_backward(between: str) -> None:
+    """The recomputation in backward saves what its forward saved whatever ran in between (the network node's
+    intermediates are invisible to checkpointing): gradients equal the step without checkpointing."""
+    want = _step(_llama(), torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)))
+    for g, w in zip(_checkpointed_step_with(between), want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_layers_get_factors_without_autograd() -> None:
+    """A layer whose diagonals are frozen shares no node with trainable ones: its factors (and so its output) do not
+    require grad, and backward never enters the frozen part below it."""
+    model = _llama()
+    layers = [m for m in model.modules() if isinstance(m, TeRAAdapter)]
+    frozen = layers[: len(TARGETS)]  # the first decoder layer
+    for layer in frozen:
+        layer.requires_grad_(False)
+    seen = {}
+    original = TeRAAdapter._kronecker_factors
+
+    def spy(self: TeRAAdapter):
+        pair = original(self)
+        seen[self] = pair[0].requires_grad
+        return pair
+
+    TeRAAdapter._kronecker_factors = spy
+    try:
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        TeRAAdapter._kronecker_factors = original
+    assert len(seen) == len(layers)
+    assert all(not seen[layer] for layer in frozen) and all(seen[layer] for layer in layers[len(TARGETS):])
+    assert all(p.grad is None for layer in frozen for p in layer.parameters())
+
+
+def test_disabled_and_merged_adapters_inside_a_pass() -> None:
+    """`disable_adapter()` gives the base model's logits; merged layers run no network (none is formed for them)
+    and give the unmerged logits."""
+    model = _llama()
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        model.merge_adapter()
+        with _count_network_nodes() as calls:
+            merged = model(input_ids=ids).logits
+        model.unmerge_adapter()
+    reference = _llama()
+    with torch.no_grad(), reference.disable_adapter():
+        torch.testing.assert_close(base, reference(input_ids=ids).logits, rtol=0, atol=0)
+    assert calls == [] and (adapted - base).abs().max() > 1e-3
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_lm_forward_and_generate_form_one_node_per_bucket() -> None:
+    """Through PeftModelForCausalLM (its forward enters the hook and calls the tuner's forward: one pass, not two)
+    and through generate (one pass for every step)."""
+    model = _llama(task_type="CAUSAL_LM")
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    buckets = {m.bucket for m in model.modules() if isinstance(m, TeRAAdapter)}
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2))
+    with _count_network_nodes() as calls:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == len(buckets)
+    with torch.no_grad(), _count_network_nodes() as calls:
+        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert len(calls) == len(buckets)

@@ -177,12 +177,17 @@ class AdapterModel(BaseTuner):
         return stores[adapter_name]
 
     def _adapter_layers(self) -> list[AdapterLayer]:
-        """This tuner's layers (memoized; injection and deletion reset the memo)."""
-        layers = self.__dict__.get("_layers_memo")
+        """This tuner's layers, memoized (every module replacement resets the memo; a DataParallel replica, whose
+        copied memo would name the original layers, looks them up)."""
+        layers = None if getattr(self, "_is_replica", False) else self.__dict__.get("_layers_memo")
         if layers is None:
             layers = [m for m in self.model.modules() if isinstance(m, self.tuner_layer_cls)]
             self.__dict__["_layers_memo"] = layers
         return layers
+
+    def _replace_module(self, *args: Any, **kwargs: Any) -> Any:
+        self.__dict__.pop("_layers_memo", None)
+        return super()._replace_module(*args, **kwargs)
 
     def _running_adapters(self) -> Iterator[MethodAdapter]:
         """The adapters a forward pass runs: the active ones of layers that are neither merged nor disabled."""
@@ -257,7 +262,7 @@ class AdapterModel(BaseTuner):
         parameter_name: Optional[str] = None,
     ) -> None:
         shared = self._shared_state(adapter_name, peft_config)
-        self.__dict__.pop("_layers_memo", None)
+        self.__dict__.pop("_layers_memo", None)  # a new adapter in an existing layer, or a new layer
         if isinstance(target, AdapterLayer):
             target.update_layer(adapter_name, peft_config, shared=shared)
         else:

@@ -25,19 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
 from .._peft_compat import BufferDict
-from ..init.tucker import (
-    TuckerShape,
-    tucker_apply,
-    tucker_to_tensor,
-    unfold_view,
-)
-from ..init.tucker_cost import (
-    CUDA_FACTORED_TOKENS,
-    apply_macs,
-    best_mode,
-    edge_kronecker_cost,
-    training_step_costs,
-)
+from ..init.tucker import TuckerShape, tucker_apply, tucker_to_tensor, unfold_view
+from ..init.tucker_cost import CUDA_FACTORED_TOKENS, apply_macs, best_mode, edge_kronecker_cost, training_step_costs
 from ..init.tucker_random import shared_random_factors, split_shared
 from ..kernels._dispatch import as_dtype
 from .base import FrozenBase, MethodAdapter
@@ -78,6 +67,8 @@ class TeRAConfig(SpecPeftConfig):
             torch random-integer generator (init/tucker_random.py).
         forward_mode: "materialized" runs the base op on W + Δ (Δ rebuilt in backward, never saved); "factored"
             contracts x mode by mode without forming Δ; "auto" picks the cheaper by the batch's token count.
+        batch_networks: form the factors of all same-shape layers in one autograd node at the start of each forward
+            pass (adapters/tera_pass.py; same values, far fewer ops); False forms them layer by layer.
     """
 
     METHOD = "TERA"
@@ -90,6 +81,7 @@ class TeRAConfig(SpecPeftConfig):
     projection_seed: int = 0
     save_shared_factors: bool = False
     forward_mode: ForwardMode = "auto"
+    batch_networks: bool = True
 
     def validate(self) -> None:
         if self.tensor_order < 2:
@@ -146,6 +138,7 @@ class TeRAAdapter(MethodAdapter):
         scale_sides: ScaleSides = "both",
         alpha: float = 1.0,
         forward_mode: ForwardMode = "auto",
+        batch_networks: bool = True,
     ) -> None:
         super().__init__(geometry)
         if shape.out_features * shape.in_features != math.prod(geometry.weight_shape):
@@ -154,7 +147,7 @@ class TeRAAdapter(MethodAdapter):
                 f"{geometry.matrix_shape[1]} weight; fix TeRAConfig.mode_sizes for this shape."
             )
         self.shape, self.alpha, self.forward_mode, self.scale_sides = shape, float(alpha), forward_mode, scale_sides
-        self.bucket = shape.key
+        self.bucket, self.batch_networks = shape.key, batch_networks
         if shared is None:  # standalone use (no tuner): own the store, registered so it moves with the adapter
             shared = BufferDict(persistent=False)
             self.private_shared = shared
@@ -183,8 +176,7 @@ class TeRAAdapter(MethodAdapter):
 
     @classmethod
     def forward_pass(cls, adapters: Iterable[MethodAdapter]) -> AbstractContextManager[None]:
-        """The factors of every same-bucket layer as one network node per pass (adapters/tera_pass.py)."""
-        return network_pass(adapters)
+        return network_pass(adapters)  # one network node per bucket and pass (adapters/tera_pass.py)
 
     @classmethod
     def create(
@@ -205,11 +197,10 @@ class TeRAAdapter(MethodAdapter):
             except ValueError as exc:
                 raise ValueError(f"TeRA layer '{name}': {exc}") from exc
         return cls(geometry, shape, shared, config.projection_seed, config.scale_sides, config.alpha,
-                   config.forward_mode)
+                   config.forward_mode, config.batch_networks)
 
     def record(self) -> dict:
-        return {"out_modes": list(self.shape.out_modes), "in_modes": list(self.shape.in_modes),
-                "ranks": list(self.shape.ranks)}
+        return {key: list(getattr(self.shape, key)) for key in ("out_modes", "in_modes", "ranks")}
 
     # -- factors ------------------------------------------------------------------------------------------------
 
@@ -251,14 +242,11 @@ class TeRAAdapter(MethodAdapter):
         core = as_dtype(core, dtype)
         return (core * self.alpha if self.alpha != 1.0 else core), scaled
 
-    def _network(self, *vectors: Tensor) -> Tensor:
-        """α·Δ from the given vectors in their dtype (fp32), as the strided (m_1..m_N, n_1..n_N) view."""
-        core, factors = self._scaled(vectors, vectors[0].dtype)
-        return unfold_view(tucker_to_tensor(core, factors), self.shape)  # (J_1..J_N) -> (m_1..m_N, n_1..n_N)
-
     def _build(self, *vectors: Tensor) -> Tensor:
         """α·Δ from the given vectors, in the vectors' dtype (fp32), normalized layout `(out, in/groups, *k)`."""
-        return self._network(*vectors).reshape(self.geometry.weight_shape)  # (m_1.., n_1..) -> (out, in/g, *k)
+        core, factors = self._scaled(vectors, vectors[0].dtype)
+        delta = unfold_view(tucker_to_tensor(core, factors), self.shape)  # (J_1..J_N) -> (m_1..m_N, n_1..n_N)
+        return delta.reshape(self.geometry.weight_shape)  # (m_1.., n_1..) -> (out, in/g, *k)
 
     def delta_weight(self) -> Tensor:
         return self._build(*self.vectors())
@@ -300,6 +288,14 @@ class TeRAAdapter(MethodAdapter):
         """The cheapest merged-weight plan (`_step_costs`): "dense" dΔ, "projected", or (R_N = 1 on a plain linear)
         "kronecker", run by `kernels.kronecker_merged_linear`."""
         return self._step_costs(tokens)[1]
+
+    def may_use_kronecker_factors(self) -> bool:
+        """Some token count runs a path that reads `_kronecker_factors` (factored with `edge_kronecker`, the merged
+        "kronecker" plan with `kronecker_capable`; no convolution, no Triton kernel): a forward pass forms them."""
+        if self.geometry.kind != "linear" or self.kernel_path(self.vectors()[0]) == "triton":
+            return False
+        factored = self.forward_mode != "materialized" and self.edge_kronecker
+        return factored or (self.forward_mode != "factored" and self.kronecker_capable)
 
     def _kronecker_factors(self) -> tuple[Tensor, Tensor]:
         """(A, B) with α·Δ = Σ_r A_r ⊗ B_r split at the last mode, in the vectors' dtype, as one autograd node

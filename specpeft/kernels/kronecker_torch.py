@@ -62,7 +62,7 @@ def accumulate_mm(acc: Tensor, left: Tensor, right: Tensor) -> None:
         acc += (left @ right).to(acc.dtype)
 
 
-def _pad(rows: Tensor, size: int) -> Tensor:
+def pad_columns(rows: Tensor, size: int) -> Tensor:
     return rows if rows.shape[1] == size else F.pad(rows, (0, size - rows.shape[1]))  # zero columns: padded factors
 
 
@@ -81,7 +81,7 @@ def _accumulate(total: Optional[Tensor], piece: Tensor, dtype: torch.dtype) -> T
     return total.add_(piece)
 
 
-def _stack(parts: list[Tensor]) -> Tensor:
+def stack_components(parts: list[Tensor]) -> Tensor:
     """R × (p, q) -> (R, p, q); a view for R = 1 (TeRA's factors), no copy."""
     return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
 
@@ -118,8 +118,8 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
     for start, stop in chunks:
         c = stop - start
         g_rows, x_rows = (grad_y, x) if len(chunks) == 1 else (grad_y[start:stop], x[start:stop])
-        gs = _spread(_pad(g_rows, m1 * m2), m1, m2, transposed, dtype).view(p1, c * p2)  # (p1, c·p2)
-        xs = _spread(_pad(x_rows, n1 * n2), n1, n2, transposed, dtype).view(q1 * c, q2)  # (q1·c, q2)
+        gs = _spread(pad_columns(g_rows, m1 * m2), m1, m2, transposed, dtype).view(p1, c * p2)  # (p1, c·p2)
+        xs = _spread(pad_columns(x_rows, n1 * n2), n1, n2, transposed, dtype).view(q1 * c, q2)  # (q1·c, q2)
         for k in range(R):
             if need_b:  # D_k = A_kᵀ Gs: (q1, p1) @ (p1, c·p2) -> (q1·c, p2); dB_k = D_kᵀ Xs over (p, t)
                 grad_b[k] = _accumulate(grad_b[k], (a[k].T @ gs).view(q1 * c, p2).T @ xs, acc)  # (p2, q2)
@@ -128,8 +128,8 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
     if not chunks:  # no tokens: zero gradients
         grad_a = [torch.zeros(p1, q1, device=x.device, dtype=acc)] * R
         grad_b = [torch.zeros(p2, q2, device=x.device, dtype=acc)] * R
-    stacked_a = _stack(grad_a) if need_a else None  # R × (p1, q1) -> (R, p1, q1)
-    stacked_b = _stack(grad_b) if need_b else None
+    stacked_a = stack_components(grad_a) if need_a else None  # R × (p1, q1) -> (R, p1, q1)
+    stacked_b = stack_components(grad_b) if need_b else None
     return (stacked_b, stacked_a) if transposed else (stacked_a, stacked_b)  # the run problem's A is b, its B is a
 
 
@@ -234,22 +234,23 @@ class KroneckerBmmFunction(torch.autograd.Function):
         A first:  U_t = A_k X_t,  Y_t = U_t B_kᵀ;    dX_t = Σ_k A_kᵀ V_t with V_t = G_t B_k,
                   dB_k = Σ_t G_tᵀ U_t,  dA_k = Σ_t V_t X_tᵀ  (copies X as (T·n2, n1) once, V per component).
 
-    The GEMMs run in x's dtype (base_out, (T, d_out) or None, must be in it), dA and dB too (rounded once, then cast to
-    the factors' dtype, as the einsum reference's autograd does). Saved: x when a factor needs a gradient, Z_tᵀ (U_t)
-    per component when A (B) does. Once differentiable, like the Triton op.
+    The GEMMs run in x's dtype (base_out, (T, m1·m2) or None, must be in it), dA and dB too (rounded once, then cast
+    to the factors' dtype, as the einsum reference's autograd does). Returns Y (T, m1, m2) (`apply_kronecker_op` crops
+    it). Saved: x when a factor needs a gradient, Z_tᵀ (U_t) per component when A (B) does. Once differentiable, like
+    the Triton op.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor],  # type: ignore[override]
-                d_out: int) -> Tensor:
+    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor]) -> Tensor:  # type: ignore[override]
         T, d_in = x.shape
         R, m1, n1 = A.shape
         _, m2, n2 = B.shape
         a, b = as_dtype(A, x.dtype), as_dtype(B, x.dtype)
-        X = _pad(x, n1 * n2).reshape(T, n1, n2).contiguous()  # (T, n1·n2) -> (T, n1, n2)
+        X = pad_columns(x, n1 * n2).reshape(T, n1, n2).contiguous()  # (T, n1·n2) -> (T, n1, n2)
         a_first = kronecker_a_first(m1, n1, m2, n2)
-        fused = base_out is not None and d_out == m1 * m2 and R > 0  # base_out is the first accumulator
-        y = base_out.reshape(T, m1, m2) if fused else x.new_zeros(T, m1, m2) if R == 0 else None
+        y = None if base_out is None else base_out.reshape(T, m1, m2)  # the first accumulator, kept (out of place)
+        if R == 0:
+            y = x.new_zeros(T, m1, m2) if y is None else y.clone()
         saved = []
         for k in range(R):
             if a_first:  # U_t = A_k X_t: (T, m1, n1) @ (T, n1, n2) -> (T, m1, n2); Y_t = U_t B_kᵀ
@@ -258,29 +259,30 @@ class KroneckerBmmFunction(torch.autograd.Function):
             else:  # Z_tᵀ = B_k X_tᵀ: (T, m2, n2) @ (T, n2, n1) -> (T, m2, n1); Y_t = A_k Z_t
                 saved.append(torch.bmm(b[k].expand(T, m2, n2), X.mT))
                 left, right = a[k].expand(T, m1, n1), saved[-1].mT
-            y = torch.bmm(left, right) if y is None else torch.baddbmm(y, left, right)  # (T, m1, m2)
-        out = y.view(T, m1 * m2)  # (T, m1, m2) -> (T, m1·m2)
-        if not fused:
-            out = out[:, :d_out] if base_out is None else base_out + out[:, :d_out]
+            if y is None:
+                y = torch.bmm(left, right)  # (T, m1, m2)
+            else:
+                y = torch.baddbmm(y, left, right) if k == 0 else y.baddbmm_(left, right)
         ctx.a_first, ctx.d_in, ctx.dtypes = a_first, d_in, (A.dtype, B.dtype)
         need_a, need_b = ctx.needs_input_grad[1:3]
         keep_saved = need_b if a_first else need_a  # U_t feeds dB, Z_tᵀ feeds dA
         ctx.save_for_backward(X if need_a or need_b else None, a, b, *(saved if keep_saved else [None] * R))
-        return out
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
         X, a, b, *saved = ctx.saved_tensors
-        need_x, need_a, need_b, need_base, _ = ctx.needs_input_grad
+        need_x, need_a, need_b, need_base = ctx.needs_input_grad
         R, m1, n1 = a.shape
         _, m2, n2 = b.shape
         T = grad_y.shape[0]
+        grad_base = grad_y.reshape(T, m1 * m2) if need_base else None
         if R == 0:  # no components: zero gradients
             return (grad_y.new_zeros(T, ctx.d_in) if need_x else None,
                     torch.zeros_like(a, dtype=ctx.dtypes[0]) if need_a else None,
-                    torch.zeros_like(b, dtype=ctx.dtypes[1]) if need_b else None, grad_y if need_base else None, None)
-        G = _pad(grad_y, m1 * m2).reshape(T, m1, m2).contiguous()  # (T, d_out) -> (T, m1, m2)
+                    torch.zeros_like(b, dtype=ctx.dtypes[1]) if need_b else None, grad_base)
+        G = grad_y.contiguous()  # (T, m1, m2)
         if need_a:  # dA contracts tokens with a column axis: G (B first) or X (A first) laid out so, once
             spread = X.mT.reshape(T * n2, n1) if ctx.a_first else G.transpose(0, 1).reshape(m1, T * m2)
         grad_x: Optional[Tensor] = None
@@ -305,22 +307,36 @@ class KroneckerBmmFunction(torch.autograd.Function):
                     grad_a.append(spread @ saved[k].view(T * m2, n1))
         if grad_x is not None:
             grad_x = grad_x.reshape(T, n1 * n2)[:, :ctx.d_in]  # (T, n1, n2) -> (T, d_in)
-        return (grad_x, as_dtype(_stack(grad_a), ctx.dtypes[0]) if need_a else None,
-                as_dtype(_stack(grad_b), ctx.dtypes[1]) if need_b else None, grad_y if need_base else None, None)
+        return (grad_x, as_dtype(stack_components(grad_a), ctx.dtypes[0]) if need_a else None,
+                as_dtype(stack_components(grad_b), ctx.dtypes[1]) if need_b else None, grad_base)
 
 
-def kronecker_linear_bmm(x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor] = None,
-                         out_features: Optional[int] = None) -> Tensor:
-    """`kernels.kronecker_linear`'s torch op on CUDA (`KroneckerBmmFunction`; shapes as that op validates): x (...,
-    d_in ≤ n1·n2), A (R, m1, n1), B (R, m2, n2), base_out (..., d_out) or None → (..., d_out), d_out = out_features
-    or m1·m2. Runs in x's dtype or autocast's, base_out cast to it (as the Triton op adds it). Its step runs 35 aten
-    ops against the einsum reference's 80 (host time); a TeRA layer's step on an H100 at T = 16384 took 0.85×
-    (4096², B first), 0.94× (4096×11008, B first) and 0.99× (11008×4096, A first) of its time on the einsum path
-    (benchmarks/results/tera_gpu.md). MKL's batched small GEMMs make it up to 1.8× slower on CPU."""
-    d_in, d_out = x.shape[-1], out_features or A.shape[1] * B.shape[1]
+def apply_kronecker_op(function: type[torch.autograd.Function], x: Tensor, A: Tensor, B: Tensor,
+                       base_out: Optional[Tensor] = None, out_features: Optional[int] = None) -> Tensor:
+    """`kernels.kronecker_linear` through a torch op that takes x (T, d_in) and base_out (T, m1·m2) or None and returns
+    Y in a layout that reshapes to (T, m1·m2) (`KroneckerBmmFunction`, `kronecker_gemm.KroneckerGemmFunction`): run in
+    x's dtype or autocast's, base_out cast to it and added by the op when it covers Y (else after the crop to d_out,
+    here: the op's output is never a view, so it may be modified in place)."""
+    d_in, width = x.shape[-1], A.shape[1] * B.shape[1]
+    d_out = out_features or width
     dtype = autocast_dtype(x)
     with autocast_off(x.device.type):
         rows = as_dtype(x, dtype).reshape(-1, d_in)  # (..., d_in) -> (T, d_in)
         base_rows = None if base_out is None else as_dtype(base_out, dtype).reshape(-1, d_out)
-        y = KroneckerBmmFunction.apply(rows, A, B, base_rows, d_out)
+        inside = base_rows is not None and d_out == width
+        y = function.apply(rows, A, B, base_rows if inside else None).reshape(-1, width)  # -> (T, m1·m2)
+        if d_out < width:
+            y = y[:, :d_out]
+        if base_rows is not None and not inside:
+            y = base_rows + y
     return y.reshape(*x.shape[:-1], d_out)  # (T, d_out) -> (..., d_out)
+
+
+def kronecker_linear_bmm(x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor] = None,
+                         out_features: Optional[int] = None) -> Tensor:
+    """`kernels.kronecker_linear`'s torch op on CUDA (`KroneckerBmmFunction` by `apply_kronecker_op`; shapes as
+    `kronecker_linear` validates them). Its step runs 35 aten ops against the einsum reference's 80 (host time); a
+    TeRA layer's step on an H100 at T = 16384 took 0.85× (4096², B first), 0.94× (4096×11008, B first) and 0.99×
+    (11008×4096, A first) of its time on the einsum path (benchmarks/results/tera_gpu.md). MKL's batched small GEMMs
+    make it up to 1.8× slower on CPU."""
+    return apply_kronecker_op(KroneckerBmmFunction, x, A, B, base_out, out_features)
