@@ -14,6 +14,7 @@ import specpeft.kernels as K
 from specpeft.init.tucker_cost import kronecker_a_first
 from specpeft.kernels.kronecker_gemm import KroneckerGemmFunction, kronecker_linear_gemm
 from specpeft.kernels.kronecker_torch import kronecker_linear_bmm
+from test_kronecker_torch import _dense, _factors
 
 F64 = torch.float64
 # (R, m1, n1, m2, n2, d_out, d_in): in each contraction order (A first: the last four) one component and several,
@@ -30,15 +31,6 @@ SHAPES = [
 ]
 B_FIRST, A_FIRST = SHAPES[0], SHAPES[4]  # exact tiling: base_out goes through the op that writes y's layout
 B_FIRST_CROPPED, A_FIRST_CROPPED = SHAPES[3], SHAPES[7]  # d_out < m1·m2: base_out added after the crop
-
-
-def _factors(R: int, m1: int, n1: int, m2: int, n2: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(R, m1, n1, dtype=F64, generator=gen), torch.randn(R, m2, n2, dtype=F64, generator=gen)
-
-
-def _dense(A: torch.Tensor, B: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
-    return sum(torch.kron(a, b) for a, b in zip(A, B))[:d_out, :d_in]  # (m1·m2, n1·n2) cropped
 
 
 def _reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base: Optional[torch.Tensor], d_out: int,

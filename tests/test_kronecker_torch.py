@@ -326,8 +326,8 @@ def test_bmm_linear_compiles_as_one_graph_and_matches_eager(shape: tuple) -> Non
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]])  # B first, A first
 def test_bmm_linear_saves_only_what_the_needed_gradients_read(shape: tuple) -> None:
-    """x is saved only for a factor gradient, the forward's intermediate Z_tᵀ (B first) only for dA, U_t (A first)
-    only for dB: a frozen adapter keeps no activation-sized tensor."""
+    """The forward's intermediate Z_tᵀ (B first) is saved only for dA, U_t (A first) only for dB, and x only for the
+    other factor's gradient: a frozen adapter keeps no activation-sized tensor."""
     R, m1, n1, m2, n2, d_out, d_in = shape
     tokens = 37  # no factor dimension equals it
     reads_intermediate = "B" if kronecker_a_first(m1, n1, m2, n2) else "A"
@@ -339,7 +339,7 @@ def test_bmm_linear_saves_only_what_the_needed_gradients_read(shape: tuple) -> N
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
             kronecker_linear_bmm(leaves["x"], leaves["A"], leaves["B"], out_features=d_out)
         token_sized = [shape for shape in saved if shape[0] == tokens]
-        expected = 0 if trainable == "x" else 2 if trainable == reads_intermediate else 1
+        expected = 0 if trainable == "x" else R if trainable == reads_intermediate else 1
         assert len(token_sized) == expected, (trainable, saved)
 
 

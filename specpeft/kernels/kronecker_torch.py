@@ -236,8 +236,8 @@ class KroneckerBmmFunction(torch.autograd.Function):
 
     The GEMMs run in x's dtype (base_out, (T, m1·m2) or None, must be in it), dA and dB too (rounded once, then cast
     to the factors' dtype, as the einsum reference's autograd does). Returns Y (T, m1, m2) (`apply_kronecker_op` crops
-    it). Saved: x when a factor needs a gradient, Z_tᵀ (U_t) per component when A (B) does. Once differentiable, like
-    the Triton op.
+    it). Saved: Z_tᵀ per component and x when A and B (B first), or U_t and x when B and A (A first) need gradients.
+    Once differentiable, like the Triton op.
     """
 
     @staticmethod
@@ -266,7 +266,8 @@ class KroneckerBmmFunction(torch.autograd.Function):
         ctx.a_first, ctx.d_in, ctx.dtypes = a_first, d_in, (A.dtype, B.dtype)
         need_a, need_b = ctx.needs_input_grad[1:3]
         keep_saved = need_b if a_first else need_a  # U_t feeds dB, Z_tᵀ feeds dA
-        ctx.save_for_backward(X if need_a or need_b else None, a, b, *(saved if keep_saved else [None] * R))
+        keep_x = need_a if a_first else need_b  # and X the other one
+        ctx.save_for_backward(X if keep_x else None, a, b, *(saved if keep_saved else [None] * R))
         return y
 
     @staticmethod
