@@ -337,15 +337,18 @@ def test_public_torch_backend_on_cpu_runs_this_op(shape: tuple, with_base: bool)
 
 @pytest.mark.parametrize("op", [kronecker_linear_gemm, kronecker_linear_bmm])
 @pytest.mark.parametrize("with_base", [True, False])
-@pytest.mark.parametrize("shape", [B_FIRST, A_FIRST, B_FIRST_CROPPED, A_FIRST_CROPPED])
-def test_output_can_be_modified_in_place(op: Callable[..., torch.Tensor], shape: tuple, with_base: bool) -> None:
+@pytest.mark.parametrize("tokens", [6, 0])
+@pytest.mark.parametrize("shape", [B_FIRST, A_FIRST, B_FIRST_CROPPED, A_FIRST_CROPPED, (1, 6, 4, 1, 3, 6, 12)])
+def test_output_can_be_modified_in_place(op: Callable[..., torch.Tensor], shape: tuple, tokens: int,
+                                         with_base: bool) -> None:
     """The torch ops' output is not a view made inside their autograd node (which autograd forbids to modify), so a
-    following in-place op (ReLU(inplace=True), `out += …`) works, with the gradients of the dense formula."""
+    following in-place op (ReLU(inplace=True), `out += …`) works, with the gradients of the dense formula; also where
+    a layout change is a no-op (m2 = 1, no tokens)."""
     R, m1, n1, m2, n2, d_out, d_in = shape
     A, B = _factors(R, m1, n1, m2, n2, seed=16)
     gen = torch.Generator().manual_seed(17)
-    x, base = torch.randn(6, d_in, dtype=F64, generator=gen), torch.randn(6, d_out, dtype=F64, generator=gen)
-    upstream = torch.randn(6, d_out, dtype=F64, generator=gen)
+    x, base = torch.randn(tokens, d_in, dtype=F64, generator=gen), torch.randn(tokens, d_out, dtype=F64, generator=gen)
+    upstream = torch.randn(tokens, d_out, dtype=F64, generator=gen)
     results = []
     for run in (op, lambda *a, **k: K.kronecker_linear_reference(*a, **k)):
         leaves = [t.clone().requires_grad_(True) for t in (x, A, B)]

@@ -14,7 +14,7 @@ from torch import nn
 import specpeft
 from adapter_matrix import perturb
 from specpeft import TeRAConfig
-from specpeft.adapters import tera_network
+from specpeft.adapters import tera_network, tera_pass
 from specpeft.adapters.tera import TeRAAdapter
 from specpeft.adapters.tera_network import kronecker_network, kronecker_networks
 from specpeft.init.tucker import TuckerShape
@@ -78,18 +78,21 @@ def test_a_layer_whose_factors_go_unused_gets_no_gradient() -> None:
 
 
 def test_in_place_update_between_forward_and_backward_raises() -> None:
-    """The node keeps its intermediates itself (out of activation checkpointing's sight), so it checks the diagonals'
-    versions as autograd checks saved tensors."""
+    """The node keeps its intermediates itself (out of activation checkpointing's sight), so it checks the versions of
+    what they alias, as autograd checks saved tensors: one layer's diagonals, and the shared core of any node."""
     shape = TuckerShape((2, 3, 2), (3, 2, 2), (2, 3, 1))
     core, factors, layers = _layers(shape, "both", count=2)
-    for pairs in (kronecker_networks(shape, core, factors, layers), [kronecker_network(shape, core, factors, *layers[0])]):
-        with torch.no_grad():
-            layers[0][0][1].mul_(1.5)  # before the forward: fine
-        loss = pairs[0][0].sum() if len(pairs) == 1 else pairs[1][0].sum()
-        with torch.no_grad():
-            layers[0][0][1].mul_(2.0)
-        with pytest.raises(RuntimeError, match="modified in place"):
-            loss.backward()
+    loss = kronecker_network(shape, core, factors, *layers[0])[0].sum()
+    with torch.no_grad():
+        layers[0][0][1].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
+    loss = kronecker_networks(shape, core, factors, layers)[1][0].sum()
+    with torch.no_grad():
+        layers[0][0][1].mul_(2.0)  # stacked into a copy for two layers: the backward reads the forward's values
+        core.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
 
 
 # -- a whole model ---------------------------------------------------------------------------------------------------
@@ -135,7 +138,7 @@ def _count_network_nodes():
     try:
         yield calls
     finally:
-        tera_network.KroneckerNetworkFunction.apply = original
+        del tera_network.KroneckerNetworkFunction.apply  # back to autograd.Function's
 
 
 def _step(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -166,9 +169,9 @@ def test_model_step_with_the_pass_equals_per_layer_networks(mode: str) -> None:
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_pass_under_activation_checkpointing(reentrant: bool) -> None:
-    """transformers' gradient checkpointing, non-reentrant (the recomputation in backward must save what the forward
-    did, so it takes the pass's factors again) and reentrant (each recomputed block back-propagates the pass node,
-    and lm_head, adapted outside any block, once more): gradients equal the step without checkpointing."""
+    """transformers' gradient checkpointing, non-reentrant (the recomputation in backward forms its own networks and
+    must save what the forward saved) and reentrant (the forward of a checkpointed block runs without autograd; the
+    recomputation builds the graph; lm_head is adapted outside any block): gradients equal the step without it."""
     targets = [*TARGETS, "lm_head"]
     want = _step(_llama(targets=targets), torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)))
     model = _llama(targets=targets)
@@ -288,8 +291,8 @@ def test_disabled_and_merged_adapters_inside_a_pass() -> None:
 
 
 def test_causal_lm_forward_and_generate_form_one_node_per_bucket() -> None:
-    """Through PeftModelForCausalLM (its forward enters the hook and calls the tuner's forward: one pass, not two)
-    and through generate (one pass for every step)."""
+    """Through PeftModelForCausalLM (its forward enters the hook and calls the tuner's forward, whose nested pass adds
+    nothing) and through generate (one pass for every step)."""
     model = _llama(task_type="CAUSAL_LM")
     assert type(model).__name__ == "PeftModelForCausalLM"
     buckets = {m.bucket for m in model.modules() if isinstance(m, TeRAAdapter)}
@@ -300,3 +303,43 @@ def test_causal_lm_forward_and_generate_form_one_node_per_bucket() -> None:
     with torch.no_grad(), _count_network_nodes() as calls:
         model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
     assert len(calls) == len(buckets)
+
+
+def test_diagonals_swapped_or_changed_after_the_pass_began_are_not_served_stale_factors() -> None:
+    """Between the pass's start and a layer's call, FSDP (use_orig_params) swaps the diagonals for gathered views and
+    a hook may move or modify them: the layer then forms its own network from what it holds, as without the pass."""
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    results = []
+    for batch in (True, False):
+        model = _llama(batch_networks=batch)
+        layers = [m for m in model.modules() if isinstance(m, TeRAAdapter)]
+        swapped, changed = layers[0], layers[1]
+
+        def swap(module: nn.Module, _args: tuple) -> None:  # new Parameter objects, same values
+            for name in module._vector_names:
+                setattr(module, name, nn.Parameter(getattr(module, name).detach().clone()))
+
+        def change(module: nn.Module, _args: tuple) -> None:
+            with torch.no_grad():
+                module.vectors()[1].mul_(1.5)
+
+        hooks = [swapped.register_forward_pre_hook(swap), changed.register_forward_pre_hook(change)]
+        out = _step(model, ids)
+        for hook in hooks:
+            hook.remove()
+        results.append(out + [v.grad for v in swapped.vectors()] + [v.detach().clone() for v in changed.vectors()])
+    for got, want in zip(*results):
+        assert got is not None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_offloaded_or_misplaced_diagonals_take_no_part() -> None:
+    """Diagonals on the meta device (accelerate's offload keeps them there between calls) or on another device than
+    the bucket are left to the layer; the others are still batched."""
+    model = _llama()
+    layers = [m for m in model.modules() if isinstance(m, TeRAAdapter)]
+    meta = layers[0]
+    for name in meta._vector_names:
+        setattr(meta, name, nn.Parameter(torch.empty_like(getattr(meta, name), device="meta")))
+    table = tera_pass.batched_factors(layers)
+    assert table[meta] is None and all(table[layer] is not None for layer in layers[1:])

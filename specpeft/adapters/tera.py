@@ -167,6 +167,7 @@ class TeRAAdapter(MethodAdapter):
             for k, size in enumerate(sizes[side]):
                 self.register_parameter(f"{side}_scale_{k}", nn.Parameter(torch.ones(size)))
         self._vector_names = tuple(self._parameters)  # λ_1..λ_N, then μ_1..μ_N: the `vectors()` order
+        self.vector_sizes = tuple(p.numel() for p in self._parameters.values())
         with torch.no_grad():
             self.vectors()[0].zero_()  # λ_1 = 0 (μ_1 if only rank-side): Δ = 0 with a non-zero gradient
 
@@ -292,10 +293,9 @@ class TeRAAdapter(MethodAdapter):
     def may_use_kronecker_factors(self) -> bool:
         """Some token count runs a path that reads `_kronecker_factors` (factored with `edge_kronecker`, the merged
         "kronecker" plan with `kronecker_capable`; no convolution, no Triton kernel): a forward pass forms them."""
-        if self.geometry.kind != "linear" or self.kernel_path(self.vectors()[0]) == "triton":
-            return False
         factored = self.forward_mode != "materialized" and self.edge_kronecker
-        return factored or (self.forward_mode != "factored" and self.kronecker_capable)
+        reads = factored or (self.forward_mode != "factored" and self.kronecker_capable)
+        return reads and self.geometry.kind == "linear" and self.kernel_path(self.vectors()[0]) != "triton"
 
     def _kronecker_factors(self) -> tuple[Tensor, Tensor]:
         """(A, B) with α·Δ = Σ_r A_r ⊗ B_r split at the last mode, in the vectors' dtype, as one autograd node
@@ -385,12 +385,11 @@ class TeRAAdapter(MethodAdapter):
                                      weight=module.weight, bias=module.bias, mode=self.forward_mode, backend="triton")
 
     def num_trainable(self) -> int:
-        return sum(v.numel() for v in self.vectors())
+        return sum(self.vector_sizes)
 
     def extra_repr(self) -> str:
-        s = self.shape
-        return (f"out_modes={s.out_modes}, in_modes={s.in_modes}, ranks={s.ranks}, sides={self.scale_sides}, "
-                f"alpha={self.alpha}, forward_mode={self.forward_mode}")
+        return (f"out_modes={self.shape.out_modes}, in_modes={self.shape.in_modes}, ranks={self.shape.ranks}, "
+                f"sides={self.scale_sides}, alpha={self.alpha}, forward_mode={self.forward_mode}")
 
 
 REGISTRATION = dict(

@@ -64,8 +64,9 @@ class KroneckerNetworkFunction(torch.autograd.Function):
 
     The intermediates stay on the node rather than in `save_for_backward` (outside torch.compile): activation
     checkpointing then never sees them, so a layer may get its factors from a pass's node in forward and from a node
-    of its own when recomputed in backward (adapters/tera_pass.py) and still save the same tensors. The diagonals'
-    versions are checked in backward instead, as autograd checks saved tensors.
+    of its own when recomputed in backward (adapters/tera_pass.py) and still save the same tensors. The backward checks
+    the versions of what they alias instead (the shared core and factors; a single layer's diagonals, which L layers
+    stack into copies), as autograd checks saved tensors.
     """
 
     @staticmethod
@@ -87,8 +88,9 @@ class KroneckerNetworkFunction(torch.autograd.Function):
         ctx.traced = torch.compiler.is_compiling()
         if ctx.traced:  # a traced graph saves as usual
             ctx.save_for_backward(*kept)
-        else:  # tiny tensors, freed with the node
-            ctx.kept, ctx.vectors, ctx.versions = kept, vectors, [vector._version for vector in vectors]
+        else:  # tiny tensors, freed with the node; checked: what they alias (the bucket, one layer's diagonals)
+            checked = (core, *tensors[:order], *(vectors if n_layers == 1 else ()))
+            ctx.kept, ctx.checked, ctx.versions = kept, checked, [tensor._version for tensor in checked]
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         return (*A.unbind(0), *B.unbind(0)) if n_layers > 1 else (A, B)
 
@@ -116,9 +118,10 @@ class KroneckerNetworkFunction(torch.autograd.Function):
         shape: TuckerShape = ctx.shape
         order, rank = shape.order, shape.ranks[-1]
         lead = [ctx.n_layers] if ctx.n_layers > 1 else []
-        if not ctx.traced and any(v._version != version for v, version in zip(ctx.vectors, ctx.versions)):
-            raise RuntimeError("TeRA network: a diagonal (mode_scale_k / rank_scale_k) was modified in place between "
-                               "the forward and this backward; step the optimizer after backward.")
+        if not ctx.traced and any(t._version != version for t, version in zip(ctx.checked, ctx.versions)):
+            raise RuntimeError("TeRA network: a tensor its backward reads (a layer's mode_scale_k / rank_scale_k, or the "
+                               "shared core and factors) was modified in place after the forward; step the optimizer "
+                               "after backward.")
         saved = ctx.saved_tensors if ctx.traced else ctx.kept
         factors, scaled = saved[:order], saved[order:2 * order]
         inputs, vectors = saved[2 * order:3 * order - 1], saved[3 * order - 1:]

@@ -74,7 +74,9 @@ class KroneckerGemmFunction(torch.autograd.Function):
             y = acc
         else:  # B first: (T, m2, m1) -> (T, m1, m2), base_out added by the same op
             swapped = acc.view(T, m2, m1).transpose(1, 2)
-            y = swapped.contiguous() if base_out is None else base_out.reshape(T, m1, m2) + swapped
+            # clone, not contiguous(): with m1 = 1, m2 = 1 or T = 0 the swapped view is contiguous already
+            y = swapped.clone(memory_format=torch.contiguous_format) if base_out is None else \
+                base_out.reshape(T, m1, m2) + swapped
         need_a, need_b = ctx.needs_input_grad[1:3]
         need_run_a, need_run_b = (need_b, need_a) if transposed else (need_a, need_b)
         ctx.transposed, ctx.d_in, ctx.dtypes = transposed, d_in, (A.dtype, B.dtype)

@@ -1,12 +1,13 @@
 """Torch Kronecker contractions as plain 2-D GEMMs: the factor gradients of every Kronecker op, and the merged op.
 
-Row t of x, viewed row-major as X_t (n1×n2), gives y_t = vec(Σ_k A_k X_t B_kᵀ) = (Σ_k A_k ⊗ B_k) x_t. Two pieces:
+Row t of x, viewed row-major as X_t (n1×n2), gives y_t = vec(Σ_k A_k X_t B_kᵀ) = (Σ_k A_k ⊗ B_k) x_t. Three pieces:
 
 * `kronecker_factor_grads`: dA_k = Σ_t G_t B_k X_tᵀ and dB_k = Σ_t G_tᵀ A_k X_t, reductions over all tokens into
   R·(m1·n1 + m2·n2) numbers, from x and dY alone. The backward of the Triton `kronecker_linear` and of the merged
   op below.
 * `kronecker_linear_bmm`: y = base_out + x (Σ_k A_k ⊗ B_k)ᵀ as token-batched GEMMs, the torch path of
-  `kernels.kronecker_linear` on CUDA, with a hand-written backward.
+  `kernels.kronecker_linear` on CUDA, with a hand-written backward (`apply_kronecker_op` runs it and the CPU op of
+  kronecker_gemm.py the same way).
 * `kronecker_merged_linear`: y = x (W + Σ_k A_k ⊗ B_k)ᵀ + b as one GEMM on the merged weight, rebuilt in backward,
   never saved. With many tokens this beats applying the factors to x (three Kronecker passes per step): the base
   GEMMs absorb ΔW and only the factor gradients are extra, with no m×n dΔ (TeRA's Δ = P ⊗ M_N layers).
@@ -236,8 +237,8 @@ class KroneckerBmmFunction(torch.autograd.Function):
 
     The GEMMs run in x's dtype (base_out, (T, m1·m2) or None, must be in it), dA and dB too (rounded once, then cast
     to the factors' dtype, as the einsum reference's autograd does). Returns Y (T, m1, m2) (`apply_kronecker_op` crops
-    it). Saved: Z_tᵀ per component and x when A and B (B first), or U_t and x when B and A (A first) need gradients.
-    Once differentiable, like the Triton op.
+    it). Saved: B first, Z_tᵀ per component when A needs a gradient and x when B does; A first, U_t when B does and x
+    when A does. Once differentiable, like the Triton op.
     """
 
     @staticmethod
