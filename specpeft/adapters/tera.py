@@ -295,7 +295,7 @@ class TeRAAdapter(MethodAdapter):
         "kronecker" plan with `kronecker_capable`; no convolution, no Triton kernel): a forward pass forms them."""
         factored = self.forward_mode != "materialized" and self.edge_kronecker
         reads = factored or (self.forward_mode != "factored" and self.kronecker_capable)
-        return reads and self.geometry.kind == "linear" and self.kernel_path(self.vectors()[0]) != "triton"
+        return reads and self.geometry.kind == "linear" and self.kernel_path(self.shared_buffer) != "triton"
 
     def _kronecker_factors(self) -> tuple[Tensor, Tensor]:
         """(A, B) with α·Δ = Σ_r A_r ⊗ B_r split at the last mode, in the vectors' dtype, as one autograd node

@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from ..init.tucker_cost import kronecker_a_first
 from ._dispatch import as_dtype
-from .kronecker_torch import apply_kronecker_op, pad_columns, stack_components
+from .kronecker_torch import apply_kronecker_op, kept_for_factor_grads, pad_columns, stack_components
 
 __all__ = ["KroneckerGemmFunction", "kronecker_linear_gemm"]
 
@@ -77,10 +77,9 @@ class KroneckerGemmFunction(torch.autograd.Function):
             # clone, not contiguous(): with m1 = 1, m2 = 1 or T = 0 the swapped view is contiguous already
             y = swapped.clone(memory_format=torch.contiguous_format) if base_out is None else \
                 base_out.reshape(T, m1, m2) + swapped
-        need_a, need_b = ctx.needs_input_grad[1:3]
-        need_run_a, need_run_b = (need_b, need_a) if transposed else (need_a, need_b)
+        keep_x, keep_z = kept_for_factor_grads(transposed, *ctx.needs_input_grad[1:3])  # A first: the run's dB is dA
         ctx.transposed, ctx.d_in, ctx.dtypes = transposed, d_in, (A.dtype, B.dtype)
-        ctx.save_for_backward(X if need_run_b else None, a, b, *(saved if need_run_a else [None] * R))
+        ctx.save_for_backward(X if keep_x else None, a, b, *(saved if keep_z else [None] * R))
         return y
 
     @staticmethod

@@ -82,6 +82,12 @@ def _accumulate(total: Optional[Tensor], piece: Tensor, dtype: torch.dtype) -> T
     return total.add_(piece)
 
 
+def kept_for_factor_grads(a_first: bool, need_a: bool, need_b: bool) -> tuple[bool, bool]:
+    """(keep x, keep the per-component intermediate) for the factor gradients of a token-level Kronecker op: B first
+    the intermediate X_t B_kᵀ feeds dA and x feeds dB; A first, A_k X_t feeds dB and x feeds dA."""
+    return (need_a, need_b) if a_first else (need_b, need_a)
+
+
 def stack_components(parts: list[Tensor]) -> Tensor:
     """R × (p, q) -> (R, p, q); a view for R = 1 (TeRA's factors), no copy."""
     return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
@@ -265,9 +271,7 @@ class KroneckerBmmFunction(torch.autograd.Function):
             else:
                 y = torch.baddbmm(y, left, right) if k == 0 else y.baddbmm_(left, right)
         ctx.a_first, ctx.d_in, ctx.dtypes = a_first, d_in, (A.dtype, B.dtype)
-        need_a, need_b = ctx.needs_input_grad[1:3]
-        keep_saved = need_b if a_first else need_a  # U_t feeds dB, Z_tᵀ feeds dA
-        keep_x = need_a if a_first else need_b  # and X the other one
+        keep_x, keep_saved = kept_for_factor_grads(a_first, *ctx.needs_input_grad[1:3])
         ctx.save_for_backward(X if keep_x else None, a, b, *(saved if keep_saved else [None] * R))
         return y
 
