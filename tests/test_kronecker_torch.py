@@ -19,8 +19,8 @@ from specpeft.kernels.kronecker_torch import (
 )
 
 F64 = torch.float64
-# (R, m1, n1, m2, n2, d_out, d_in): both contraction orders (transposed: 2nd, 6th-8th), one and several components,
-# exact tiling and SoKA-style zero padding of the input and/or output, in each order
+# (R, m1, n1, m2, n2, d_out, d_in): both problems of `kronecker_factor_grads` (adjoint: 1st, 3rd-5th, 9th-10th), one
+# and several components, exact tiling and SoKA-style zero padding of the input and/or output, in each
 SHAPES = [
     (1, 6, 4, 3, 5, 18, 20),
     (1, 3, 5, 6, 4, 18, 20),
@@ -30,6 +30,8 @@ SHAPES = [
     (2, 3, 5, 6, 4, 18, 20),
     (3, 2, 6, 7, 3, 11, 16),
     (1, 2, 7, 5, 3, 10, 19),
+    (1, 6, 4, 3, 5, 17, 19),
+    (2, 6, 4, 3, 5, 18, 20),
 ]
 
 
@@ -46,7 +48,8 @@ def test_shapes_cover_both_orders() -> None:
     orders = {(kronecker_grads_cost(m1, n1, m2, n2)[2], R > 1, (d_out, d_in) != (m1 * m2, n1 * n2))
               for R, m1, n1, m2, n2, d_out, d_in in SHAPES}
     assert {order for order, _, _ in orders} == {True, False}
-    assert {(True, True, True), (True, False, True), (False, True, True), (True, True, False)} <= orders
+    assert {(adjoint, several, padded) for adjoint in (True, False) for several in (True, False) for padded in (True, False)
+            if padded or several} <= orders
 
 
 @pytest.mark.parametrize("chunks", ["one", "ragged"])
@@ -206,6 +209,30 @@ def test_empty_batch_gives_zero_factor_gradients() -> None:
     assert y.shape == (0, 20)
     grad_a, grad_b = torch.autograd.grad(y.sum(), (A, B))
     assert torch.equal(grad_a, torch.zeros_like(A)) and torch.equal(grad_b, torch.zeros_like(B))
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[6], SHAPES[8]])  # both problems, padded and exact
+def test_factor_grads_of_bf16_activations_in_fp32(shape: tuple) -> None:
+    """bf16 x and dY with dtype=float32 (the merged op's backward under autocast): the copied side and the side read
+    in place are both cast, and the result is fp32 and equals the formula on the bf16 values."""
+    R, m1, n1, m2, n2, d_out, d_in = shape
+    A, B = _factors(R, m1, n1, m2, n2, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(9, d_in, generator=gen).to(torch.bfloat16)
+    grad_y = torch.randn(9, d_out, generator=gen).to(torch.bfloat16)
+    a, b = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    want = torch.autograd.grad(x.double() @ _dense(a, b, d_out, d_in).T, [a, b], grad_y.double())
+    got = kronecker_factor_grads(x, grad_y, A.float(), B.float(), dtype=torch.float32)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.is_contiguous()
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
+
+
+def test_factor_grads_of_no_components_are_empty() -> None:
+    A, B = torch.zeros(0, 3, 4), torch.zeros(0, 2, 5)
+    grad_a, grad_b = kronecker_factor_grads(torch.randn(7, 20), torch.randn(7, 6), A, B)
+    assert grad_a.shape == A.shape and grad_b.shape == B.shape
+    assert kronecker_factor_grads(torch.randn(7, 20), torch.randn(7, 6), A, B, need_a=False)[0] is None
 
 
 def test_merged_weight_of_strided_factors() -> None:

@@ -67,12 +67,11 @@ def pad_columns(rows: Tensor, size: int) -> Tensor:
     return rows if rows.shape[1] == size else F.pad(rows, (0, size - rows.shape[1]))  # zero columns: padded factors
 
 
-def _spread(rows: Tensor, n1: int, n2: int, transposed: bool, dtype: torch.dtype) -> Tensor:
-    """Token rows (c, n1·n2) as X_t laid side by side: (n1, c, n2), or X_tᵀ: (n2, c, n1) when `transposed` (one copy,
+def _mode_major(rows: Tensor, n1: int, n2: int, dtype: torch.dtype) -> Tensor:
+    """Token rows (c, n1·n2) as X_t's columns stacked mode-major: (n2·c, n1) with row (q, t) = X_t[:, q] (one copy,
     cast to `dtype` on the way)."""
-    blocks = rows.view(-1, n1, n2)  # (c, n1·n2) -> (c, n1, n2)
-    spread = blocks.permute(2, 0, 1) if transposed else blocks.transpose(0, 1)  # (n1, c, n2) or (n2, c, n1)
-    return spread.to(dtype, memory_format=torch.contiguous_format, copy=True)  # copy=True: same-dtype views too
+    blocks = rows.view(-1, n1, n2).permute(2, 0, 1)  # (c, n1·n2) -> (c, n1, n2) -> (n2, c, n1)
+    return blocks.to(dtype, memory_format=torch.contiguous_format, copy=True).view(-1, n1)  # copy=True: views too
 
 
 def _accumulate(total: Optional[Tensor], piece: Tensor, dtype: torch.dtype) -> Tensor:
@@ -101,43 +100,50 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
         dA_k = Σ_t G_t B_k X_tᵀ,   dB_k = Σ_t G_tᵀ A_k X_t       (G_t = dY_t, X_t = row t of x as n1×n2)
 
     for x (T, d_in ≤ n1·n2), grad_y (T, d_out ≤ m1·m2); the GEMMs run in `dtype` (default grad_y's: x and the
-    factors are cast to it) and are summed over chunks in fp32 (fp64 for fp64). Per chunk the
-    token matrices are laid side by side, Xs (n1, c, n2) and Gs (m1, c, m2) (one copy each), so every contraction
-    is one 2-D GEMM: D_k = A_kᵀ Gs, dB_k = Σ_(p,t) D_k Xs, Z_k = Xs B_kᵀ, dA_k = Σ_(t,j) Gs Z_k. On CPU that is
-    1.6-2.5× faster than the same contractions as per-token einsums, and 0.9-1.6× the time of the einsum forward's
-    autograd backward, which has X Bᵀ saved already (benchmarks/results/kronecker_grads.md). The mirror problem's
-    side-by-side copies (n2, c, n1) gather single elements (slow on CPU); the same MACs on the (n1, c, n2) copies,
-    via G B_k and A_k X, were tried and ran 1.47× slower at TeRA's 1536×384 (skinny (c·m1, n2) GEMMs), so it stays.
+    factors are cast to it) and are summed over chunks in fp32 (fp64 for fp64). Per chunk of c tokens only x is laid
+    out anew, mode-major: Xq (n2·c, n1) with row (q, t) = X_t[:, q] (one copy). dY is read in place as G (c·m1, m2),
+    row (t, i) = G_t[i, :], so every contraction is one 2-D GEMM:
+
+        E_k = Xq A_kᵀ  (n2·c, m1),  dB_kᵀ = E_k (n2, c·m1) @ G;    H_k = B_kᵀ Gᵀ  (n2, c·m1),  dA_k = H_kᵀ @ Xq,
+
+    2·(m·n2 + n·m1) MACs a token. When 2·(n·m2 + m·n1) is fewer (`init.tucker_cost.kronecker_grads_cost`) the same
+    runs on the adjoint problem, x' = dY, dY' = x, A' = Aᵀ, B' = Bᵀ, whose gradients are dAᵀ and dBᵀ: dY is copied,
+    x read in place. Copying the side the MACs favour (the narrower one at TeRA's shapes), never both, with each GEMM
+    in the orientation MKL runs fastest, took 0.5-0.75× the time of the previous form, which laid out both
+    (benchmarks/results/kronecker_grads.md).
     """
-    R, m1, n1 = a.shape
-    _, m2, n2 = b.shape
+    R = a.shape[0]
     dtype = grad_y.dtype if dtype is None else dtype
-    transposed = kronecker_grads_cost(m1, n1, m2, n2)[2]
-    if transposed:  # the same contractions on Y_tᵀ = Σ_k B_k X_tᵀ A_kᵀ
-        a, b, need_a, need_b = b, a, need_b, need_a
-    a, b = as_dtype(a, dtype), as_dtype(b, dtype)
-    (p1, q1), (p2, q2) = a.shape[1:], b.shape[1:]  # the run problem's A_k (p1, q1), B_k (p2, q2)
     acc = torch.promote_types(dtype, torch.float32)
-    grad_a: list[Optional[Tensor]] = [None] * R
-    grad_b: list[Optional[Tensor]] = [None] * R
-    per_token = m1 * m2 + n1 * n2 + 2 * q1 * p2  # Gs, Xs, D_k, Z_k
-    chunks = token_chunks(x.shape[0], per_token, x.device, _GRAD_CHUNK_ELEMENTS)
+    if R == 0:  # no components
+        return (a.new_zeros(a.shape, dtype=acc) if need_a else None, b.new_zeros(b.shape, dtype=acc) if need_b else None)
+    adjoint = kronecker_grads_cost(a.shape[1], a.shape[2], b.shape[1], b.shape[2])[2]
+    if adjoint:
+        x, grad_y, a, b = grad_y, x, a.transpose(1, 2), b.transpose(1, 2)
+    a, b = as_dtype(a, dtype), as_dtype(b, dtype)
+    _, m1, n1 = a.shape  # the run problem's A_k (m1, n1), B_k (m2, n2)
+    _, m2, n2 = b.shape
+    grad_a: list[Optional[Tensor]] = [None] * R  # dA_k of the run problem (m1, n1)
+    grad_bt: list[Optional[Tensor]] = [None] * R  # dB_kᵀ of the run problem (n2, m2)
+    chunks = token_chunks(x.shape[0], n1 * n2 + m1 * m2 + 2 * n2 * m1, x.device, _GRAD_CHUNK_ELEMENTS)
     for start, stop in chunks:
         c = stop - start
-        g_rows, x_rows = (grad_y, x) if len(chunks) == 1 else (grad_y[start:stop], x[start:stop])
-        gs = _spread(pad_columns(g_rows, m1 * m2), m1, m2, transposed, dtype).view(p1, c * p2)  # (p1, c·p2)
-        xs = _spread(pad_columns(x_rows, n1 * n2), n1, n2, transposed, dtype).view(q1 * c, q2)  # (q1·c, q2)
+        x_rows, g_rows = (x, grad_y) if len(chunks) == 1 else (x[start:stop], grad_y[start:stop])
+        xq = _mode_major(pad_columns(x_rows, n1 * n2), n1, n2, dtype)  # (n2·c, n1)
+        g = as_dtype(pad_columns(g_rows, m1 * m2), dtype).reshape(c * m1, m2)  # (c, m1·m2) -> (c·m1, m2), a view
         for k in range(R):
-            if need_b:  # D_k = A_kᵀ Gs: (q1, p1) @ (p1, c·p2) -> (q1·c, p2); dB_k = D_kᵀ Xs over (p, t)
-                grad_b[k] = _accumulate(grad_b[k], (a[k].T @ gs).view(q1 * c, p2).T @ xs, acc)  # (p2, q2)
-            if need_a:  # Z_k = Xs B_kᵀ: (q1·c, q2) @ (q2, p2) -> (q1, c·p2); dA_k = Gs Z_kᵀ over (t, j)
-                grad_a[k] = _accumulate(grad_a[k], gs @ (xs @ b[k].T).view(q1, c * p2).T, acc)  # (p1, q1)
+            if need_b:  # E_k = Xq A_kᵀ: (n2·c, n1) @ (n1, m1); dB_kᵀ = (n2, c·m1) @ (c·m1, m2)
+                grad_bt[k] = _accumulate(grad_bt[k], (xq @ a[k].T).view(n2, c * m1) @ g, acc)
+            if need_a:  # H_k = B_kᵀ Gᵀ: (n2, m2) @ (m2, c·m1); dA_k = (m1, n2·c) @ (n2·c, n1)
+                grad_a[k] = _accumulate(grad_a[k], (b[k].T @ g.T).view(n2 * c, m1).T @ xq, acc)
     if not chunks:  # no tokens: zero gradients
-        grad_a = [torch.zeros(p1, q1, device=x.device, dtype=acc)] * R
-        grad_b = [torch.zeros(p2, q2, device=x.device, dtype=acc)] * R
-    stacked_a = stack_components(grad_a) if need_a else None  # R × (p1, q1) -> (R, p1, q1)
-    stacked_b = stack_components(grad_b) if need_b else None
-    return (stacked_b, stacked_a) if transposed else (stacked_a, stacked_b)  # the run problem's A is b, its B is a
+        grad_a = [torch.zeros(m1, n1, device=x.device, dtype=acc)] * R
+        grad_bt = [torch.zeros(n2, m2, device=x.device, dtype=acc)] * R
+    # (R, m1, n1) and (R, m2, n2) of the run problem; the adjoint's are the transposes of the asked ones
+    stacked_a = stack_components([grad.T for grad in grad_a] if adjoint else grad_a) if need_a else None
+    stacked_b = stack_components(grad_bt if adjoint else [grad.T for grad in grad_bt]) if need_b else None
+    return (None if stacked_a is None else stacked_a.contiguous(),
+            None if stacked_b is None else stacked_b.contiguous())
 
 
 def kronecker_merged_weight(weight: Optional[Tensor], a: Tensor, b: Tensor) -> Tensor:
@@ -150,18 +156,20 @@ def kronecker_merged_weight(weight: Optional[Tensor], a: Tensor, b: Tensor) -> T
     """
     R, m1, n1 = a.shape
     _, m2, n2 = b.shape
-    # component k as (m1, 1, n1, 1) ⊙ (1, m2, 1, n2): W[(i, j), (p, q)] += A_k[i, p] B_k[j, q]
-    rows = a.reshape(m1, 1, n1, 1) if R == 1 else a.reshape(R, m1, 1, n1, 1).unbind(0)
-    cols = b.reshape(1, m2, 1, n2) if R == 1 else b.reshape(R, 1, m2, 1, n2).unbind(0)
+    n = n1 * n2
     with torch.no_grad():
-        first_a, first_b = (rows, cols) if R == 1 else (rows[0], cols[0])
+        # W[(i, j), (p, q)] += A_k[i, p] B_k[j, q] over contiguous rows of n: A_k repeated over q and B_k tiled over p
+        # first (copies of m1·n and m2·n); broadcasting them over the (m1, m2, n1, n2) view instead ran 5× slower
+        # at 1536×384 (n2 = 6)
+        rows = a.unsqueeze(-1).expand(R, m1, n1, n2).reshape(R, m1, 1, n)  # (R, m1, n1) -> (R, m1, 1, n1·n2)
+        cols = b.unsqueeze(2).expand(R, m2, n1, n2).reshape(R, 1, m2, n)  # (R, m2, n2) -> (R, 1, m2, n1·n2)
         if weight is None:
-            merged = first_a * first_b
-        else:  # added to W's (m1, m2, n1, n2) view
-            merged = torch.addcmul(weight.reshape(m1, m2, n1, n2), first_a, first_b)
+            merged = rows[0] * cols[0]
+        else:  # added to W's (m1, m2, n) view
+            merged = torch.addcmul(weight.reshape(m1, m2, n), rows[0], cols[0])
         for k in range(1, R):
             merged.addcmul_(rows[k], cols[k])
-        return merged.reshape(m1 * m2, n1 * n2)  # (m1, m2, n1, n2) -> (m, n); a copy if the factors were strided
+        return merged.reshape(m1 * m2, n)  # (m1, m2, n) -> (m, n)
 
 
 class KroneckerMergedFunction(torch.autograd.Function):
