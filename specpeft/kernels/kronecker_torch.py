@@ -130,7 +130,8 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
         c = stop - start
         x_rows, g_rows = (x, grad_y) if len(chunks) == 1 else (x[start:stop], grad_y[start:stop])
         xq = _mode_major(pad_columns(x_rows, n1 * n2), n1, n2, dtype)  # (n2·c, n1)
-        g = as_dtype(pad_columns(g_rows, m1 * m2), dtype).reshape(c * m1, m2)  # (c, m1·m2) -> (c·m1, m2), a view
+        g = as_dtype(pad_columns(g_rows, m1 * m2), dtype).reshape(c * m1, m2)  # (c, m1·m2) -> (c·m1, m2), no copy if
+        # already in `dtype` and m1·m2 wide
         for k in range(R):
             if need_b:  # E_k = Xq A_kᵀ: (n2·c, n1) @ (n1, m1); dB_kᵀ = (n2, c·m1) @ (c·m1, m2)
                 grad_bt[k] = _accumulate(grad_bt[k], (xq @ a[k].T).view(n2, c * m1) @ g, acc)
