@@ -19,8 +19,8 @@ from specpeft.kernels.kronecker_torch import (
 )
 
 F64 = torch.float64
-# (R, m1, n1, m2, n2, d_out, d_in): both problems of `kronecker_factor_grads` (adjoint: 1st, 3rd-5th, 9th-10th), one
-# and several components, exact tiling and SoKA-style zero padding of the input and/or output, in each
+# (R, m1, n1, m2, n2, d_out, d_in): both problems of `kronecker_factor_grads` (adjoint: 1st, 3rd-5th, 9th-11th), one
+# and several components, exact tiling and SoKA-style zero padding of the input, the output or both, in each
 SHAPES = [
     (1, 6, 4, 3, 5, 18, 20),
     (1, 3, 5, 6, 4, 18, 20),
@@ -32,6 +32,8 @@ SHAPES = [
     (1, 2, 7, 5, 3, 10, 19),
     (1, 6, 4, 3, 5, 17, 19),
     (2, 6, 4, 3, 5, 18, 20),
+    (1, 6, 4, 3, 5, 17, 20),
+    (2, 3, 5, 6, 4, 16, 20),
 ]
 
 
@@ -44,12 +46,17 @@ def _dense(A: torch.Tensor, B: torch.Tensor, d_out: int, d_in: int) -> torch.Ten
     return sum(torch.kron(a, b) for a, b in zip(A, B))[:d_out, :d_in]  # (m1·m2, n1·n2) cropped
 
 
+def _padding(m1: int, n1: int, m2: int, n2: int, d_out: int, d_in: int) -> str:
+    return {(False, False): "none", (True, False): "output", (False, True): "input", (True, True): "both"}[
+        (d_out < m1 * m2, d_in < n1 * n2)]
+
+
 def test_shapes_cover_both_orders() -> None:
-    orders = {(kronecker_grads_cost(m1, n1, m2, n2)[2], R > 1, (d_out, d_in) != (m1 * m2, n1 * n2))
-              for R, m1, n1, m2, n2, d_out, d_in in SHAPES}
-    assert {order for order, _, _ in orders} == {True, False}
-    assert {(adjoint, several, padded) for adjoint in (True, False) for several in (True, False) for padded in (True, False)
-            if padded or several} <= orders
+    cases = {(kronecker_grads_cost(m1, n1, m2, n2)[2], R > 1, _padding(m1, n1, m2, n2, d_out, d_in))
+             for R, m1, n1, m2, n2, d_out, d_in in SHAPES}
+    for adjoint in (True, False):
+        assert {padding for run, _, padding in cases if run == adjoint} == {"none", "output", "input", "both"}
+        assert {several for run, several, _ in cases if run == adjoint} == {True, False}
 
 
 @pytest.mark.parametrize("chunks", ["one", "ragged"])
@@ -57,9 +64,14 @@ def test_shapes_cover_both_orders() -> None:
 def test_factor_grads_equal_autograd_of_the_dense_formula(shape: tuple, chunks: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     R, m1, n1, m2, n2, d_out, d_in = shape
-    if chunks == "ragged":  # 3 tokens per chunk over 11 tokens
-        per_token = max(n1 * m2, n1 * n2, m1 * m2, n2 * m1)
-        monkeypatch.setitem(kronecker_torch._CHUNK_ELEMENTS, "cpu", 3 * per_token)
+    ranges: list[list[tuple[int, int]]] = []
+    if chunks == "ragged":  # chunks of 3 tokens over 11: 3, 3, 3, 2
+
+        def three_per_chunk(tokens: int, *_: object) -> list[tuple[int, int]]:
+            ranges.append([(start, min(tokens, start + 3)) for start in range(0, tokens, 3)])
+            return ranges[-1]
+
+        monkeypatch.setattr(kronecker_torch, "token_chunks", three_per_chunk)
     A, B = _factors(R, m1, n1, m2, n2)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(11, d_in, dtype=F64, generator=gen)
@@ -67,6 +79,7 @@ def test_factor_grads_equal_autograd_of_the_dense_formula(shape: tuple, chunks: 
     a, b = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
     want = torch.autograd.grad(x @ _dense(a, b, d_out, d_in).T, [a, b], grad_y)
     got = kronecker_factor_grads(x, grad_y, A, B)
+    assert chunks == "one" or ranges == [[(0, 3), (3, 6), (6, 9), (9, 11)]]
     for g, w in zip(got, want):
         assert g.dtype == F64
         torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11)
@@ -74,6 +87,21 @@ def test_factor_grads_equal_autograd_of_the_dense_formula(shape: tuple, chunks: 
     only_a = kronecker_factor_grads(x, grad_y, A, B, need_b=False)
     assert only_b[0] is None and torch.equal(only_b[1], got[1])
     assert only_a[1] is None and torch.equal(only_a[0], got[0])
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(1, 24, 24, 16, 16, 384, 384), (1, 64, 64, 24, 6, 1536, 384),
+                                            (1, 64, 64, 6, 24, 384, 1536)])  # + TeRA's MiniLM layers
+def test_factor_grads_run_the_cheaper_problem(shape: tuple) -> None:
+    """The GEMMs run exactly the MACs `kronecker_grads_cost` prices, the fewer of the two problems (at 1536×384 the
+    other costs 3.2× more), counted by torch's FLOP counter."""
+    R, m1, n1, m2, n2, d_out, d_in = shape
+    A, B = _factors(R, m1, n1, m2, n2)
+    x, grad_y = torch.randn(5, d_in, dtype=F64), torch.randn(5, d_out, dtype=F64)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        kronecker_factor_grads(x, grad_y, A, B)
+    macs, _, _ = kronecker_grads_cost(m1, n1, m2, n2)
+    m, n = m1 * m2, n1 * n2
+    assert counter.get_total_flops() == 2 * 5 * R * macs == 2 * 5 * R * 2 * min(m * n2 + n * m1, n * m2 + m * n1)
 
 
 @pytest.mark.parametrize("with_weight", [True, False])
@@ -226,6 +254,16 @@ def test_factor_grads_of_bf16_activations_in_fp32(shape: tuple) -> None:
     for g, w in zip(got, want):
         assert g.dtype == torch.float32 and g.is_contiguous()
         torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_weight_of_no_components_is_the_weight() -> None:
+    weight = torch.randn(6, 20, dtype=torch.bfloat16)
+    A, B = torch.zeros(0, 3, 4), torch.zeros(0, 2, 5)
+    merged = kronecker_merged_weight(weight, A, B)
+    assert merged.dtype == torch.float32 and torch.equal(merged, weight.float())
+    assert torch.equal(kronecker_merged_weight(None, A, B), torch.zeros(6, 20))
+    x = torch.randn(4, 20)
+    torch.testing.assert_close(kronecker_merged_linear(x, A, B, weight.float()), x @ weight.float().T)
 
 
 def test_factor_grads_of_no_components_are_empty() -> None:

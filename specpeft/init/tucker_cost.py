@@ -126,12 +126,13 @@ def kronecker_grads_cost(m1: int, n1: int, m2: int, n2: int) -> tuple[int, int, 
     """(MACs, elements moved, adjoint) per token of the factor gradients dA, dB of x (A ⊗ B)ᵀ, A (m1×n1), B (m2×n2),
     as `kernels.kronecker_factor_grads` runs them: x copied and contracted with A, dY contracted with B,
     2·(m·n2 + n·m1) MACs, or (`adjoint`) the same on the adjoint problem, dY copied and x contracted with Bᵀ,
-    2·(n·m2 + m·n1), whichever is fewer (ties: copy the narrower side). Traffic: x and dY read twice with one of them
-    copied (2·(n + m)), the two intermediates written and read (4·m1·n2, adjoint 4·n1·m2)."""
+    2·(n·m2 + m·n1), whichever is fewer (ties: the smaller traffic, then copying the narrower side). Traffic, the
+    count `MEMORY_MACS` was calibrated with: x and dY (2·(n + m)) and the two intermediates written and read
+    (4·m1·n2, adjoint 4·n1·m2)."""
     m, n = m1 * m2, n1 * n2
     direct = 2 * (m * n2 + n * m1), 2 * (n + m) + 4 * m1 * n2
     adjoint = 2 * (n * m2 + m * n1), 2 * (n + m) + 4 * n1 * m2
-    return (*adjoint, True) if adjoint[0] < direct[0] or (adjoint[0] == direct[0] and m < n) else (*direct, False)
+    return (*adjoint, True) if (*adjoint, m) < (*direct, n) else (*direct, False)
 
 
 def edge_kronecker_cost(shape: TuckerShape) -> tuple[int, int] | None:

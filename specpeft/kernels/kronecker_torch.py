@@ -100,17 +100,18 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
         dA_k = Σ_t G_t B_k X_tᵀ,   dB_k = Σ_t G_tᵀ A_k X_t       (G_t = dY_t, X_t = row t of x as n1×n2)
 
     for x (T, d_in ≤ n1·n2), grad_y (T, d_out ≤ m1·m2); the GEMMs run in `dtype` (default grad_y's: x and the
-    factors are cast to it) and are summed over chunks in fp32 (fp64 for fp64). Per chunk of c tokens only x is laid
-    out anew, mode-major: Xq (n2·c, n1) with row (q, t) = X_t[:, q] (one copy). dY is read in place as G (c·m1, m2),
-    row (t, i) = G_t[i, :], so every contraction is one 2-D GEMM:
+    factors are cast to it) and are summed over chunks in fp32 (fp64 for fp64). Per chunk of c tokens x is laid out
+    anew, mode-major: Xq (n2·c, n1) with row (q, t) = X_t[:, q] (one copy), while dY is read in place (unless cast) as
+    G (c·m1, m2), row (t, i) = G_t[i, :], so every contraction is one 2-D GEMM:
 
-        E_k = Xq A_kᵀ  (n2·c, m1),  dB_kᵀ = E_k (n2, c·m1) @ G;    H_k = B_kᵀ Gᵀ  (n2, c·m1),  dA_k = H_kᵀ @ Xq,
+        E_k = Xq A_kᵀ  (n2·c, m1),   dB_kᵀ = E_k viewed (n2, c·m1) @ G,
+        H_k = B_kᵀ Gᵀ  (n2, c·m1),   dA_k = (H_k viewed (n2·c, m1))ᵀ @ Xq,
 
     2·(m·n2 + n·m1) MACs a token. When 2·(n·m2 + m·n1) is fewer (`init.tucker_cost.kronecker_grads_cost`) the same
     runs on the adjoint problem, x' = dY, dY' = x, A' = Aᵀ, B' = Bᵀ, whose gradients are dAᵀ and dBᵀ: dY is copied,
-    x read in place. Copying the side the MACs favour (the narrower one at TeRA's shapes), never both, with each GEMM
-    in the orientation MKL runs fastest, took 0.5-0.75× the time of the previous form, which laid out both
-    (benchmarks/results/kronecker_grads.md).
+    x read in place. At TeRA's rectangular default layers that copies the narrower side; with every GEMM in the
+    orientation MKL runs fastest it took 0.55-0.65× the time of the previous form, which laid out both x and dY, and
+    about the same at square ones (benchmarks/results/kronecker_grads.md).
     """
     R = a.shape[0]
     dtype = grad_y.dtype if dtype is None else dtype
@@ -121,26 +122,27 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
     if adjoint:
         x, grad_y, a, b = grad_y, x, a.transpose(1, 2), b.transpose(1, 2)
     a, b = as_dtype(a, dtype), as_dtype(b, dtype)
-    _, m1, n1 = a.shape  # the run problem's A_k (m1, n1), B_k (m2, n2)
-    _, m2, n2 = b.shape
-    grad_a: list[Optional[Tensor]] = [None] * R  # dA_k of the run problem (m1, n1)
-    grad_bt: list[Optional[Tensor]] = [None] * R  # dB_kᵀ of the run problem (n2, m2)
-    chunks = token_chunks(x.shape[0], n1 * n2 + m1 * m2 + 2 * n2 * m1, x.device, _GRAD_CHUNK_ELEMENTS)
+    _, p1, q1 = a.shape  # the run problem's A_k (p1, q1), B_k (p2, q2): (m1, n1), (m2, n2), or transposed
+    _, p2, q2 = b.shape
+    grad_a: list[Optional[Tensor]] = [None] * R  # dA_k of the run problem (p1, q1)
+    grad_bt: list[Optional[Tensor]] = [None] * R  # dB_kᵀ of the run problem (q2, p2)
+    per_token = q1 * q2 + p1 * p2 + 2 * q2 * p1  # Xq, G (when cast), E_k, H_k
+    chunks = token_chunks(x.shape[0], per_token, x.device, _GRAD_CHUNK_ELEMENTS)
     for start, stop in chunks:
         c = stop - start
         x_rows, g_rows = (x, grad_y) if len(chunks) == 1 else (x[start:stop], grad_y[start:stop])
-        xq = _mode_major(pad_columns(x_rows, n1 * n2), n1, n2, dtype)  # (n2·c, n1)
-        g = as_dtype(pad_columns(g_rows, m1 * m2), dtype).reshape(c * m1, m2)  # (c, m1·m2) -> (c·m1, m2), no copy if
-        # already in `dtype` and m1·m2 wide
+        xq = _mode_major(pad_columns(x_rows, q1 * q2), q1, q2, dtype)  # (q2·c, q1)
+        # (c, p1·p2) -> (c·p1, p2): a view of contiguous rows already in `dtype`, else one copy
+        g = as_dtype(pad_columns(g_rows, p1 * p2), dtype).reshape(c * p1, p2)
         for k in range(R):
-            if need_b:  # E_k = Xq A_kᵀ: (n2·c, n1) @ (n1, m1); dB_kᵀ = (n2, c·m1) @ (c·m1, m2)
-                grad_bt[k] = _accumulate(grad_bt[k], (xq @ a[k].T).view(n2, c * m1) @ g, acc)
-            if need_a:  # H_k = B_kᵀ Gᵀ: (n2, m2) @ (m2, c·m1); dA_k = (m1, n2·c) @ (n2·c, n1)
-                grad_a[k] = _accumulate(grad_a[k], (b[k].T @ g.T).view(n2 * c, m1).T @ xq, acc)
+            if need_b:  # E_k = Xq A_kᵀ: (q2·c, q1) @ (q1, p1), viewed (q2, c·p1); dB_kᵀ = E_k @ G: (q2, p2)
+                grad_bt[k] = _accumulate(grad_bt[k], (xq @ a[k].T).view(q2, c * p1) @ g, acc)
+            if need_a:  # H_k = B_kᵀ Gᵀ: (q2, p2) @ (p2, c·p1), viewed (q2·c, p1); dA_k = H_kᵀ @ Xq: (p1, q1)
+                grad_a[k] = _accumulate(grad_a[k], (b[k].T @ g.T).view(q2 * c, p1).T @ xq, acc)
     if not chunks:  # no tokens: zero gradients
-        grad_a = [torch.zeros(m1, n1, device=x.device, dtype=acc)] * R
-        grad_bt = [torch.zeros(n2, m2, device=x.device, dtype=acc)] * R
-    # (R, m1, n1) and (R, m2, n2) of the run problem; the adjoint's are the transposes of the asked ones
+        grad_a = [torch.zeros(p1, q1, device=x.device, dtype=acc)] * R
+        grad_bt = [torch.zeros(q2, p2, device=x.device, dtype=acc)] * R
+    # (R, m1, n1) and (R, m2, n2): the adjoint's gradients are the transposes of the asked ones
     stacked_a = stack_components([grad.T for grad in grad_a] if adjoint else grad_a) if need_a else None
     stacked_b = stack_components(grad_bt if adjoint else [grad.T for grad in grad_bt]) if need_b else None
     return (None if stacked_a is None else stacked_a.contiguous(),
@@ -159,9 +161,14 @@ def kronecker_merged_weight(weight: Optional[Tensor], a: Tensor, b: Tensor) -> T
     _, m2, n2 = b.shape
     n = n1 * n2
     with torch.no_grad():
+        if R == 0:  # no components: W itself (a new tensor, in the promoted dtype) or zeros
+            dtype = torch.promote_types(a.dtype, b.dtype)
+            if weight is None:
+                return torch.zeros(m1 * m2, n, dtype=dtype, device=a.device)
+            return weight.to(torch.promote_types(weight.dtype, dtype), copy=True).reshape(m1 * m2, n)
         # W[(i, j), (p, q)] += A_k[i, p] B_k[j, q] over contiguous rows of n: A_k repeated over q and B_k tiled over p
-        # first (copies of m1·n and m2·n); broadcasting them over the (m1, m2, n1, n2) view instead ran 5× slower
-        # at 1536×384 (n2 = 6)
+        # first (copies of m1·n and m2·n). Broadcasting them over the (m1, m2, n1, n2) view instead ran 2-5× slower at
+        # 1536×384 (n2 = 6) and up to 0.03 ms faster at 384² and 384×1536 (n2 = 16, 24).
         rows = a.unsqueeze(-1).expand(R, m1, n1, n2).reshape(R, m1, 1, n)  # (R, m1, n1) -> (R, m1, 1, n1·n2)
         cols = b.unsqueeze(2).expand(R, m2, n1, n2).reshape(R, 1, m2, n)  # (R, m2, n2) -> (R, 1, m2, n1·n2)
         if weight is None:
