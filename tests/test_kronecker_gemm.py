@@ -158,14 +158,14 @@ def _op_node(out: torch.Tensor) -> torch.autograd.graph.Node:
 @pytest.mark.parametrize("shape", [B_FIRST, A_FIRST, SHAPES[1], SHAPES[5]])  # B first, A first (R = 1, R = 3)
 def test_saves_only_what_the_needed_gradients_read(shape: tuple) -> None:
     """The factors (in x's dtype, run order) are always saved; x laid out for the run problem — (T·n1, n2) B first,
-    (T·n2, n1) A first — only for the run problem's dB (B's gradient B first, A's A first); the R intermediates Z' —
-    (T·m2, n1) B first, (T·m1, n2) A first — only for the run problem's dA (A's gradient B first, B's A first). A
+    (T·n2, n1) A first — only for the run problem's dB (B's gradient B first, A's A first); the R intermediates Zₘ —
+    (n1, T·m2) B first, (n2, T·m1) A first — only for the run problem's dA (A's gradient B first, B's A first). A
     frozen adapter (only x trainable) keeps no activation-sized tensor."""
     R, m1, n1, m2, n2, d_out, d_in = shape
-    tokens = 37  # prime, above every factor dimension: a token-sized tensor has a multiple of 37 rows
+    tokens = 37  # prime, above every factor dimension: a token-sized tensor has a multiple of 37 in its shape
     a_first = kronecker_a_first(m1, n1, m2, n2)
     x_layout = (tokens * n2, n1) if a_first else (tokens * n1, n2)
-    z_layout = (tokens * m1, n2) if a_first else (tokens * m2, n1)
+    z_layout = (n2, tokens * m1) if a_first else (n1, tokens * m2)
     factors = [(R, m2, n2), (R, m1, n1)] if a_first else [(R, m1, n1), (R, m2, n2)]
     reads_z, reads_x = ("B", "A") if a_first else ("A", "B")
     for trainable in (("x",), ("A",), ("B",), ("A", "B"), ("x", "A", "B")):
@@ -181,7 +181,7 @@ def test_saves_only_what_the_needed_gradients_read(shape: tuple) -> None:
                     *([z_layout] * R if reads_z in trainable else [])]
         assert sorted(saved) == sorted(expected), (trainable, saved)
         if not needs_factor:
-            assert not [s for s in saved if s[0] % tokens == 0], saved
+            assert not [s for s in saved if any(size % tokens == 0 for size in s)], saved
             node = _op_node(out)
             assert [tuple(t.shape) if t is not None else None for t in node.saved_tensors] == [None, *factors,
                                                                                              *[None] * R]

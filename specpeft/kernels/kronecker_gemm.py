@@ -1,23 +1,26 @@
 """`kernels.kronecker_linear`'s torch op on CPU: y = base_out + x (Σ_k A_k ⊗ B_k)ᵀ as 2-D GEMMs and layout copies.
 
 With X_t the row t of x as n1×n2, Y_t = Σ_k A_k X_t B_kᵀ. One algorithm ("B first") runs both contraction orders: it
-contracts X_t's last axis with B_k (one GEMM over all tokens), lays the intermediate out with the token axis outside
-its other axis (one copy) and contracts that with A_k (a second GEMM), which leaves Y_tᵀ:
+contracts X_t's last axis with B_k (one GEMM over all tokens), lays the intermediate out with the token axis inside
+its other axis (one copy of whole rows) and contracts that with A_k (a second GEMM), which leaves Y_tᵀ:
 
-    Z = X B_kᵀ  (T·n1, m2),   Z' = Z_t transposed  (T·m2, n1),   Yᵀ += Z' A_kᵀ  (T·m2, m1).
+    Z = X B_kᵀ  (T·n1, m2),   Zₘ = Z as (n1, T·m2), row p = (Z_t[p, :])_t,   Yᵀ += Zₘᵀ A_kᵀ  (T·m2, m1).
 
 "A first" is the same algorithm on the transposed problem Y_tᵀ = Σ_k B_k X_tᵀ A_kᵀ: X_tᵀ in, Y_t out. Each order
 therefore lays out one extra T-sized tensor (the output Y_t for B first, the input X_tᵀ for A first), in forward
-and again in backward, where with G_tᵀ (T·m2, m1) as the rows of the run problem:
+and again in backward, where with G_tᵀ (T·m2, m1) as the rows G' of the run problem:
 
-    dA_k = G'ᵀ Z'  (m1, n1),   W = G' A_k  (T·m2, n1),   W' = W_t transposed  (T·n1, m2),
+    dA_kᵀ = Zₘ G'  (n1, m1),   Wₘ = A_kᵀ G'ᵀ  (n1, T·m2),   W' = Wₘ with the tokens outside  (T·n1, m2),
     dX += W' B_k  (T·n1, n2),  dB_k = W'ᵀ X  (m2, n2).
+
+The layouts keep n1 off the narrow side of every GEMM: MKL runs a GEMM with fewer than ~12 output columns, or a
+reduction into a few-column output, several times slower than its transposed twin, and A first at 1536×384 has
+n1 = 6. Transposing Z_t and W_t per token instead (the previous layout) took that layer's step 1.1-1.6× longer at
+T = 16-256 and was within noise at 384² and 384×1536 (in-process A/B).
 
 Six GEMMs and four T-sized copies a step at R = 1, 44 aten ops with views and autograd's own (counted by a
 TorchDispatchMode), where the einsum reference runs 77 for the same copies: small token counts are op-bound on CPU.
 The CUDA op's token-batched small GEMMs (`kronecker_torch.kronecker_linear_bmm`) ran up to 2× slower on MKL.
-Against the einsums, a step of MiniLM's layers took 0.74-0.84× at T = 4-16, 0.75-0.9× at 64 and up to 1.12× at 256
-for 1536×384 (A first, whose per-token transposes gather single elements; TeRA runs it factored below 512 tokens).
 """
 
 from __future__ import annotations
@@ -40,10 +43,16 @@ def _swap_last(t: Tensor, rows: int, cols: int) -> Tensor:
     return t.reshape(-1, rows, cols).transpose(1, 2).contiguous()
 
 
+def _swap_outer(t: Tensor, outer: int, inner: int, cols: int) -> Tensor:
+    """(outer, inner, cols) → (inner, outer, cols) contiguous: the first two axes swapped, rows of `cols` moved whole
+    (one copy)."""
+    return t.reshape(outer, inner, cols).transpose(0, 1).contiguous()
+
+
 class KroneckerGemmFunction(torch.autograd.Function):
     """y = base_out + x (Σ_k A_k ⊗ B_k)ᵀ for x (T, d_in ≤ n1·n2) by 2-D GEMMs (module docstring), in x's dtype
     (base_out (T, m1·m2) or None must be in it). Returns Y as (T·m1, m2) (A first) or (T, m1, m2) (B first), never a
-    view (`kronecker_torch.apply_kronecker_op` crops it). Saves x laid out for the run problem and Z' per component
+    view (`kronecker_torch.apply_kronecker_op` crops it). Saves x laid out for the run problem and Zₘ per component
     only for the run problem's dB and dA that read them. Once differentiable, like the other Kronecker ops."""
 
     @staticmethod
@@ -61,13 +70,14 @@ class KroneckerGemmFunction(torch.autograd.Function):
         acc: Optional[Tensor] = None
         saved = []
         for k in range(R):
-            # Z = X B_kᵀ: (T·n1, n2) @ (n2, m2) -> (T·n1, m2); Z' = Z_t transposed: (T·m2, n1)
-            saved.append(_swap_last(X @ b[k].T, n1, m2).view(T * m2, n1))
-            # Yᵀ += Z' A_kᵀ: (T·m2, n1) @ (n1, m1) -> (T·m2, m1), onto base_out out of place
+            # Z = X B_kᵀ: (T·n1, n2) @ (n2, m2) -> (T, n1, m2); Zₘ: (n1, T, m2) -> (n1, T·m2)
+            saved.append(_swap_outer(X @ b[k].T, T, n1, m2).view(n1, T * m2))
+            # Yᵀ += Zₘᵀ A_kᵀ: (T·m2, n1) @ (n1, m1) -> (T·m2, m1), onto base_out out of place
+            z = saved[-1].T
             if acc is None:
-                acc = saved[-1] @ a[k].T if into is None else torch.addmm(into, saved[-1], a[k].T)
+                acc = z @ a[k].T if into is None else torch.addmm(into, z, a[k].T)
             else:
-                acc.addmm_(saved[-1], a[k].T)
+                acc.addmm_(z, a[k].T)
         if acc is None:  # R = 0
             acc = x.new_zeros(T * m2, m1) if into is None else into.clone()
         if transposed:  # A first: the run problem's Yᵀ rows (t, j) are y's rows
@@ -98,10 +108,10 @@ class KroneckerGemmFunction(torch.autograd.Function):
         grad_x: Optional[Tensor] = None
         grad_a, grad_b = [], []
         for k in range(R):
-            if need_run_a:  # dA_k = G'ᵀ Z': (m1, T·m2) @ (T·m2, n1)
-                grad_a.append(G.T @ saved[k])
-            if need_x or need_run_b:  # W' = (G' A_k)_t transposed: (T·m2, n1) -> (T·n1, m2)
-                W = _swap_last(G @ a[k], m2, n1).view(T * n1, m2)
+            if need_run_a:  # dA_kᵀ = Zₘ G': (n1, T·m2) @ (T·m2, m1)
+                grad_a.append((saved[k] @ G).T)
+            if need_x or need_run_b:  # Wₘ = A_kᵀ G'ᵀ: (n1, m1) @ (m1, T·m2); W' = (n1, T, m2) -> (T, n1, m2) -> (T·n1, m2)
+                W = _swap_outer(a[k].T @ G.T, n1, T, m2).view(T * n1, m2)
                 if need_x:  # dX += W' B_k: (T·n1, m2) @ (m2, n2)
                     grad_x = W @ b[k] if grad_x is None else grad_x.addmm_(W, b[k])
                 if need_run_b:  # dB_k = W'ᵀ X: (m2, T·n1) @ (T·n1, n2)
