@@ -18,8 +18,9 @@ reduction into a few-column output, several times slower than its transposed twi
 n1 = 6. Transposing Z_t and W_t per token instead (the previous layout) took that layer's step 1.1-1.6× longer at
 T = 16-256 and was within noise at 384² and 384×1536 (in-process A/B).
 
-Six GEMMs and four T-sized copies a step at R = 1, 44 aten ops with views and autograd's own (counted by a
-TorchDispatchMode), where the einsum reference runs 77 for the same copies: small token counts are op-bound on CPU.
+Six GEMMs and four T-sized copies a step at R = 1: 51 aten ops with views, the base_out add and autograd's own
+(counted by a TorchDispatchMode; 47 with the per-token layout), where the einsum reference runs 79: small token counts
+are op-bound on CPU.
 The CUDA op's token-batched small GEMMs (`kronecker_torch.kronecker_linear_bmm`) ran up to 2× slower on MKL.
 """
 
