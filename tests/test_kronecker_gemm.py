@@ -124,7 +124,7 @@ def test_only_the_gradients_asked_for_are_computed(shape: tuple, trainable: tupl
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-11, rtol=1e-11)
     # the node itself: its backward's outputs (x, A, B, base_out) and the GEMMs it runs per component: dX needs
-    # W = G' A_k and W' B_k, the run problem's dB W (shared) and W'ᵀ X, its dA one GEMM G'ᵀ Z'. It takes base_out
+    # Wₘ = A_kᵀ G'ᵀ and W' B_k, the run problem's dB Wₘ (shared) and W'ᵀ X, its dA one GEMM Zₘ G'. It takes base_out
     # only when it covers the output (a cropped output gets it added outside the node).
     full = d_out == m1 * m2
     out = KroneckerGemmFunction.apply(leaves["x"], leaves["A"], leaves["B"], leaves["base"] if full else None)

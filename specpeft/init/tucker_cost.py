@@ -38,8 +38,8 @@ PROJECTED_PENALTY = 2.5
 # factor-gradient GEMMs dominate; at T = 1024 both are bound by host time and the merged path, with fewer ops, was
 # 10-20 % faster (a 1024² layer, host-bound at every T, stayed 1.1-1.27x faster merged at T >= 4096: one threshold
 # for all widths). TeRA therefore runs that layout on a plain CUDA linear factored from this many tokens per call.
-# Those runs used the einsum torch path; since `kernels.kronecker_torch.kronecker_linear_bmm` (35 aten ops per step
-# instead of 80) both paths run about 100 ops per layer, and an in-process A/B on a 4-layer Llama at T = 512-4096 per
+# Those runs used the einsum torch path; since `kernels.kronecker_torch.kronecker_linear_bmm` (40-42 aten ops a step
+# instead of 79) both paths run about 100 ops per layer, and an in-process A/B on a 4-layer Llama at T = 512-4096 per
 # call stayed within the host's ±10 % noise, so the threshold stands.
 CUDA_FACTORED_TOKENS = 4096
 

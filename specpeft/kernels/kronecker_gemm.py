@@ -13,14 +13,16 @@ and again in backward, where with G_tᵀ (T·m2, m1) as the rows G' of the run p
     dA_kᵀ = Zₘ G'  (n1, m1),   Wₘ = A_kᵀ G'ᵀ  (n1, T·m2),   W' = Wₘ with the tokens outside  (T·n1, m2),
     dX += W' B_k  (T·n1, n2),  dB_k = W'ᵀ X  (m2, n2).
 
-The layouts keep n1 off the narrow side of every GEMM: MKL runs a GEMM with fewer than ~12 output columns, or a
-reduction into a few-column output, several times slower than its transposed twin, and A first at 1536×384 has
-n1 = 6. Transposing Z_t and W_t per token instead (the previous layout) took that layer's step 1.1-1.6× longer at
-T = 16-256 and was within noise at 384² and 384×1536 (in-process A/B).
+These layouts keep n1 off the narrow side of the GEMMs that read Zₘ and Wₘ: MKL ran the reduction G'ᵀ Z' into a
+(m1, n1) = (24, 6) output 4-5× slower than Zₘ G', and G' A_k with 6 output columns 1.2-3× slower than A_kᵀ G'ᵀ (A first
+at 1536×384 has n1 = 6; m2 = 6 at 384×1536, B first, still leaves Z = X B_kᵀ six columns wide). Transposing Z_t and
+W_t per token instead (the previous layout) took that layer's step 1.1-1.6× longer at T = 16-256 and was within noise
+at 384² and 384×1536 (in-process A/B). Against the einsum reference the previous layout took a step of MiniLM's layers
+0.74-0.84× at T = 4-16 and 0.75-0.9× at 64.
 
 Six GEMMs and four T-sized copies a step at R = 1: 51 aten ops with views, the base_out add and autograd's own
-(counted by a TorchDispatchMode; 47 with the per-token layout), where the einsum reference runs 79: small token counts
-are op-bound on CPU.
+(counted by a TorchDispatchMode around forward and `.backward()`; 47 with the per-token layout), where the einsum
+reference runs 79: small token counts are op-bound on CPU.
 The CUDA op's token-batched small GEMMs (`kronecker_torch.kronecker_linear_bmm`) ran up to 2× slower on MKL.
 """
 
@@ -110,7 +112,7 @@ class KroneckerGemmFunction(torch.autograd.Function):
         grad_a, grad_b = [], []
         for k in range(R):
             if need_run_a:  # dA_kᵀ = Zₘ G': (n1, T·m2) @ (T·m2, m1)
-                grad_a.append((saved[k] @ G).T)
+                grad_a.append((saved[k] @ G).T.contiguous())  # (m1, n1), as autograd lays out A's gradient
             if need_x or need_run_b:  # Wₘ = A_kᵀ G'ᵀ: (n1, m1) @ (m1, T·m2); W' = (n1, T, m2) -> (T, n1, m2) -> (T·n1, m2)
                 W = _swap_outer(a[k].T @ G.T, n1, T, m2).view(T * n1, m2)
                 if need_x:  # dX += W' B_k: (T·n1, m2) @ (m2, n2)
