@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from ..init.tucker_cost import kronecker_a_first
 from ._dispatch import as_dtype
-from .kronecker_torch import apply_kronecker_op, kept_for_factor_grads, pad_columns, stack_components
+from .kronecker_torch import apply_kronecker_op, pad_columns, save_for_factor_grads, stack_components
 
 __all__ = ["KroneckerGemmFunction", "kronecker_linear_gemm"]
 
@@ -90,9 +90,8 @@ class KroneckerGemmFunction(torch.autograd.Function):
             # clone, not contiguous(): with m1 = 1, m2 = 1 or T = 0 the swapped view is contiguous already
             y = swapped.clone(memory_format=torch.contiguous_format) if base_out is None else \
                 base_out.reshape(T, m1, m2) + swapped
-        keep_x, keep_z = kept_for_factor_grads(transposed, *ctx.needs_input_grad[1:3])  # A first: the run's dB is dA
         ctx.transposed, ctx.d_in, ctx.dtypes = transposed, d_in, (A.dtype, B.dtype)
-        ctx.save_for_backward(X if keep_x else None, a, b, *(saved if keep_z else [None] * R))
+        save_for_factor_grads(ctx, transposed, X, a, b, saved)  # A first: the run problem's dB is dA
         return y
 
     @staticmethod
@@ -112,7 +111,7 @@ class KroneckerGemmFunction(torch.autograd.Function):
         grad_a, grad_b = [], []
         for k in range(R):
             if need_run_a:  # dA_kᵀ = Zₘ G': (n1, T·m2) @ (T·m2, m1)
-                grad_a.append((saved[k] @ G).T.contiguous())  # (m1, n1), as autograd lays out A's gradient
+                grad_a.append((saved[k] @ G).T)  # (m1, n1), laid out by stack_components
             if need_x or need_run_b:  # Wₘ = A_kᵀ G'ᵀ: (n1, m1) @ (m1, T·m2); W' = (n1, T, m2) -> (T, n1, m2) -> (T·n1, m2)
                 W = _swap_outer(a[k].T @ G.T, n1, T, m2).view(T * n1, m2)
                 if need_x:  # dX += W' B_k: (T·n1, m2) @ (m2, n2)

@@ -81,15 +81,20 @@ def _accumulate(total: Optional[Tensor], piece: Tensor, dtype: torch.dtype) -> T
     return total.add_(piece)
 
 
-def kept_for_factor_grads(a_first: bool, need_a: bool, need_b: bool) -> tuple[bool, bool]:
-    """(keep x, keep the per-component intermediate) for the factor gradients of a token-level Kronecker op: B first
-    the intermediate X_t B_kᵀ feeds dA and x feeds dB; A first, A_k X_t feeds dB and x feeds dA."""
-    return (need_a, need_b) if a_first else (need_b, need_a)
+def save_for_factor_grads(ctx, a_first: bool, x: Tensor, a: Tensor, b: Tensor, intermediates: list[Tensor]) -> None:
+    """`ctx.save_for_backward(x, a, b, *intermediates)` keeping x and the per-component intermediates only for the
+    factor gradient that reads them (inputs x, A, B in that order): B first the intermediate X_t B_kᵀ feeds dA and x
+    feeds dB; A first, A_k X_t feeds dB and x feeds dA. The others are saved as None."""
+    need_a, need_b = ctx.needs_input_grad[1:3]
+    keep_x, keep_intermediates = (need_a, need_b) if a_first else (need_b, need_a)
+    ctx.save_for_backward(x if keep_x else None, a, b,
+                          *(intermediates if keep_intermediates else [None] * len(intermediates)))
 
 
 def stack_components(parts: list[Tensor]) -> Tensor:
-    """R × (p, q) -> (R, p, q); a view for R = 1 (TeRA's factors), no copy."""
-    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+    """R × (p, q) -> (R, p, q), contiguous (gradients in the factors' layout); a view for R = 1 when the part is
+    contiguous (TeRA's factors)."""
+    return parts[0].unsqueeze(0).contiguous() if len(parts) == 1 else torch.stack(parts)
 
 
 def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need_a: bool = True,
@@ -143,10 +148,8 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
         grad_a = [torch.zeros(p1, q1, device=x.device, dtype=acc)] * R
         grad_bt = [torch.zeros(q2, p2, device=x.device, dtype=acc)] * R
     # (R, m1, n1) and (R, m2, n2): the adjoint's gradients are the transposes of the asked ones
-    stacked_a = stack_components([grad.T for grad in grad_a] if adjoint else grad_a) if need_a else None
-    stacked_b = stack_components(grad_bt if adjoint else [grad.T for grad in grad_bt]) if need_b else None
-    return (None if stacked_a is None else stacked_a.contiguous(),
-            None if stacked_b is None else stacked_b.contiguous())
+    return (stack_components([grad.T for grad in grad_a] if adjoint else grad_a) if need_a else None,
+            stack_components(grad_bt if adjoint else [grad.T for grad in grad_bt]) if need_b else None)
 
 
 def kronecker_merged_weight(weight: Optional[Tensor], a: Tensor, b: Tensor) -> Tensor:
@@ -287,8 +290,7 @@ class KroneckerBmmFunction(torch.autograd.Function):
             else:
                 y = torch.baddbmm(y, left, right) if k == 0 else y.baddbmm_(left, right)
         ctx.a_first, ctx.d_in, ctx.dtypes = a_first, d_in, (A.dtype, B.dtype)
-        keep_x, keep_saved = kept_for_factor_grads(a_first, *ctx.needs_input_grad[1:3])
-        ctx.save_for_backward(X if keep_x else None, a, b, *(saved if keep_saved else [None] * R))
+        save_for_factor_grads(ctx, a_first, X, a, b, saved)
         return y
 
     @staticmethod
