@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -163,6 +164,21 @@ def interleaved_medians(models: dict[str, nn.Module], x: torch.Tensor, grad: tor
     """Median of `interleaved_times` per model."""
     times = interleaved_times(models, x, grad, repeats, warmup, progress, steps)
     return {label: statistics.median(values) for label, values in times.items()}
+
+
+def paired_ratio(times: dict[str, list[float]], label: str, reference: str,
+                 resamples: int = 2000) -> dict[str, float]:
+    """`label`'s time ÷ `reference`'s per round of `interleaved_times`: the median over rounds and a 95 % percentile
+    bootstrap interval of that median (rounds resampled with a fixed seed).
+
+    The two run in the same round, seconds apart, so load that drifts between rounds cancels in each ratio, which a
+    ratio of the two medians does not do; the interval says how much of the ratio the machine's noise leaves open.
+    """
+    ratios = [mine / theirs for mine, theirs in zip(times[label], times[reference], strict=True)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return {"median": statistics.median(ratios), "low": medians[int(0.025 * resamples)],
+            "high": medians[int(0.975 * resamples) - 1]}
 
 
 def lokr_params(d_out: int, d_in: int, factor: int, r: int, both: bool) -> int:

@@ -8,11 +8,12 @@
 
 The model is the pretrained MiniLM-L6 encoder of the README's quality task (examples/assets.py, offline), every
 query/key/value/dense layer adapted, fed `inputs_embeds` that require grad, and timed as `out.backward(g)`
-round-robin per round (`_harness.interleaved_medians`). `--model llama` times a 4-layer LlamaModel at 2048 hidden /
-5504 FFN with seeded random weights (the weights do not change the time), every q/k/v/o/gate/up/down projection
-adapted; on CUDA the Triton kernels "auto" does not pick are timed too ("[triton]"). `--compile` adds the frozen
-model, TeRA default and VeRA r = 16 under `torch.compile` (inductor, static shapes; compiled in the warm-up steps),
-whose ratios are taken against the compiled frozen model and compiled VeRA.
+round-robin per round (`_harness.interleaved_times`), each ratio taken within a round (`_harness.paired_ratio`).
+`--model llama` times a 4-layer LlamaModel at 2048 hidden / 5504 FFN with seeded random weights (the weights do not
+change the time), every q/k/v/o/gate/up/down projection adapted; on CUDA the Triton kernels "auto" does not pick are
+timed too ("[triton]"). `--compile` adds the frozen model, TeRA default and VeRA r = 16 under `torch.compile`
+(inductor, static shapes; compiled in the warm-up steps), whose ratios are taken against the compiled frozen model and
+compiled VeRA.
 Throughput is the inverse of the step time, so "÷ VeRA" below 1 means TeRA trains faster. Variants: TeRA's default,
 the same with a network node per layer instead of one per bucket and pass (`TeRAConfig.batch_networks=False`), the
 balanced-modes layout it replaced, peft VeRA r = 16, its default r = 256, and the VeRA whose trainable count is
@@ -23,6 +24,7 @@ Results: benchmarks/results/tera_model_step.{md,json}.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import warnings
@@ -100,6 +102,14 @@ def vera(rank: int) -> nn.Module:
     return EmbeddingsIn(get_peft_model(base_model(), VeraConfig(r=rank, target_modules=MODEL["targets"])))
 
 
+def ratio_cell(row: dict, key: str) -> str:
+    """"1.07 [1.02, 1.11]": the median ratio and its interval; "—" where the row has no such ratio."""
+    if row[key] is None:
+        return "—"
+    low, high = row["intervals"][key]
+    return f"{row[key]:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def trainable(model: nn.Module) -> int:
     return _harness.count(p for p in model.parameters() if p.requires_grad)
 
@@ -145,29 +155,34 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, args.tokens, MODEL["hidden"], generator=gen).to(**PLACE).requires_grad_(True)
     grad = torch.randn(args.batch, args.tokens, MODEL["hidden"], generator=gen).to(**PLACE)
-    seconds = _harness.interleaved_medians(models, x, grad, repeats=rounds, warmup=2,
-                                           steps=args.steps if on_cuda else 1)
+    times = _harness.interleaved_times(models, x, grad, repeats=rounds, warmup=2, steps=args.steps if on_cuda else 1)
     header["wall_s"] = time.perf_counter() - start
 
-    matched = seconds[f"peft VeRA count-matched (r={matched_rank})"]
+    matched = f"peft VeRA count-matched (r={matched_rank})"
     rows = []
     for label, model in models.items():
         tag = " [compiled]" if label.endswith(" [compiled]") else ""  # compiled rows against compiled rows
-        rows.append({"variant": label, "trainable": trainable(model), "ms": 1e3 * seconds[label],
-                     "vs_frozen": seconds[label] / seconds["frozen model" + tag],
-                     "vs_vera16": seconds[label] / seconds["peft VeRA r=16" + tag],
-                     "vs_matched": None if tag else seconds[label] / matched})
+        ratios = {key: _harness.paired_ratio(times, label, reference) for key, reference in
+                  (("vs_frozen", "frozen model" + tag), ("vs_vera16", "peft VeRA r=16" + tag))}
+        ratios["vs_matched"] = None if tag else _harness.paired_ratio(times, label, matched)
+        rows.append({"variant": label, "trainable": trainable(model), "ms": 1e3 * statistics.median(times[label]),
+                     **{key: None if ratio is None else ratio["median"] for key, ratio in ratios.items()},
+                     "intervals": {key: None if ratio is None else [ratio["low"], ratio["high"]]
+                                   for key, ratio in ratios.items()}})
     lines = [
         f"# TeRA vs peft VeRA: training step of {MODEL['title']}", "",
         _harness.header_markdown(header, f"Batch {args.batch} × {args.tokens} tokens, {str(PLACE['dtype'])[6:]} on "
-                                 f"{args.device}, every {'/'.join(MODEL['targets'])} layer adapted; median of {rounds} "
+                                 f"{args.device}, every {'/'.join(MODEL['targets'])} layer adapted; {rounds} "
                                  "round-robin rounds after 2 warm-up"
-                                 + (f" ({args.steps} steps queued per timing)." if on_cuda else ".")),
+                                 + (f" ({args.steps} steps queued per timing)" if on_cuda else "")
+                                 + ". step ms: median over rounds. Ratios: median over rounds of the two variants' "
+                                 "times in the same round, with a 95 % bootstrap interval of that median in brackets "
+                                 "(`_harness.paired_ratio`)."),
         "| variant | trainable | step ms | ÷ frozen model | ÷ VeRA r=16 | ÷ VeRA count-matched |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['variant']} | {r['trainable']:,} | {r['ms']:.1f} | {r['vs_frozen']:.2f} | {r['vs_vera16']:.2f} | "
-              f"{'—' if r['vs_matched'] is None else format(r['vs_matched'], '.2f')} |" for r in rows]
+    lines += [f"| {r['variant']} | {r['trainable']:,} | {r['ms']:.1f} | "
+              + " | ".join(ratio_cell(r, key) for key in ("vs_frozen", "vs_vera16", "vs_matched")) + " |" for r in rows]
     table = "\n".join(lines) + "\n"
     print(table)
     stem = args.stem or ("tera_model_step_quick" if args.quick else "tera_model_step")
