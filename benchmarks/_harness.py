@@ -181,6 +181,13 @@ def paired_ratio(times: dict[str, list[float]], label: str, reference: str,
             "high": medians[int(0.975 * resamples) - 1]}
 
 
+def ratio_cell(ratio: float | None, interval: list[float] | None) -> str:
+    """A table cell "1.07 [1.02, 1.11]" for a `paired_ratio` median and interval; "—" for no ratio."""
+    if ratio is None:
+        return "—"
+    return f"{ratio:.2f}" if interval is None else f"{ratio:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def lokr_params(d_out: int, d_in: int, factor: int, r: int, both: bool) -> int:
     """Trainable count of peft LoKr on a Linear (peft/tuners/lokr/layer.py update_layer + create_adapter_parameters)."""
     from peft.tuners.lokr.layer import factorization

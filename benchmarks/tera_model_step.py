@@ -102,14 +102,6 @@ def vera(rank: int) -> nn.Module:
     return EmbeddingsIn(get_peft_model(base_model(), VeraConfig(r=rank, target_modules=MODEL["targets"])))
 
 
-def ratio_cell(row: dict, key: str) -> str:
-    """"1.07 [1.02, 1.11]": the median ratio and its interval; "—" where the row has no such ratio."""
-    if row[key] is None:
-        return "—"
-    low, high = row["intervals"][key]
-    return f"{row[key]:.2f} [{low:.2f}, {high:.2f}]"
-
-
 def trainable(model: nn.Module) -> int:
     return _harness.count(p for p in model.parameters() if p.requires_grad)
 
@@ -181,8 +173,9 @@ def main() -> None:
         "| variant | trainable | step ms | ÷ frozen model | ÷ VeRA r=16 | ÷ VeRA count-matched |",
         "|---|---|---|---|---|---|",
     ]
+    ratio_keys = ("vs_frozen", "vs_vera16", "vs_matched")
     lines += [f"| {r['variant']} | {r['trainable']:,} | {r['ms']:.1f} | "
-              + " | ".join(ratio_cell(r, key) for key in ("vs_frozen", "vs_vera16", "vs_matched")) + " |" for r in rows]
+              + " | ".join(_harness.ratio_cell(r[key], r["intervals"][key]) for key in ratio_keys) + " |" for r in rows]
     table = "\n".join(lines) + "\n"
     print(table)
     stem = args.stem or ("tera_model_step_quick" if args.quick else "tera_model_step")

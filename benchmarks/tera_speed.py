@@ -7,7 +7,8 @@ Each case wraps one `nn.Linear(d_in, d_out)` (`nn.Sequential`, target "0") with 
 (`specpeft.get_adapter_model` / `peft.get_peft_model(VeraConfig)`) and times `out = model(x); out.backward(g)` with
 `x.requires_grad=True`, i.e. an inner layer that must also return dX. The frozen base therefore costs 2 GEMMs
 (y, dX); any adapter whose ΔW is high-rank needs dΔW = gᵀx, a third GEMM (anchors/performance.md §2.4, Pattern B).
-Methods run round-robin within each repeat (side by side on the same noisy CPU); the median over repeats is kept.
+Methods run round-robin within each repeat (side by side on the same noisy CPU); times are medians over repeats and
+ratios medians of the per-repeat ratios (`_harness.paired_ratio`).
 On an oversubscribed box (load ≫ cores) every op at 2 threads pays a thread rendezvous of tens of ms, which swamps
 small ops; `--threads 1` then measures the compute honestly (the table header records the thread count).
 
@@ -167,6 +168,8 @@ def run_case(case: Case, repeats: int, warmup: int, big_repeats: int = 3) -> lis
     rows = []
     for method in METHODS:
         model = models[method.label]
+        ratios = {key: _harness.paired_ratio(times, method.label, reference) for key, reference in
+                  (("vs_base", "frozen base"), ("vs_vera", COMPARABLE_VERA), ("vs_matched_vera", MATCHED_VERA))}
         rows.append({
             "d_out": case.d_out, "d_in": case.d_in, "tokens": case.tokens, "method": method.label,
             "trainable": _harness.count(p for p in model.parameters() if p.requires_grad),
@@ -174,9 +177,8 @@ def run_case(case: Case, repeats: int, warmup: int, big_repeats: int = 3) -> lis
             "delta_rank": delta_rank(model, method, case.d_out, case.d_in),
             "ms": 1e3 * medians[method.label], "repeats": repeats,
             "spread_ms": 1e3 * (max(times[method.label]) - min(times[method.label])),
-            "vs_base": medians[method.label] / medians["frozen base"],
-            "vs_vera": medians[method.label] / medians[COMPARABLE_VERA],
-            "vs_matched_vera": medians[method.label] / medians[MATCHED_VERA],
+            **{key: ratio["median"] for key, ratio in ratios.items()},
+            "intervals": {key: [ratio["low"], ratio["high"]] for key, ratio in ratios.items()},
             "vera_rank": (vera_rank_matched_to_tera(case.d_out, case.d_in) if method.label == MATCHED_VERA else None),
         })
     return rows
@@ -187,7 +189,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"TeRA layer fwd+bwd (x.requires_grad=True), median of {args.repeats} repeats after {args.warmup} warm-up "
         f"(≤ {args.big_repeats} after ≤ 1 for the 4096×4096 T=1024 and 4096×11008 rows), "
         f"{torch.get_num_threads()} threads, fp32, {platform.processor() or platform.machine()}, torch "
-        f"{torch.__version__}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. Ratios: ÷ frozen base "
+        f"{torch.__version__}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. Ratios, each the "
+        "median over repeats of the two methods' times in the same repeat with a 95 % bootstrap interval of that median in "
+        "brackets (`_harness.paired_ratio`): ÷ frozen base "
         f"(target ≤ {TARGETS['base_ratio']}), ÷ {COMPARABLE_VERA} and ÷ {MATCHED_VERA} (VeRA trains d_out + r: the r "
         f"whose count is closest to TeRA default's, given in the method cell) (target ≤ {TARGETS['vera_ratio']}, i.e. "
         "throughput ≥ VeRA's).",
@@ -202,8 +206,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         method = r["method"] + (f" (r={r['vera_rank']})" if r.get("vera_rank") else "")
         lines.append(
             f"| {r['d_out']}×{r['d_in']} | {r['tokens']} | {method} | {r['trainable']:,} | {rank} | "
-            f"{r['path'] or '—'} | {r['ms']:.1f} | {r['vs_base']:.2f} | {r['vs_vera']:.2f} | "
-            f"{r['vs_matched_vera']:.2f} |"
+            f"{r['path'] or '—'} | {r['ms']:.1f} | "
+            + " | ".join(_harness.ratio_cell(r[key], r["intervals"][key])
+                         for key in ("vs_base", "vs_vera", "vs_matched_vera")) + " |"
         )
     lines += [
         "",
@@ -253,7 +258,7 @@ def main() -> None:
         cases = [Case(384, 384, 2048), Case(1536, 384, 2048), Case(384, 1536, 2048), Case(384, 384, 8),
                  Case(1024, 1024, 1024), Case(4096, 4096, 8), Case(4096, 4096, 1024, big=True),
                  Case(4096, 11008, 1024, big=True)]
-        args.repeats = args.repeats or 5
+        args.repeats = args.repeats or 9
     if args.only_big:
         cases = [case for case in cases if case.big]
     rows = []
