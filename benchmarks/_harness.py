@@ -166,26 +166,39 @@ def interleaved_medians(models: dict[str, nn.Module], x: torch.Tensor, grad: tor
     return {label: statistics.median(values) for label, values in times.items()}
 
 
+INTERVAL_MIN_ROUNDS = 9  # below this a bootstrap interval of the median is little more than the min and max
+
+
 def paired_ratio(times: dict[str, list[float]], label: str, reference: str,
-                 resamples: int = 2000) -> dict[str, float]:
-    """`label`'s time ÷ `reference`'s per round of `interleaved_times`: the median over rounds and a 95 % percentile
-    bootstrap interval of that median (rounds resampled with a fixed seed).
+                 resamples: int = 2000) -> dict[str, float | None]:
+    """`label`'s time ÷ `reference`'s per round of `interleaved_times`: the median over rounds of these per-round
+    ratios and a 95 % percentile-bootstrap interval of that median (rounds resampled with a fixed seed; None with fewer
+    than `INTERVAL_MIN_ROUNDS` rounds).
 
     The two run in the same round, seconds apart, so load that drifts between rounds cancels in each ratio, which a
     ratio of the two medians does not do; the interval says how much of the ratio the machine's noise leaves open.
     """
     ratios = [mine / theirs for mine, theirs in zip(times[label], times[reference], strict=True)]
+    median = statistics.median(ratios)
+    if len(ratios) < INTERVAL_MIN_ROUNDS:
+        return {"median": median, "low": None, "high": None}
     rng = random.Random(0)
     medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
-    return {"median": statistics.median(ratios), "low": medians[int(0.025 * resamples)],
-            "high": medians[int(0.975 * resamples) - 1]}
+    outside = round(0.025 * (resamples - 1))  # resampled medians left out on each side
+    return {"median": median, "low": medians[outside], "high": medians[resamples - 1 - outside]}
 
 
-def ratio_cell(ratio: float | None, interval: list[float] | None) -> str:
-    """A table cell "1.07 [1.02, 1.11]" for a `paired_ratio` median and interval; "—" for no ratio."""
+def interval(ratio: dict[str, float | None] | None) -> list[float] | None:
+    """[low, high] of a `paired_ratio`, or None (no ratio, or too few rounds for an interval)."""
+    return None if ratio is None or ratio["low"] is None else [ratio["low"], ratio["high"]]
+
+
+def ratio_cell(ratio: float | None, low: float | None = None, high: float | None = None) -> str:
+    """A table cell "1.07 [1.02, 1.11]" for a `paired_ratio` median and interval, "1.07" without an interval, "—" for
+    no ratio."""
     if ratio is None:
         return "—"
-    return f"{ratio:.2f}" if interval is None else f"{ratio:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+    return f"{ratio:.2f}" if low is None else f"{ratio:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def lokr_params(d_out: int, d_in: int, factor: int, r: int, both: bool) -> int:

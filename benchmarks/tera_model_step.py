@@ -159,28 +159,29 @@ def main() -> None:
         ratios["vs_matched"] = None if tag else _harness.paired_ratio(times, label, matched)
         rows.append({"variant": label, "trainable": trainable(model), "ms": 1e3 * statistics.median(times[label]),
                      **{key: None if ratio is None else ratio["median"] for key, ratio in ratios.items()},
-                     "intervals": {key: None if ratio is None else [ratio["low"], ratio["high"]]
-                                   for key, ratio in ratios.items()}})
+                     "intervals": {key: _harness.interval(ratio) for key, ratio in ratios.items()}})
     lines = [
         f"# TeRA vs peft VeRA: training step of {MODEL['title']}", "",
         _harness.header_markdown(header, f"Batch {args.batch} × {args.tokens} tokens, {str(PLACE['dtype'])[6:]} on "
                                  f"{args.device}, every {'/'.join(MODEL['targets'])} layer adapted; {rounds} "
                                  "round-robin rounds after 2 warm-up"
                                  + (f" ({args.steps} steps queued per timing)" if on_cuda else "")
-                                 + ". step ms: median over rounds. Ratios: median over rounds of the two variants' "
-                                 "times in the same round, with a 95 % bootstrap interval of that median in brackets "
-                                 "(`_harness.paired_ratio`)."),
+                                 + ". Step ms: median over rounds. Ratios: median over rounds of the per-round "
+                                 "ratio of the two variants' times, with a 95 % bootstrap interval of that median in "
+                                 "brackets "
+                                 f"(`_harness.paired_ratio`; none below {_harness.INTERVAL_MIN_ROUNDS} rounds)."),
         "| variant | trainable | step ms | ÷ frozen model | ÷ VeRA r=16 | ÷ VeRA count-matched |",
         "|---|---|---|---|---|---|",
     ]
     ratio_keys = ("vs_frozen", "vs_vera16", "vs_matched")
     lines += [f"| {r['variant']} | {r['trainable']:,} | {r['ms']:.1f} | "
-              + " | ".join(_harness.ratio_cell(r[key], r["intervals"][key]) for key in ratio_keys) + " |" for r in rows]
+              + " | ".join(_harness.ratio_cell(r[key], *(r["intervals"][key] or ())) for key in ratio_keys) + " |"
+              for r in rows]
     table = "\n".join(lines) + "\n"
     print(table)
     stem = args.stem or ("tera_model_step_quick" if args.quick else "tera_model_step")
     _harness.write_outputs(Path(args.out) if args.out else _harness.RESULTS, stem, table,
-                           {"header": header, "args": vars(args), "rows": rows})
+                           {"header": header, "args": vars(args), "rows": rows, "times": times})
 
 
 if __name__ == "__main__":

@@ -177,8 +177,9 @@ def run_case(case: Case, repeats: int, warmup: int, big_repeats: int = 3) -> lis
             "delta_rank": delta_rank(model, method, case.d_out, case.d_in),
             "ms": 1e3 * medians[method.label], "repeats": repeats,
             "spread_ms": 1e3 * (max(times[method.label]) - min(times[method.label])),
+            "times_ms": [1e3 * seconds for seconds in times[method.label]],  # per repeat, for other paired ratios
             **{key: ratio["median"] for key, ratio in ratios.items()},
-            "intervals": {key: [ratio["low"], ratio["high"]] for key, ratio in ratios.items()},
+            "intervals": {key: _harness.interval(ratio) for key, ratio in ratios.items()},
             "vera_rank": (vera_rank_matched_to_tera(case.d_out, case.d_in) if method.label == MATCHED_VERA else None),
         })
     return rows
@@ -190,8 +191,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"(≤ {args.big_repeats} after ≤ 1 for the 4096×4096 T=1024 and 4096×11008 rows), "
         f"{torch.get_num_threads()} threads, fp32, {platform.processor() or platform.machine()}, torch "
         f"{torch.__version__}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. Ratios, each the "
-        "median over repeats of the two methods' times in the same repeat with a 95 % bootstrap interval of that median in "
-        "brackets (`_harness.paired_ratio`): ÷ frozen base "
+        "median over repeats of the per-repeat ratio of the two methods' times, with a 95 % bootstrap interval of that "
+        f"median in brackets (`_harness.paired_ratio`; none below {_harness.INTERVAL_MIN_ROUNDS} repeats, as in the "
+        "big rows): ÷ frozen base "
         f"(target ≤ {TARGETS['base_ratio']}), ÷ {COMPARABLE_VERA} and ÷ {MATCHED_VERA} (VeRA trains d_out + r: the r "
         f"whose count is closest to TeRA default's, given in the method cell) (target ≤ {TARGETS['vera_ratio']}, i.e. "
         "throughput ≥ VeRA's).",
@@ -207,7 +209,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append(
             f"| {r['d_out']}×{r['d_in']} | {r['tokens']} | {method} | {r['trainable']:,} | {rank} | "
             f"{r['path'] or '—'} | {r['ms']:.1f} | "
-            + " | ".join(_harness.ratio_cell(r[key], r["intervals"][key])
+            + " | ".join(_harness.ratio_cell(r[key], *(r["intervals"][key] or ()))
                          for key in ("vs_base", "vs_vera", "vs_matched_vera")) + " |"
         )
     lines += [
