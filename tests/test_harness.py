@@ -3,27 +3,14 @@ percentile bootstrap of the median (checked against numpy's percentile of the sa
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import statistics
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_modules import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("bench_harness", ROOT / "benchmarks" / "_harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_harness"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
+harness = load_benchmark("_harness", "bench_harness")
 
 
 def _times(ratios: list[float]) -> dict[str, list[float]]:

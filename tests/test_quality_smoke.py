@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_modules import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["method", "library", "targets", "trainable", "head", "lr grid", "chosen lr", "val acc by lr", "val acc",
            "test acc", "step s", "peak MiB"]
 
@@ -25,16 +24,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _load_quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_quick_quality_schema_and_improvement(tmp_path: Path) -> None:
-    quality = _load_quality()
+    quality = load_benchmark("quality", "quality_benchmark")
     threads = torch.get_num_threads()
     try:
         payload = quality.main(["--quick", "--tasks", "text", "--methods", "svfit,lora", "--out", str(tmp_path)])
