@@ -1,4 +1,5 @@
-"""Shared measurement plumbing of the benchmark scripts: run header, layer timing, memory probe, output files.
+"""Shared measurement plumbing of the benchmark scripts: run header, layer timing, paired time ratios with bootstrap
+intervals, memory probe, output files.
 
 Not a benchmark itself. Everything here is measurement plumbing; the methods and their configs live in the scripts.
 """

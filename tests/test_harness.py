@@ -31,7 +31,8 @@ def test_paired_ratio_cancels_drift_between_rounds() -> None:
 
 @pytest.mark.parametrize("ratios", [
     [0.9, 1.0, 1.05, 1.1, 1.2, 1.3, 0.95, 1.15, 1.02, 0.98, 1.07],
-    [1.0] * 19 + [5.0, 6.0],  # skewed: the median's interval stays at 1.0 where min/max or raw percentiles would not
+    [1 + 0.4 * u for u in np.random.default_rng(1).random(400)],  # many distinct values: another seed moves it
+    [1.0] * 19 + [5.0, 6.0],  # skewed: the interval stays at 1.0 where the raw min/max or percentiles would not
 ])
 def test_paired_ratio_interval_is_percentile_bootstrap_of_median(ratios: list[float]) -> None:
     ratio = harness.paired_ratio(_times(ratios), "mine", "ref", resamples=2000)
@@ -48,6 +49,10 @@ def test_paired_ratio_degenerate_cases() -> None:
     assert same == pytest.approx({"median": 1.25, "low": 1.25, "high": 1.25})
     few = harness.paired_ratio(_times([1.0, 1.2, 1.5]), "mine", "ref")  # too few rounds for an interval
     assert few["median"] == pytest.approx(1.2) and few["low"] is None and few["high"] is None
+    spread = [0.9 + 0.03 * i for i in range(9)]
+    assert harness.paired_ratio(_times(spread[:8]), "mine", "ref")["low"] is None  # 8 rounds: none
+    nine = harness.paired_ratio(_times(spread), "mine", "ref")  # 9 rounds: an interval, the same on every call
+    assert nine["low"] is not None and nine == harness.paired_ratio(_times(spread), "mine", "ref")
     assert harness.interval(few) is None and harness.ratio_cell(few["median"]) == "1.20"
     assert harness.ratio_cell(1.234, 1.1, 1.3) == "1.23 [1.10, 1.30]" and harness.ratio_cell(None) == "—"
     with pytest.raises(ValueError):  # rounds must pair up

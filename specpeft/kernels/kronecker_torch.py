@@ -131,7 +131,7 @@ def kronecker_factor_grads(x: Tensor, grad_y: Tensor, a: Tensor, b: Tensor, need
     _, p2, q2 = b.shape
     # B_kᵀ laid out row-major (a no-op where it already is): with B_kᵀ a transposed view MKL ran H_k = B_kᵀ Gᵀ
     # 1.8-2× slower at p2 = 24, q2 = 6 (the factor gradients 0.8× at MiniLM's 1536×384; no change at the other shapes)
-    b_t = b.transpose(1, 2).contiguous() if need_a else None  # (R, q2, p2), read by dA only
+    b_t = b.transpose(1, 2).contiguous()  # (R, q2, p2)
     grad_a: list[Optional[Tensor]] = [None] * R  # dA_k of the run problem (p1, q1)
     grad_bt: list[Optional[Tensor]] = [None] * R  # dB_kᵀ of the run problem (q2, p2)
     per_token = q1 * q2 + p1 * p2 + 2 * q2 * p1  # Xq, G (when cast), E_k, H_k
