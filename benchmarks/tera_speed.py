@@ -192,7 +192,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         f"{torch.get_num_threads()} threads, fp32, {platform.processor() or platform.machine()}, torch "
         f"{torch.__version__}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. Ratios, each the "
         "median over repeats of the per-repeat ratio of the two methods' times, with a 95 % bootstrap interval of that "
-        f"median in brackets (`_harness.paired_ratio`; none below {_harness.INTERVAL_MIN_ROUNDS} repeats): ÷ frozen base "
+        f"median in brackets (`_harness.paired_ratio`; none below {_harness.INTERVAL_MIN_ROUNDS} repeats): "
+        "÷ frozen base "
         f"(target ≤ {TARGETS['base_ratio']}), ÷ {COMPARABLE_VERA} and ÷ {MATCHED_VERA} (VeRA trains d_out + r: the r "
         f"whose count is closest to TeRA default's, given in the method cell) (target ≤ {TARGETS['vera_ratio']}, i.e. "
         "throughput ≥ VeRA's).",
