@@ -146,12 +146,12 @@ class KroneckerNetworkFunction(torch.autograd.Function):
         mu_grads: list[Tensor] = []
         for grad, factor, lam, mu in zip(grads, factors, lams, mus):
             weighted = None if grad is None else grad * factor  # dŨ_k ⊙ U_k: (…, J_k, R_k)
-            if lam is not None:  # Σ_r weighted μ: (J_k, R_k) @ (R_k,), or (L, J_k, R_k) @ (L, R_k, 1)
+            if lam is not None:  # Σ_r weighted μ: (…, J_k, R_k) @ (…, R_k, 1)
                 lam_grads.append(torch.zeros_like(lam) if weighted is None else weighted.sum(-1) if mu is None else
-                                 weighted @ mu if mu.dim() == 1 else (weighted @ mu.unsqueeze(-1)).squeeze(-1))
-            if mu is not None:  # Σ_j λ weighted: (J_k,) @ (J_k, R_k), or (L, 1, J_k) @ (L, J_k, R_k)
+                                 (weighted @ mu.unsqueeze(-1)).squeeze(-1))
+            if mu is not None:  # Σ_j λ weighted: (…, 1, J_k) @ (…, J_k, R_k)
                 mu_grads.append(torch.zeros_like(mu) if weighted is None else weighted.sum(-2) if lam is None else
-                                lam @ weighted if lam.dim() == 1 else (lam.unsqueeze(-2) @ weighted).squeeze(-2))
+                                (lam.unsqueeze(-2) @ weighted).squeeze(-2))
         return lam_grads + mu_grads
 
 
