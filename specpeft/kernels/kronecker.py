@@ -18,8 +18,8 @@ cross-program reduction per factor).
 Torch path: on CUDA `kronecker_torch.kronecker_linear_bmm`, batched GEMMs over the tokens with the factor broadcast
 and a hand-written backward that lays out one T-sized tensor anew (B first; A first one per component more), where
 an earlier hand-written backward with four einsums permuted several and ran 1.4-2.2× slower than autograd; on CPU
-`kronecker_gemm.kronecker_linear_gemm`, 2-D GEMMs and layout copies with a hand-written backward (51 aten ops a
-step with views against the einsums' 79; MKL runs the batched small GEMMs slowly). `kronecker_linear_reference`,
+`kronecker_gemm.kronecker_linear_gemm`, 2-D GEMMs and layout copies with a hand-written backward (45 aten ops a
+step with views against the einsums' 78; MKL runs the batched small GEMMs slowly). `kronecker_linear_reference`,
 two einsums under autograd, is the oracle.
 """
 

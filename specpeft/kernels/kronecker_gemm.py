@@ -20,9 +20,10 @@ W_t per token instead (the previous layout) took that layer's step 1.1-1.6× lon
 at 384² and 384×1536 (in-process A/B). Against the einsum reference the previous layout took a step of MiniLM's layers
 0.74-0.84× at T = 4-16 and 0.75-0.9× at 64.
 
-Six GEMMs and four T-sized copies a step at R = 1: 51 aten ops with views, the base_out add and autograd's own
-(counted by a TorchDispatchMode around forward and `.backward()`; 47 with the per-token layout), where the einsum
-reference runs 79: small token counts are op-bound on CPU.
+Six GEMMs and four T-sized copies a step at R = 1: 45 aten ops with views, the base_out add and autograd's own
+(counted by a TorchDispatchMode around forward and a `.backward()` into existing gradients; 52 while x and y were
+reshaped outside the node, each reshape an autograd node of its own), where the einsum reference runs 78: small token
+counts are op-bound on CPU.
 The CUDA op's token-batched small GEMMs (`kronecker_torch.kronecker_linear_bmm`) ran up to 2× slower on MKL.
 """
 
@@ -53,44 +54,55 @@ def _swap_outer(t: Tensor, outer: int, inner: int, cols: int) -> Tensor:
 
 
 class KroneckerGemmFunction(torch.autograd.Function):
-    """y = base_out + x (Σ_k A_k ⊗ B_k)ᵀ for x (T, d_in ≤ n1·n2) by 2-D GEMMs (module docstring), in x's dtype
-    (base_out (T, m1·m2) or None must be in it). Returns Y as (T·m1, m2) (A first) or (T, m1, m2) (B first), never a
-    view (`kronecker_torch.apply_kronecker_op` crops it). Saves x laid out for the run problem and Zₘ per component
-    only for the run problem's dB and dA that read them. Once differentiable, like the other Kronecker ops."""
+    """y = base_out + x (Σ_k A_k ⊗ B_k)ᵀ for x (..., d_in ≤ n1·n2) by 2-D GEMMs (module docstring), in x's dtype
+    (base_out (..., m1·m2) or None must be in it). Returns y (..., m1·m2), never a view (`kronecker_torch.
+    apply_kronecker_op` crops it). Saves x laid out for the run problem and Zₘ per component only for the run
+    problem's dB and dA that read them. Once differentiable, like the other Kronecker ops.
+
+    Every reshape of x, y and their gradients happens inside the node: outside, each would be an autograd node of
+    its own, and at a few tokens a layer's step costs its op count.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor]) -> Tensor:  # type: ignore[override]
-        T, d_in = x.shape
         R, m1, n1 = A.shape
         _, m2, n2 = B.shape
+        d_in = x.shape[-1]
+        T = x.numel() // d_in
+        y = x.new_empty(*x.shape[:-1], m1 * m2)  # the output itself, written through views
         a, b = as_dtype(A, x.dtype), as_dtype(B, x.dtype)
         transposed = kronecker_a_first(m1, n1, m2, n2)
-        X = pad_columns(x, n1 * n2)  # (T, n1·n2), zero columns meet the padded factor columns
-        if transposed:  # the run problem: X_tᵀ (T, n2, n1) with factors (B, A)
+        X = pad_columns(x.reshape(T, d_in), n1 * n2)  # (..., d_in) -> (T, n1·n2), zero columns meet padded factors
+        if transposed:  # the run problem: X_tᵀ (T, n2, n1) with factors (B, A); its Yᵀ rows (t, j) are y's rows
             X, (a, b), (m1, n1, m2, n2) = _swap_last(X, n1, n2), (b, a), (m2, n2, m1, n1)
+            rows = y.view(T * m2, m1)
+        else:  # B first: Yᵀ (T·m2, m1) is accumulated apart and swapped into y's (T, m1, m2) once
+            rows = None
         X = X.reshape(T * n1, n2)  # (T, n1·n2) -> (T·n1, n2)
-        into = base_out.reshape(T * m2, m1) if base_out is not None and transposed else None  # A first: y's layout
+        into = None if base_out is None else base_out.reshape(T * m2, m1) if transposed else base_out.reshape(
+            T, m1, m2)
         acc: Optional[Tensor] = None
         saved = []
-        for k in range(R):
+        for a_k, b_k in zip(a.unbind(0), b.unbind(0)):
             # Z = X B_kᵀ: (T·n1, n2) @ (n2, m2) -> (T, n1, m2); Zₘ: (n1, T, m2) -> (n1, T·m2)
-            saved.append(_swap_outer(X @ b[k].T, T, n1, m2).view(n1, T * m2))
-            # Yᵀ += Zₘᵀ A_kᵀ: (T·m2, n1) @ (n1, m1) -> (T·m2, m1), onto base_out out of place
-            z = saved[-1].T
-            if acc is None:
-                acc = z @ a[k].T if into is None else torch.addmm(into, z, a[k].T)
-            else:
-                acc.addmm_(z, a[k].T)
-        if acc is None:  # R = 0
-            acc = x.new_zeros(T * m2, m1) if into is None else into.clone()
-        if transposed:  # A first: the run problem's Yᵀ rows (t, j) are y's rows
-            y = acc
+            saved.append(_swap_outer(X @ b_k.T, T, n1, m2).view(n1, T * m2))
+            z = saved[-1].T  # Yᵀ += Zₘᵀ A_kᵀ: (T·m2, n1) @ (n1, m1) -> (T·m2, m1)
+            if acc is not None:
+                acc.addmm_(z, a_k.T)
+            elif rows is None:
+                acc = z @ a_k.T
+            else:  # A first: straight into y, onto base_out
+                acc = torch.mm(z, a_k.T, out=rows) if into is None else torch.addmm(into, z, a_k.T, out=rows)
+        if rows is not None:
+            if acc is None:  # R = 0
+                rows.copy_(into) if into is not None else rows.zero_()
+        elif acc is None:  # R = 0
+            y.copy_(base_out) if base_out is not None else y.zero_()
         else:  # B first: (T, m2, m1) -> (T, m1, m2), base_out added by the same op
             swapped = acc.view(T, m2, m1).transpose(1, 2)
-            # clone, not contiguous(): with m1 = 1, m2 = 1 or T = 0 the swapped view is contiguous already
-            y = swapped.clone(memory_format=torch.contiguous_format) if base_out is None else \
-                base_out.reshape(T, m1, m2) + swapped
-        ctx.transposed, ctx.d_in, ctx.dtypes = transposed, d_in, (A.dtype, B.dtype)
+            target = y.view(T, m1, m2)
+            target.copy_(swapped) if into is None else torch.add(into, swapped, out=target)
+        ctx.transposed, ctx.x_shape, ctx.dtypes = transposed, x.shape, (A.dtype, B.dtype)
         save_for_factor_grads(ctx, transposed, X, a, b, saved)  # A first: the run problem's dB is dA
         return y
 
@@ -102,32 +114,34 @@ class KroneckerGemmFunction(torch.autograd.Function):
         R, m1, n1 = a.shape  # the run problem's sizes
         _, m2, n2 = b.shape
         transposed = ctx.transposed
-        grad_rows = grad_y.reshape(-1, m1 * m2)  # y's rows (T, m1·m2)
-        T = grad_rows.shape[0]
+        T = grad_y.numel() // (m1 * m2)
         need_run_a, need_run_b = (need_b, need_a) if transposed else (need_a, need_b)
         # G' = the run problem's G_tᵀ rows (T·m2, m1): y's layout for A first, one copy for B first
-        G = grad_rows.reshape(T * m2, m1) if transposed else _swap_last(grad_rows, m1, m2).view(T * m2, m1)
+        G = grad_y.reshape(T * m2, m1) if transposed else _swap_last(grad_y, m1, m2).view(T * m2, m1)
         grad_x: Optional[Tensor] = None
         grad_a, grad_b = [], []
-        for k in range(R):
+        for a_k, b_k, z in zip(a.unbind(0), b.unbind(0), saved):
             if need_run_a:  # dA_kᵀ = Zₘ G': (n1, T·m2) @ (T·m2, m1)
-                grad_a.append((saved[k] @ G).T)  # (m1, n1), laid out by stack_components
+                grad_a.append((z @ G).T)  # (m1, n1), laid out by stack_components
             if need_x or need_run_b:  # Wₘ = A_kᵀ G'ᵀ: (n1, m1) @ (m1, T·m2); W' = (n1, T, m2) -> (T, n1, m2) -> (T·n1, m2)
-                W = _swap_outer(a[k].T @ G.T, n1, T, m2).view(T * n1, m2)
+                W = _swap_outer(a_k.T @ G.T, n1, T, m2).view(T * n1, m2)
                 if need_x:  # dX += W' B_k: (T·n1, m2) @ (m2, n2)
-                    grad_x = W @ b[k] if grad_x is None else grad_x.addmm_(W, b[k])
+                    grad_x = W @ b_k if grad_x is None else grad_x.addmm_(W, b_k)
                 if need_run_b:  # dB_k = W'ᵀ X: (m2, T·n1) @ (T·n1, n2)
                     grad_b.append(W.T @ X)
         if need_x:
             if grad_x is None:  # R = 0
-                grad_x = grad_rows.new_zeros(T * n1, n2)
-            # the run problem's dX_t (T·n1, n2) -> x's layout (A first: X_tᵀ back, one copy)
-            grad_x = (_swap_last(grad_x, n1, n2) if transposed else grad_x).view(T, n1 * n2)[:, :ctx.d_in]
+                grad_x = grad_y.new_zeros(T * n1, n2)
+            # the run problem's dX_t (T·n1, n2) -> x's layout (A first: X_tᵀ back, one copy), cropped to d_in
+            grad_x = _swap_last(grad_x, n1, n2) if transposed else grad_x
+            d_in = ctx.x_shape[-1]
+            grad_x = grad_x.view(T, n1 * n2)[:, :d_in] if d_in < n1 * n2 else grad_x
+            grad_x = grad_x.reshape(ctx.x_shape)
         run_a = stack_components(grad_a) if grad_a else torch.zeros_like(a) if need_run_a else None  # (R, m1, n1)
         run_b = stack_components(grad_b) if grad_b else torch.zeros_like(b) if need_run_b else None
         grad_A, grad_B = (run_b, run_a) if transposed else (run_a, run_b)
         return (grad_x, as_dtype(grad_A, ctx.dtypes[0]), as_dtype(grad_B, ctx.dtypes[1]),
-                grad_rows if need_base else None)
+                grad_y if need_base else None)
 
 
 def kronecker_linear_gemm(x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor] = None,

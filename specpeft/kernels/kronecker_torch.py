@@ -255,31 +255,35 @@ def kronecker_merged_linear(x: Tensor, A: Tensor, B: Tensor, weight: Optional[Te
 
 
 class KroneckerBmmFunction(torch.autograd.Function):
-    """y = base_out + x (Σ_k A_k ⊗ B_k)ᵀ for x (T, n1·n2) as batched GEMMs over the tokens whose factor operand is
-    broadcast (batch stride 0), so no T-sized tensor is permuted in forward:
+    """y = base_out + x (Σ_k A_k ⊗ B_k)ᵀ as batched GEMMs over the T tokens whose factor operand is broadcast
+    (batch stride 0), so no T-sized tensor is permuted in forward:
 
         B first:  Z_tᵀ = B_k X_tᵀ,  Y_t = A_k Z_t;   dX_t = Σ_k W_t B_k with W_t = A_kᵀ G_t,
                   dB_k = Σ_t W_tᵀ X_t,  dA_k = Σ_t G_t Z_tᵀ  (copies G as (m1, T·m2) once);
         A first:  U_t = A_k X_t,  Y_t = U_t B_kᵀ;    dX_t = Σ_k A_kᵀ V_t with V_t = G_t B_k,
                   dB_k = Σ_t G_tᵀ U_t,  dA_k = Σ_t V_t X_tᵀ  (copies X as (T·n2, n1) once, V per component).
 
-    The GEMMs run in x's dtype (base_out, (T, m1·m2) or None, must be in it), dA and dB too (rounded once, then cast
-    to the factors' dtype, as the einsum reference's autograd does). Returns Y (T, m1, m2) (`apply_kronecker_op` crops
-    it). Saved: B first, Z_tᵀ per component when A needs a gradient and x when B does; A first, U_t when B does and x
-    when A does. Once differentiable, like the Triton op.
+    The GEMMs run in x's dtype (base_out, (..., m1·m2) or None, must be in it), dA and dB too (rounded once, then cast
+    to the factors' dtype, as the einsum reference's autograd does). x (..., d_in) in, y (..., m1·m2) out, never a
+    view (`apply_kronecker_op` crops it). Saved: B first, Z_tᵀ per component when A needs a gradient and x when B
+    does; A first, U_t when B does and x when A does. Once differentiable, like the Triton op.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor]) -> Tensor:  # type: ignore[override]
-        T, d_in = x.shape
         R, m1, n1 = A.shape
         _, m2, n2 = B.shape
+        d_in = x.shape[-1]
+        T = x.numel() // d_in
+        out = x.new_empty(*x.shape[:-1], m1 * m2)  # the output itself, written through a (T, m1, m2) view
+        y = out.view(T, m1, m2)
         a, b = as_dtype(A, x.dtype), as_dtype(B, x.dtype)
-        X = pad_columns(x, n1 * n2).reshape(T, n1, n2).contiguous()  # (T, n1·n2) -> (T, n1, n2)
+        # (..., d_in) -> (T, n1·n2) -> (T, n1, n2)
+        X = pad_columns(x.reshape(T, d_in), n1 * n2).reshape(T, n1, n2).contiguous()
         a_first = kronecker_a_first(m1, n1, m2, n2)
-        y = None if base_out is None else base_out.reshape(T, m1, m2)  # the first accumulator, kept (out of place)
+        base = None if base_out is None else base_out.reshape(T, m1, m2)  # read, never written
         if R == 0:
-            y = x.new_zeros(T, m1, m2) if y is None else y.clone()
+            y.copy_(base) if base is not None else y.zero_()
         saved = []
         for k in range(R):
             if a_first:  # U_t = A_k X_t: (T, m1, n1) @ (T, n1, n2) -> (T, m1, n2); Y_t = U_t B_kᵀ
@@ -288,13 +292,15 @@ class KroneckerBmmFunction(torch.autograd.Function):
             else:  # Z_tᵀ = B_k X_tᵀ: (T, m2, n2) @ (T, n2, n1) -> (T, m2, n1); Y_t = A_k Z_t
                 saved.append(torch.bmm(b[k].expand(T, m2, n2), X.mT))
                 left, right = a[k].expand(T, m1, n1), saved[-1].mT
-            if y is None:
-                y = torch.bmm(left, right)  # (T, m1, m2)
+            if k:
+                y.baddbmm_(left, right)
+            elif base is None:
+                torch.bmm(left, right, out=y)  # (T, m1, m2)
             else:
-                y = torch.baddbmm(y, left, right) if k == 0 else y.baddbmm_(left, right)
-        ctx.a_first, ctx.d_in, ctx.dtypes = a_first, d_in, (A.dtype, B.dtype)
+                torch.baddbmm(base, left, right, out=y)
+        ctx.a_first, ctx.x_shape, ctx.dtypes = a_first, x.shape, (A.dtype, B.dtype)
         save_for_factor_grads(ctx, a_first, X, a, b, saved)
-        return y
+        return out
 
     @staticmethod
     @once_differentiable
@@ -303,13 +309,13 @@ class KroneckerBmmFunction(torch.autograd.Function):
         need_x, need_a, need_b, need_base = ctx.needs_input_grad
         R, m1, n1 = a.shape
         _, m2, n2 = b.shape
-        T = grad_y.shape[0]
-        grad_base = grad_y.reshape(T, m1 * m2) if need_base else None
+        T = grad_y.numel() // (m1 * m2)
+        grad_base = grad_y if need_base else None
         if R == 0:  # no components: zero gradients
-            return (grad_y.new_zeros(T, ctx.d_in) if need_x else None,
+            return (grad_y.new_zeros(ctx.x_shape) if need_x else None,
                     torch.zeros_like(a, dtype=ctx.dtypes[0]) if need_a else None,
                     torch.zeros_like(b, dtype=ctx.dtypes[1]) if need_b else None, grad_base)
-        G = grad_y.contiguous()  # (T, m1, m2)
+        G = grad_y.reshape(T, m1, m2).contiguous()  # (..., m1·m2) -> (T, m1, m2)
         if need_a:  # dA contracts tokens with a column axis: G (B first) or X (A first) laid out so, once
             spread = X.mT.reshape(T * n2, n1) if ctx.a_first else G.transpose(0, 1).reshape(m1, T * m2)
         grad_x: Optional[Tensor] = None
@@ -332,39 +338,42 @@ class KroneckerBmmFunction(torch.autograd.Function):
                     grad_b.append(W.T @ X.view(T * n1, n2))
                 if need_a:  # Σ_t G_t Z_tᵀ: (m1, T·m2) @ (T·m2, n1)
                     grad_a.append(spread @ saved[k].view(T * m2, n1))
-        if grad_x is not None:
-            grad_x = grad_x.reshape(T, n1 * n2)[:, :ctx.d_in]  # (T, n1, n2) -> (T, d_in)
+        if grad_x is not None:  # (T, n1, n2) -> (T, d_in) -> (..., d_in)
+            grad_x = grad_x.reshape(T, n1 * n2)[:, :ctx.x_shape[-1]].reshape(ctx.x_shape)
         return (grad_x, as_dtype(stack_components(grad_a), ctx.dtypes[0]) if need_a else None,
                 as_dtype(stack_components(grad_b), ctx.dtypes[1]) if need_b else None, grad_base)
 
 
 def apply_kronecker_op(function: type[torch.autograd.Function], x: Tensor, A: Tensor, B: Tensor,
                        base_out: Optional[Tensor] = None, out_features: Optional[int] = None) -> Tensor:
-    """`kernels.kronecker_linear` through a torch op that takes x (T, d_in) and base_out (T, m1·m2) or None and returns
-    Y in a layout that reshapes to (T, m1·m2) (`KroneckerBmmFunction`, `kronecker_gemm.KroneckerGemmFunction`): run in
-    x's dtype or autocast's, base_out cast to it and added by the op when it covers Y (else after the crop to d_out,
-    here: the op's output is never a view, so it may be modified in place)."""
-    d_in, width = x.shape[-1], A.shape[1] * B.shape[1]
+    """`kernels.kronecker_linear` through a torch op that takes x (..., d_in) and base_out (..., m1·m2) or None and
+    returns y (..., m1·m2), reshaping inside its node (`KroneckerBmmFunction`, `kronecker_gemm.KroneckerGemmFunction`):
+    run in x's dtype or autocast's, base_out cast to it and added by the op when it covers y (else after the crop to
+    d_out, here: the op's output is never a view, so it may be modified in place)."""
+    width = A.shape[1] * B.shape[1]
     d_out = out_features or width
     dtype = autocast_dtype(x)
     with autocast_off(x.device.type):
-        rows = as_dtype(x, dtype).reshape(-1, d_in)  # (..., d_in) -> (T, d_in)
-        base_rows = None if base_out is None else as_dtype(base_out, dtype).reshape(-1, d_out)
-        inside = base_rows is not None and d_out == width
-        y = function.apply(rows, A, B, base_rows if inside else None).reshape(-1, width)  # -> (T, m1·m2)
+        x = as_dtype(x, dtype)
+        if base_out is not None:
+            base_out = as_dtype(base_out, dtype)
+            if base_out.shape[:-1] != x.shape[:-1]:  # same rows, other leading axes: x's
+                base_out = base_out.reshape(*x.shape[:-1], d_out)
+        inside = base_out is not None and d_out == width
+        y = function.apply(x, A, B, base_out if inside else None)  # (..., m1·m2)
         if d_out < width:
-            y = y[:, :d_out]
-        if base_rows is not None and not inside:
-            y = base_rows + y
-    return y.reshape(*x.shape[:-1], d_out)  # (T, d_out) -> (..., d_out)
+            y = y[..., :d_out]
+        if base_out is not None and not inside:
+            y = base_out + y
+    return y
 
 
 def kronecker_linear_bmm(x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor] = None,
                          out_features: Optional[int] = None) -> Tensor:
     """`kernels.kronecker_linear`'s torch op on CUDA (`KroneckerBmmFunction` by `apply_kronecker_op`; shapes as
-    `kronecker_linear` validates them). Its step runs 40-42 aten ops against the einsum reference's 79 (host time; a
-    TorchDispatchMode around forward and `.backward()` with base_out, views included); a
-    TeRA layer's step on an H100 at T = 16384 took 0.85× (4096², B first), 0.94× (4096×11008, B first) and 0.99×
-    (11008×4096, A first) of its time on the einsum path (benchmarks/results/tera_gpu.md). MKL's batched small GEMMs
-    make it up to 1.8× slower on CPU."""
+    `kronecker_linear` validates them). Its step runs 38-40 aten ops against the einsum reference's 78 (host time; a
+    TorchDispatchMode around forward and `.backward()` with base_out, views included; 42-44 while x and y were
+    reshaped outside the node). A TeRA layer's step on an H100 at T = 16384, on that earlier form, took 0.85× (4096²,
+    B first), 0.94× (4096×11008, B first) and 0.99× (11008×4096, A first) of its time on the einsum path
+    (benchmarks/results/tera_gpu.md). MKL's batched small GEMMs make it up to 1.8× slower on CPU."""
     return apply_kronecker_op(KroneckerBmmFunction, x, A, B, base_out, out_features)
