@@ -243,7 +243,7 @@ def test_auto_mode_picks_by_token_count() -> None:
     """The winners measured in benchmarks/results/tera_speed.md ("factored forced" / "merged forced" rows): factored
     for few tokens and for a Kronecker Δ; R = 16 on every mode merges for many tokens; the default layout
     (Δ = P ⊗ M_N) is factored at 4096² up to ~1K tokens and merged (Kronecker factor gradients, no dΔ) beyond, and
-    merged at 384² from 256 tokens."""
+    merged at 384² from ~130 tokens (`test_default_layout_switches_where_chained_layers_measured_it`)."""
     adapter = _adapter(4096, 4096, dtype=torch.float32, rank=16)
     assert adapter.use_factored(1) and adapter.use_factored(8)
     assert not adapter.use_factored(512) and not adapter.use_factored(4096)
@@ -253,6 +253,33 @@ def test_auto_mode_picks_by_token_count() -> None:
     assert _adapter(4096, 4096, dtype=torch.float32, rank=1).use_factored(512)
     assert not _adapter(384, 384, dtype=torch.float32, rank=1).use_factored(2048)
     assert not any(_adapter(384, 384, dtype=torch.float32).use_factored(t) for t in (256, 1024, 4096))
+
+
+def test_default_layout_switches_where_chained_layers_measured_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`KRONECKER_APPLY_PENALTY` scales the default layout's factored estimate, and nothing else: the merged plans and
+    a layout applied by `tucker_apply` (R = 16) cost the same without it. With it the CPU rule switches to merged
+    where chains of adapted layers measured the merged path faster (MiniLM's 384² by 256 tokens, its 384×1536 by 512,
+    where the unscaled model stayed factored to 679), while a 4096² layer stays factored at 1,024 tokens."""
+    from specpeft.init import tucker_cost
+
+    default, other = _adapter(384, 1536, dtype=torch.float32), _adapter(384, 1536, dtype=torch.float32, rank=16)
+    assert default.edge_kronecker and not other.edge_kronecker
+    scaled = [adapter._step_costs(512)[0] for adapter in (default, other)]
+    assert not default.use_factored(512)
+    penalty = tucker_cost.KRONECKER_APPLY_PENALTY
+    assert penalty > 1.0
+    monkeypatch.setattr(tucker_cost, "KRONECKER_APPLY_PENALTY", 1.0)
+    for adapter, costs in zip((default, other), scaled):
+        adapter._costs_by_tokens.clear()
+        unscaled = adapter._step_costs(512)[0]
+        factor = penalty if adapter.edge_kronecker else 1.0
+        assert unscaled.keys() == costs.keys() and costs["factored"] == pytest.approx(factor * unscaled["factored"])
+        assert all(costs[plan] == unscaled[plan] for plan in costs if plan != "factored")
+    assert default.use_factored(512)  # the unscaled model's choice
+    monkeypatch.undo()
+    square = _adapter(384, 384, dtype=torch.float32)
+    assert square.use_factored(64) and not square.use_factored(256)
+    assert _adapter(4096, 4096, dtype=torch.float32).use_factored(1024)
 
 
 def test_cuda_runs_the_default_layout_factored_from_a_token_count() -> None:

@@ -3,7 +3,7 @@ building Δ and of applying it to tokens without forming it, per plan, so caller
 
 Integer arithmetic on a `TuckerShape` (init/tucker.py, which runs the plans this module prices) or on the factor
 sizes of a Kronecker product, and TeRA's training-step model on top (`training_step_costs`), which weighs memory
-passes and slow contractions by two constants calibrated on the 2-core dev box (plus one token count measured on an
+passes and slow contractions by three constants calibrated on the 2-core dev box (plus one token count measured on an
 H100, `CUDA_FACTORED_TOKENS`).
 """
 
@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     from .tucker import TuckerShape
 
 __all__ = [
-    "MEMORY_MACS", "PROJECTED_PENALTY", "apply_macs", "apply_traffic", "best_mode", "build_macs",
-    "edge_kronecker_cost", "is_kronecker", "kronecker_apply_macs", "kronecker_grads_cost", "kronecker_splits",
-    "last_mode_build_macs", "last_mode_split", "training_step_costs",
+    "KRONECKER_APPLY_PENALTY", "MEMORY_MACS", "PROJECTED_PENALTY", "apply_macs", "apply_traffic", "best_mode",
+    "build_macs", "edge_kronecker_cost", "is_kronecker", "kronecker_apply_macs", "kronecker_grads_cost",
+    "kronecker_splits", "last_mode_build_macs", "last_mode_split", "training_step_costs",
 ]
 
 # One element pass of a memory-bound op (copy, add, permute) costs about this many GEMM MACs: measured 25-85 on the
@@ -32,14 +32,21 @@ MEMORY_MACS = 40
 # 1.5-2.5x slower per estimated MAC than the dense path's large GEMM on the 2-core dev box (4096² R=4, 384×1536
 # R=1, 1024² R=1 in benchmarks/results/tera_speed.md); their estimate is scaled by this before comparing.
 PROJECTED_PENALTY = 2.5
+# The default layout's factored path (Δ = P ⊗ M_N by the CPU Kronecker op: small-inner-dimension GEMMs and permuting
+# copies) ran 1.1-2.2× slower per estimated cost than its merged alternative in chains of adapted layers under one
+# backward, as in a model (MiniLM's three shapes, 1024², 4096²; the crossovers measured at ~100-300 tokens where the
+# unscaled model put them at 221-680, and ~1K at 4096² against 1,940). Its estimate is scaled by this before comparing;
+# 1.4 keeps the 4096² layer factored at 1,024 tokens, where the single-layer rows of benchmarks/results/tera_speed.md
+# measured it faster.
+KRONECKER_APPLY_PENALTY = 1.4
 # The model above is CPU-calibrated. On an H100 (bf16, benchmarks/results/tera_gpu.md) the default layout's factored
 # path (Δ = P ⊗ M_N applied to x) trained within noise of the merged one or up to 1.25x faster at 4096-wide layers
 # from T = 4096, and 1.3-1.5x faster at T = 16384, where the merged path's two fp32 m×n weight builds and fp32
 # factor-gradient GEMMs dominate; at T = 1024 both are bound by host time and the merged path, with fewer ops, was
 # 10-20 % faster (a 1024² layer, host-bound at every T, stayed 1.1-1.27x faster merged at T >= 4096: one threshold
 # for all widths). TeRA therefore runs that layout on a plain CUDA linear factored from this many tokens per call.
-# Those runs used the einsum torch path; since `kernels.kronecker_torch.kronecker_linear_bmm` (40-42 aten ops a step
-# instead of 79) both paths run about 100 ops per layer, and an in-process A/B on a 4-layer Llama at T = 512-4096 per
+# Those runs used the einsum torch path; since `kernels.kronecker_torch.kronecker_linear_bmm` (38-40 aten ops a step
+# instead of 78) both paths run about 100 ops per layer, and an in-process A/B on a 4-layer Llama at T = 512-4096 per
 # call stayed within the host's ±10 % noise, so the threshold stands.
 CUDA_FACTORED_TOKENS = 4096
 
@@ -194,7 +201,8 @@ def training_step_costs(shape: TuckerShape, tokens: int, unmerged_mode: int, pro
     projected_per_token = 2 * apply_macs(shape, projected_mode, unmerged=True)[1]
     grads_projected = PROJECTED_PENALTY * tokens * (
         projected_per_token + 2 * MEMORY_MACS * apply_traffic(shape, projected_mode, True))
-    costs = {"factored": 3 * (pre + tokens * per_token) + 3 * MEMORY_MACS * tokens * traffic,
+    factored = 3 * (pre + tokens * per_token) + 3 * MEMORY_MACS * tokens * traffic
+    costs = {"factored": KRONECKER_APPLY_PENALTY * factored if edge else factored,
              "dense": merge + grads_dense, "projected": merge + grads_projected}
     if kronecker:
         macs, moved, _ = kronecker_grads_cost(*last_mode_split(shape.out_modes, shape.in_modes))
