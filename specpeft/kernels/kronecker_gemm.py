@@ -43,14 +43,14 @@ __all__ = ["KroneckerGemmFunction", "kronecker_linear_gemm"]
 
 
 def _swap_last(t: Tensor, rows: int, cols: int) -> Tensor:
-    """Rows of rows·cols (any leading axes) → (T·cols, rows): every token's matrix transposed (one copy)."""
-    return t.reshape(-1, rows, cols).transpose(1, 2).reshape(-1, rows)  # (T, rows, cols) -> (T, cols, rows)
+    """(T, rows, cols) → (T, cols, rows) contiguous: every token's matrix transposed (one copy)."""
+    return t.reshape(-1, rows, cols).transpose(1, 2).contiguous()
 
 
 def _swap_outer(t: Tensor, outer: int, inner: int, cols: int) -> Tensor:
-    """(outer·inner, cols) → (inner, outer, cols) contiguous: the first two axes swapped, rows of `cols` moved whole
-    (one copy); callers view it as the 2-D matrix they need."""
-    return t.view(outer, inner, cols).transpose(0, 1).contiguous()
+    """(outer, inner, cols) → (inner, outer, cols) contiguous: the first two axes swapped, rows of `cols` moved whole
+    (one copy)."""
+    return t.reshape(outer, inner, cols).transpose(0, 1).contiguous()
 
 
 class KroneckerGemmFunction(torch.autograd.Function):
@@ -78,7 +78,7 @@ class KroneckerGemmFunction(torch.autograd.Function):
             rows = y.view(T * m2, m1)
         else:  # B first: Yᵀ (T·m2, m1) is accumulated apart and swapped into y's (T, m1, m2) once
             rows = None
-        X = X.reshape(T * n1, n2)  # (T, n1·n2) -> (T·n1, n2); A first already so
+        X = X.reshape(T * n1, n2)  # (T, n1·n2) -> (T·n1, n2)
         into = None if base_out is None else base_out.reshape(T * m2, m1) if transposed else base_out.reshape(
             T, m1, m2)
         acc: Optional[Tensor] = None
@@ -117,7 +117,7 @@ class KroneckerGemmFunction(torch.autograd.Function):
         T = grad_y.numel() // (m1 * m2)
         need_run_a, need_run_b = (need_b, need_a) if transposed else (need_a, need_b)
         # G' = the run problem's G_tᵀ rows (T·m2, m1): y's layout for A first, one copy for B first
-        G = grad_y.reshape(T * m2, m1) if transposed else _swap_last(grad_y, m1, m2)
+        G = grad_y.reshape(T * m2, m1) if transposed else _swap_last(grad_y, m1, m2).view(T * m2, m1)
         grad_x: Optional[Tensor] = None
         grad_a, grad_b = [], []
         for a_k, b_k, z in zip(a.unbind(0), b.unbind(0), saved):
