@@ -37,7 +37,8 @@ from torch.autograd.function import once_differentiable
 
 from ..init.tucker_cost import kronecker_a_first
 from ._dispatch import as_dtype
-from .kronecker_torch import apply_kronecker_op, pad_columns, save_for_factor_grads, stack_components
+from .kronecker_torch import (apply_kronecker_op, input_grad, op_output, pad_columns, save_for_factor_grads,
+                              stack_components)
 
 __all__ = ["KroneckerGemmFunction", "kronecker_linear_gemm"]
 
@@ -67,9 +68,8 @@ class KroneckerGemmFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor]) -> Tensor:  # type: ignore[override]
         R, m1, n1 = A.shape
         _, m2, n2 = B.shape
+        y, T = op_output(x, A, B, base_out)  # (..., m1·m2), written through views
         d_in = x.shape[-1]
-        T = x.numel() // d_in
-        y = x.new_empty(*x.shape[:-1], m1 * m2)  # the output itself, written through views
         a, b = as_dtype(A, x.dtype), as_dtype(B, x.dtype)
         transposed = kronecker_a_first(m1, n1, m2, n2)
         X = pad_columns(x.reshape(T, d_in), n1 * n2)  # (..., d_in) -> (T, n1·n2), zero columns meet padded factors
@@ -79,8 +79,9 @@ class KroneckerGemmFunction(torch.autograd.Function):
         else:  # B first: Yᵀ (T·m2, m1) is accumulated apart and swapped into y's (T, m1, m2) once
             rows = None
         X = X.reshape(T * n1, n2)  # (T, n1·n2) -> (T·n1, n2)
-        into = None if base_out is None else base_out.reshape(T * m2, m1) if transposed else base_out.reshape(
-            T, m1, m2)
+        into = None  # base_out as the accumulation reads it
+        if base_out is not None:  # (..., m1·m2) -> Yᵀ rows (T·m2, m1) (A first, run sizes) or (T, m1, m2)
+            into = base_out.reshape(T * m2, m1) if transposed else base_out.reshape(T, m1, m2)
         acc: Optional[Tensor] = None
         saved = []
         for a_k, b_k in zip(a.unbind(0), b.unbind(0)):
@@ -93,15 +94,17 @@ class KroneckerGemmFunction(torch.autograd.Function):
                 acc = z @ a_k.T
             else:  # A first: straight into y, onto base_out
                 acc = torch.mm(z, a_k.T, out=rows) if into is None else torch.addmm(into, z, a_k.T, out=rows)
-        if rows is not None:
-            if acc is None:  # R = 0
-                rows.copy_(into) if into is not None else rows.zero_()
-        elif acc is None:  # R = 0
-            y.copy_(base_out) if base_out is not None else y.zero_()
-        else:  # B first: (T, m2, m1) -> (T, m1, m2), base_out added by the same op
+        if acc is None:  # R = 0: base_out or zeros
+            if base_out is None:
+                y.zero_()
+            else:
+                y.copy_(base_out)
+        elif rows is None:  # B first: (T, m2, m1) -> (T, m1, m2), base_out added by the same op
             swapped = acc.view(T, m2, m1).transpose(1, 2)
-            target = y.view(T, m1, m2)
-            target.copy_(swapped) if into is None else torch.add(into, swapped, out=target)
+            if into is None:
+                y.view(T, m1, m2).copy_(swapped)
+            else:
+                torch.add(into, swapped, out=y.view(T, m1, m2))
         ctx.transposed, ctx.x_shape, ctx.dtypes = transposed, x.shape, (A.dtype, B.dtype)
         save_for_factor_grads(ctx, transposed, X, a, b, saved)  # A first: the run problem's dB is dA
         return y
@@ -132,11 +135,8 @@ class KroneckerGemmFunction(torch.autograd.Function):
         if need_x:
             if grad_x is None:  # R = 0
                 grad_x = grad_y.new_zeros(T * n1, n2)
-            # the run problem's dX_t (T·n1, n2) -> x's layout (A first: X_tᵀ back, one copy), cropped to d_in
-            grad_x = _swap_last(grad_x, n1, n2) if transposed else grad_x
-            d_in = ctx.x_shape[-1]
-            grad_x = grad_x.view(T, n1 * n2)[:, :d_in] if d_in < n1 * n2 else grad_x
-            grad_x = grad_x.reshape(ctx.x_shape)
+            # the run problem's dX_t (T·n1, n2) -> x's layout (A first: X_tᵀ back, one copy), then x's shape
+            grad_x = input_grad(_swap_last(grad_x, n1, n2) if transposed else grad_x, T, ctx.x_shape)
         run_a = stack_components(grad_a) if grad_a else torch.zeros_like(a) if need_run_a else None  # (R, m1, n1)
         run_b = stack_components(grad_b) if grad_b else torch.zeros_like(b) if need_run_b else None
         grad_A, grad_B = (run_b, run_a) if transposed else (run_a, run_b)

@@ -32,9 +32,11 @@ __all__ = [
     "KroneckerBmmFunction",
     "KroneckerMergedFunction",
     "accumulate_mm",
+    "input_grad",
     "kronecker_factor_grads",
     "kronecker_merged_linear",
     "kronecker_merged_weight",
+    "op_output",
     "token_chunks",
 ]
 
@@ -79,6 +81,26 @@ def _accumulate(total: Optional[Tensor], piece: Tensor, dtype: torch.dtype) -> T
     if total is None:
         return as_dtype(piece, dtype)
     return total.add_(piece)
+
+
+def op_output(x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor]) -> tuple[Tensor, int]:
+    """A Kronecker op's output y (..., m1·m2) for x (..., d_in): a new tensor the op writes through views, never a view
+    itself (so it may be modified in place), and x's row count T. base_out must lie over x's leading axes, as
+    `apply_kronecker_op` lays it out: its gradient is dY as it comes."""
+    width = A.shape[1] * B.shape[1]
+    if base_out is not None and base_out.shape != (*x.shape[:-1], width):
+        raise ValueError(f"Kronecker op: base_out {tuple(base_out.shape)} must be {(*x.shape[:-1], width)} (x's "
+                         f"leading axes, m1·m2 = {width}); reshape it, or call kernels.kronecker_linear, which does.")
+    return x.new_empty(*x.shape[:-1], width), x.numel() // x.shape[-1]
+
+
+def input_grad(grad: Tensor, tokens: int, x_shape: torch.Size) -> Tensor:
+    """dX in x's layout, T rows of n1·n2 (any shape that reshapes so) → x's shape (..., d_in): the columns of SoKA's
+    zero padding dropped."""
+    d_in = x_shape[-1]
+    if grad.numel() == tokens * d_in:  # no padding: one view (one op per layer and step counts at few tokens)
+        return grad.reshape(x_shape)
+    return grad.reshape(tokens, -1)[:, :d_in].reshape(x_shape)  # (T, n1·n2) -> (T, d_in) -> (..., d_in)
 
 
 def save_for_factor_grads(ctx, a_first: bool, x: Tensor, a: Tensor, b: Tensor, intermediates: list[Tensor]) -> None:
@@ -273,17 +295,19 @@ class KroneckerBmmFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor]) -> Tensor:  # type: ignore[override]
         R, m1, n1 = A.shape
         _, m2, n2 = B.shape
-        d_in = x.shape[-1]
-        T = x.numel() // d_in
-        out = x.new_empty(*x.shape[:-1], m1 * m2)  # the output itself, written through a (T, m1, m2) view
+        out, T = op_output(x, A, B, base_out)  # (..., m1·m2), written through a (T, m1, m2) view
         y = out.view(T, m1, m2)
+        d_in = x.shape[-1]
         a, b = as_dtype(A, x.dtype), as_dtype(B, x.dtype)
         # (..., d_in) -> (T, n1·n2) -> (T, n1, n2)
         X = pad_columns(x.reshape(T, d_in), n1 * n2).reshape(T, n1, n2).contiguous()
         a_first = kronecker_a_first(m1, n1, m2, n2)
         base = None if base_out is None else base_out.reshape(T, m1, m2)  # read, never written
-        if R == 0:
-            y.copy_(base) if base is not None else y.zero_()
+        if R == 0:  # base_out or zeros
+            if base is None:
+                y.zero_()
+            else:
+                y.copy_(base)
         saved = []
         for k in range(R):
             if a_first:  # U_t = A_k X_t: (T, m1, n1) @ (T, n1, n2) -> (T, m1, n2); Y_t = U_t B_kᵀ
@@ -338,8 +362,8 @@ class KroneckerBmmFunction(torch.autograd.Function):
                     grad_b.append(W.T @ X.view(T * n1, n2))
                 if need_a:  # Σ_t G_t Z_tᵀ: (m1, T·m2) @ (T·m2, n1)
                     grad_a.append(spread @ saved[k].view(T * m2, n1))
-        if grad_x is not None:  # (T, n1, n2) -> (T, d_in) -> (..., d_in)
-            grad_x = grad_x.reshape(T, n1 * n2)[:, :ctx.x_shape[-1]].reshape(ctx.x_shape)
+        if grad_x is not None:  # (T, n1, n2) -> (..., d_in)
+            grad_x = input_grad(grad_x, T, ctx.x_shape)
         return (grad_x, as_dtype(stack_components(grad_a), ctx.dtypes[0]) if need_a else None,
                 as_dtype(stack_components(grad_b), ctx.dtypes[1]) if need_b else None, grad_base)
 
@@ -371,7 +395,7 @@ def apply_kronecker_op(function: type[torch.autograd.Function], x: Tensor, A: Te
 def kronecker_linear_bmm(x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor] = None,
                          out_features: Optional[int] = None) -> Tensor:
     """`kernels.kronecker_linear`'s torch op on CUDA (`KroneckerBmmFunction` by `apply_kronecker_op`; shapes as
-    `kronecker_linear` validates them). Its step runs 38-40 aten ops against the einsum reference's 78 (host time; a
+    `kronecker_linear` validates them). Its step runs 36-38 aten ops against the einsum reference's 78 (host time; a
     TorchDispatchMode around forward and `.backward()` with base_out, views included; 42-44 while x and y were
     reshaped outside the node). A TeRA layer's step on an H100 at T = 16384, on that earlier form, took 0.85× (4096²,
     B first), 0.94× (4096×11008, B first) and 0.99× (11008×4096, A first) of its time on the einsum path
