@@ -256,29 +256,34 @@ def test_auto_mode_picks_by_token_count() -> None:
 
 
 def test_default_layout_switches_where_chained_layers_measured_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`KRONECKER_APPLY_PENALTY` scales the default layout's factored estimate, and nothing else: the merged plans and
-    a layout applied by `tucker_apply` (R = 16) cost the same without it. With it the CPU rule switches to merged
-    where chains of adapted layers measured the merged path faster (MiniLM's 384² by 256 tokens, its 384×1536 by 512,
-    where the unscaled model stayed factored to 679), while a 4096² layer stays factored at 1,024 tokens."""
+    """`KRONECKER_APPLY_PENALTY` scales the factored estimate of every layer applying Δ = P ⊗ M_N, a quantized base's
+    too, and nothing else: the merged plans and a layout applied by `tucker_apply` (R = 16) cost the same without it.
+    With it the CPU rule merges where chains of adapted layers measured merged faster (benchmarks/results/
+    tera_switch.md): MiniLM's 384² at 256 tokens (from 131 on), its 1536×384 at 256 (from 213), its 384×1536 at 512
+    (from 377; unscaled, factored to 679), while a 4096² layer stays factored at 1,024 tokens."""
     from specpeft.init import tucker_cost
 
     default, other = _adapter(384, 1536, dtype=torch.float32), _adapter(384, 1536, dtype=torch.float32, rank=16)
-    assert default.edge_kronecker and not other.edge_kronecker
-    scaled = [adapter._step_costs(512)[0] for adapter in (default, other)]
+    quantized = _quantized_adapter(384, 1536)
+    assert default.edge_kronecker and quantized.edge_kronecker and not quantized.kronecker_capable
+    assert not other.edge_kronecker
+    layers = (default, other, quantized)
+    scaled = [layer._step_costs(512)[0] for layer in layers]
     assert not default.use_factored(512)
     penalty = tucker_cost.KRONECKER_APPLY_PENALTY
     assert penalty > 1.0
     monkeypatch.setattr(tucker_cost, "KRONECKER_APPLY_PENALTY", 1.0)
-    for adapter, costs in zip((default, other), scaled):
-        adapter._costs_by_tokens.clear()
-        unscaled = adapter._step_costs(512)[0]
-        factor = penalty if adapter.edge_kronecker else 1.0
+    for layer, costs in zip(layers, scaled):
+        layer._costs_by_tokens.clear()
+        unscaled = layer._step_costs(512)[0]
+        factor = penalty if layer.edge_kronecker else 1.0
         assert unscaled.keys() == costs.keys() and costs["factored"] == pytest.approx(factor * unscaled["factored"])
         assert all(costs[plan] == unscaled[plan] for plan in costs if plan != "factored")
     assert default.use_factored(512)  # the unscaled model's choice
     monkeypatch.undo()
-    square = _adapter(384, 384, dtype=torch.float32)
-    assert square.use_factored(64) and not square.use_factored(256)
+    for d_out, d_in in ((384, 384), (1536, 384)):
+        layer = _adapter(d_out, d_in, dtype=torch.float32)
+        assert layer.use_factored(64) and not layer.use_factored(256), (d_out, d_in)
     assert _adapter(4096, 4096, dtype=torch.float32).use_factored(1024)
 
 

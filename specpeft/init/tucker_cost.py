@@ -32,12 +32,14 @@ MEMORY_MACS = 40
 # 1.5-2.5x slower per estimated MAC than the dense path's large GEMM on the 2-core dev box (4096² R=4, 384×1536
 # R=1, 1024² R=1 in benchmarks/results/tera_speed.md); their estimate is scaled by this before comparing.
 PROJECTED_PENALTY = 2.5
-# The default layout's factored path (Δ = P ⊗ M_N by the CPU Kronecker op: small-inner-dimension GEMMs and permuting
-# copies) ran 1.1-2.2× slower per estimated cost than its merged alternative in chains of adapted layers under one
-# backward, as in a model (MiniLM's three shapes, 1024², 4096²; the crossovers measured at ~100-300 tokens where the
-# unscaled model put them at 221-680, and ~1K at 4096² against 1,940). Its estimate is scaled by this before comparing;
-# 1.4 keeps the 4096² layer factored at 1,024 tokens, where the single-layer rows of benchmarks/results/tera_speed.md
-# measured it faster.
+# In chains of adapted layers under one backward, as in a model, the default layout's merged path overtook the
+# factored one (Δ = P ⊗ M_N by the CPU Kronecker op: GEMMs with 6-64 wide inner dimensions and permuting copies) at
+# far fewer tokens than the unscaled estimate says: about 100-250 at MiniLM's shapes and ~300 at 1024², where it
+# put 221-680 and 550; at 4096² the two tie at 1,024 (benchmarks/tera_switch.py, results/tera_switch.md). The factored
+# estimate is scaled by this before comparing. One constant is a compromise: the switch points fit 1.3-1.5 at four
+# shapes but ~3 at MiniLM's 384×1536, which 1.4 leaves factored up to 377 tokens, where the chains favour merged by
+# 3-7 % from ~130; and it keeps 4096² factored at 1,024, where the single-layer rows of tera_speed.md measured factored
+# faster.
 KRONECKER_APPLY_PENALTY = 1.4
 # The model above is CPU-calibrated. On an H100 (bf16, benchmarks/results/tera_gpu.md) the default layout's factored
 # path (Δ = P ⊗ M_N applied to x) trained within noise of the merged one or up to 1.25x faster at 4096-wide layers
@@ -45,9 +47,9 @@ KRONECKER_APPLY_PENALTY = 1.4
 # factor-gradient GEMMs dominate; at T = 1024 both are bound by host time and the merged path, with fewer ops, was
 # 10-20 % faster (a 1024² layer, host-bound at every T, stayed 1.1-1.27x faster merged at T >= 4096: one threshold
 # for all widths). TeRA therefore runs that layout on a plain CUDA linear factored from this many tokens per call.
-# Those runs used the einsum torch path; since `kernels.kronecker_torch.kronecker_linear_bmm` (38-40 aten ops a step
-# instead of 78) both paths run about 100 ops per layer, and an in-process A/B on a 4-layer Llama at T = 512-4096 per
-# call stayed within the host's ±10 % noise, so the threshold stands.
+# Those runs used the einsum torch path; with `kernels.kronecker_torch.kronecker_linear_bmm` (42-44 aten ops a step
+# then, 36-38 now, instead of 78) both paths ran about 100 ops per layer, and an in-process A/B on a 4-layer Llama at
+# T = 512-4096 per call stayed within the host's ±10 % noise, so the threshold stands.
 CUDA_FACTORED_TOKENS = 4096
 
 
@@ -181,13 +183,13 @@ def training_step_costs(shape: TuckerShape, tokens: int, unmerged_mode: int, pro
     """Training-step cost of each TeRA path (adapters/tera.py) beyond the frozen base op, in GEMM-MAC equivalents.
 
     Every element pass of a memory-bound op counts `MEMORY_MACS` MACs. "factored": forward + backward of the
-    contraction (`unmerged_mode`'s plan, or P ⊗ M_N when `edge`), 3·(pre + T·c) MACs + 3·T·traffic. The merged-weight
-    paths build W₀ + Δ twice (forward, backward) and add the vector gradients: "dense" (2·build MACs + 8 passes over
-    m·n) dΔ = dYᵀX (T·m·n) and its contraction (2·m·n·R_N MACs, 3 passes, the smaller of dY and dΔ permuted:
-    min(T, n)·m); "projected" (same build) `PROJECTED_PENALTY`·(2·T·c MACs + 2·T·traffic) of the
-    `projected_mode` contraction; "kronecker" (only when `kronecker`: R_N = 1 on a plain linear; same build price:
-    its fused multiply-add makes 2 passes, but a fresh m·n buffer's page faults cost about as much again, measured
-    1.45× base merged vs 1.07-1.13× factored at 4096², T = 1024) `kronecker_grads_cost` per token.
+    contraction (`unmerged_mode`'s plan, or P ⊗ M_N when `edge`, then scaled by `KRONECKER_APPLY_PENALTY`),
+    3·(pre + T·c) MACs + 3·T·traffic. The merged-weight paths build W₀ + Δ twice (forward, backward) and add the vector
+    gradients: "dense" (2·build MACs + 8 passes over m·n) dΔ = dYᵀX (T·m·n) and its contraction (2·m·n·R_N MACs, 3
+    passes, the smaller of dY and dΔ permuted: min(T, n)·m); "projected" (same build) `PROJECTED_PENALTY`·(2·T·c MACs
+    + 2·T·traffic) of the `projected_mode` contraction; "kronecker" (only when `kronecker`: R_N = 1 on a plain linear;
+    same build price: its fused multiply-add makes 2 passes, but a fresh m·n buffer's page faults cost about as much
+    again, measured 1.45× base merged vs 1.07-1.13× factored at 4096², T = 1024) `kronecker_grads_cost` per token.
     """
     pre, per_token = apply_macs(shape, unmerged_mode)
     traffic = apply_traffic(shape, unmerged_mode)
