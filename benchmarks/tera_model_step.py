@@ -5,6 +5,7 @@
     python benchmarks/tera_model_step.py --model llama --device cuda --batch 4 --tokens 2048 \
         --stem tera_model_step_llama_cuda                    # bf16 on a GPU, 8K tokens per layer call
     python benchmarks/tera_model_step.py --compile --rounds 9 --stem tera_model_step_compiled   # + torch.compile rows
+    python benchmarks/tera_model_step.py --batch 4 --tokens 64 --paths --stem tera_model_step_4x64   # + forced paths
 
 The model is the pretrained MiniLM-L6 encoder of the README's quality task (examples/assets.py, offline), every
 query/key/value/dense layer adapted, fed `inputs_embeds` that require grad, and timed as `out.backward(g)`
@@ -16,8 +17,9 @@ timed too ("[triton]"). `--compile` adds the frozen model, TeRA default and VeRA
 compiled VeRA.
 Throughput is the inverse of the step time, so "÷ VeRA" below 1 means TeRA trains faster. Variants: TeRA's default,
 the same with a network node per layer instead of one per bucket and pass (`TeRAConfig.batch_networks=False`), the
-balanced-modes layout it replaced, peft VeRA r = 16, its default r = 256, and the VeRA whose trainable count is
-closest to TeRA default's (VeRA trains d_out + r per layer, so r = 1 whenever TeRA trains fewer than Σ d_out + layers).
+balanced-modes layout it replaced (with `--paths`, the default with every layer forced onto the factored or the merged
+path), peft VeRA r = 16, its default r = 256, and the VeRA whose trainable count is closest to TeRA default's (VeRA
+trains d_out + r per layer, so r = 1 whenever TeRA trains fewer than Σ d_out + layers).
 Results: benchmarks/results/tera_model_step.{md,json}.
 """
 
@@ -88,11 +90,11 @@ def adapted_shapes(model: nn.Module) -> list[tuple[int, int]]:
             if isinstance(m, nn.Linear) and name.split(".")[-1] in MODEL["targets"]]
 
 
-def tera(balanced: bool, backend: str = "auto", batch_networks: bool = True) -> nn.Module:
+def tera(balanced: bool, backend: str = "auto", batch_networks: bool = True, forward_mode: str = "auto") -> nn.Module:
     model = base_model()
     modes = _harness.balanced_tera_modes(adapted_shapes(model)) if balanced else {}
     config = specpeft.TeRAConfig(target_modules=MODEL["targets"], mode_sizes=modes, kernel_backend=backend,
-                                 batch_networks=batch_networks)
+                                 batch_networks=batch_networks, forward_mode=forward_mode)
     return EmbeddingsIn(specpeft.get_adapter_model(model, config))
 
 
@@ -120,6 +122,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--stem", default=None, help="results file stem (default tera_model_step[_quick])")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd frozen / TeRA / VeRA r=16 rows")
+    parser.add_argument("--paths", action="store_true",
+                        help="add TeRA default with every layer forced factored / merged (TeRAConfig.forward_mode)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -140,6 +144,9 @@ def main() -> None:
     if on_cuda:  # the kernel backend "auto" does not pick there
         other = "torch" if specpeft.get_method(specpeft.TeRAConfig).adapter_cls.triton_by_default else "triton"
         models[f"TeRA default [{other}]"] = tera(balanced=False, backend=other)
+    if args.paths:  # what "auto"'s per-layer token-count switch is up against
+        models["TeRA default, factored forced"] = tera(balanced=False, forward_mode="factored")
+        models["TeRA default, merged forced"] = tera(balanced=False, forward_mode="materialized")
     if args.compile:
         for label in ("frozen model", "TeRA default", "peft VeRA r=16"):
             models[f"{label} [compiled]"] = torch.compile(models[label], dynamic=False)
