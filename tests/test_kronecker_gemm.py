@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import specpeft.kernels as K
 from specpeft.init.tucker_cost import kronecker_a_first
 from specpeft.kernels.kronecker_gemm import KroneckerGemmFunction, kronecker_linear_gemm
-from specpeft.kernels.kronecker_torch import kronecker_linear_bmm
+from specpeft.kernels.kronecker_torch import KroneckerBmmFunction, kronecker_linear_bmm
 from test_kronecker_torch import _dense, _factors
 
 F64 = torch.float64
@@ -357,3 +357,19 @@ def test_output_can_be_modified_in_place(op: Callable[..., torch.Tensor], shape:
         results.append((out, *torch.autograd.grad(out, leaves, upstream)))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("function", [KroneckerGemmFunction, KroneckerBmmFunction])
+def test_direct_apply_names_a_base_out_off_x_leading_axes(function: type[torch.autograd.Function]) -> None:
+    """Applied directly, an op takes base_out only over x's leading axes (its gradient is dY as it comes): other
+    leading axes with the same rows raise a ValueError naming base_out and the fix, while `kronecker_linear_gemm`
+    lays such a base_out out itself and matches the dense formula."""
+    R, m1, n1, m2, n2, d_out, d_in = B_FIRST
+    A, B = _factors(R, m1, n1, m2, n2, seed=18)
+    x = torch.randn(2, 3, d_in, dtype=F64)
+    base = torch.randn(6, d_out, dtype=F64)
+    with pytest.raises(ValueError, match=r"base_out \(6, .*must be \(2, 3, .*kronecker_linear"):
+        function.apply(x, A, B, base)
+    out = kronecker_linear_gemm(x, A, B, base_out=base)
+    reference = K.kronecker_linear_reference(x, A, B, base_out=base.reshape(2, 3, d_out))
+    torch.testing.assert_close(out, reference, atol=1e-12, rtol=0)
