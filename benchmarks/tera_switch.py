@@ -1,6 +1,6 @@
 """Where TeRA's default layout should switch from the factored to the merged path on CPU: chains of adapted layers.
 
-    python benchmarks/tera_switch.py            # MiniLM's three shapes and 1024², T = 64-1024 (≈ 1 min on 2 cores)
+    python benchmarks/tera_switch.py            # MiniLM's three shapes and 1024², T ≤ 1024 (≈ 1 min on 2 cores)
     python benchmarks/tera_switch.py --big      # + 4096², T = 512-2048 (≈ 2 min more)
 
 TeRA applies Δ = P ⊗ M_N to x without forming it (factored, `kernels.kronecker_linear`) for few tokens a call and
@@ -109,7 +109,7 @@ def measure(d_out: int, d_in: int, length: int, tokens: int, rounds: int) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--big", action="store_true", help="add 4096² at T = 512-2048")
+    parser.add_argument("--big", action="store_true", help="add 4096² at T = 512-2048")  # ≈ 2 min more
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()

@@ -362,14 +362,22 @@ def test_output_can_be_modified_in_place(op: Callable[..., torch.Tensor], shape:
 @pytest.mark.parametrize("function", [KroneckerGemmFunction, KroneckerBmmFunction])
 def test_direct_apply_names_a_base_out_off_x_leading_axes(function: type[torch.autograd.Function]) -> None:
     """Applied directly, an op takes base_out only over x's leading axes (its gradient is dY as it comes): other
-    leading axes with the same rows raise a ValueError naming base_out and the fix, while `kronecker_linear_gemm`
-    lays such a base_out out itself and matches the dense formula."""
+    leading axes with the same rows raise a ValueError naming base_out and the fix, while the op's wrapper lays such a
+    base_out out itself and matches the einsum reference, output and every gradient, base_out's in its own shape."""
     R, m1, n1, m2, n2, d_out, d_in = B_FIRST
     A, B = _factors(R, m1, n1, m2, n2, seed=18)
     x = torch.randn(2, 3, d_in, dtype=F64)
     base = torch.randn(6, d_out, dtype=F64)
     with pytest.raises(ValueError, match=r"base_out \(6, .*must be \(2, 3, .*kronecker_linear"):
         function.apply(x, A, B, base)
-    out = kronecker_linear_gemm(x, A, B, base_out=base)
-    reference = K.kronecker_linear_reference(x, A, B, base_out=base.reshape(2, 3, d_out))
-    torch.testing.assert_close(out, reference, atol=1e-12, rtol=0)
+    wrapper = kronecker_linear_gemm if function is KroneckerGemmFunction else kronecker_linear_bmm
+    upstream = torch.randn(2, 3, d_out, dtype=F64)
+    results = []
+    for run in (wrapper, lambda x, A, B, base_out: K.kronecker_linear_reference(x, A, B, base_out=base_out.view(
+            2, 3, d_out))):
+        leaves = [t.clone().requires_grad_(True) for t in (x, A, B, base)]
+        out = run(*leaves[:3], base_out=leaves[3])
+        results.append((out, *torch.autograd.grad(out, leaves, upstream)))
+    assert results[0][4].shape == base.shape
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)

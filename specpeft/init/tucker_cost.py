@@ -36,10 +36,10 @@ PROJECTED_PENALTY = 2.5
 # factored one (Δ = P ⊗ M_N by the CPU Kronecker op: GEMMs with 6-64 wide inner dimensions and permuting copies) at
 # far fewer tokens than the unscaled estimate says: about 100-250 at MiniLM's shapes and ~300 at 1024², where it
 # put 221-680 and 550; at 4096² the two tie at 1,024 (benchmarks/tera_switch.py, results/tera_switch.md). The factored
-# estimate is scaled by this before comparing. One constant is a compromise: the switch points fit 1.3-1.5 at four
-# shapes but ~3 at MiniLM's 384×1536, which 1.4 leaves factored up to 377 tokens, where the chains favour merged by
-# 3-7 % from ~130; and it keeps 4096² factored at 1,024, where the single-layer rows of tera_speed.md measured factored
-# faster.
+# estimate is scaled by this before comparing. One constant is a compromise: the switch points fit 1.3-1.5 at
+# 1536×384, 1024² and 4096², 1.45-2.5 at 384² and ~3 at MiniLM's 384×1536, which 1.4 leaves factored up to 377 tokens,
+# where the chains favour merged by 3-5 % from ~130; and it keeps 4096² factored at 1,024, where the single-layer rows
+# of tera_speed.md measured factored faster.
 KRONECKER_APPLY_PENALTY = 1.4
 # The model above is CPU-calibrated. On an H100 (bf16, benchmarks/results/tera_gpu.md) the default layout's factored
 # path (Δ = P ⊗ M_N applied to x) trained within noise of the merged one or up to 1.25x faster at 4096-wide layers
@@ -47,7 +47,7 @@ KRONECKER_APPLY_PENALTY = 1.4
 # factor-gradient GEMMs dominate; at T = 1024 both are bound by host time and the merged path, with fewer ops, was
 # 10-20 % faster (a 1024² layer, host-bound at every T, stayed 1.1-1.27x faster merged at T >= 4096: one threshold
 # for all widths). TeRA therefore runs that layout on a plain CUDA linear factored from this many tokens per call.
-# Those runs used the einsum torch path; with `kernels.kronecker_torch.kronecker_linear_bmm` (42-44 aten ops a step
+# Those runs used the einsum torch path; with `kernels.kronecker_torch.kronecker_linear_bmm` (41-43 aten ops a step
 # then, 36-38 now, instead of 78) both paths ran about 100 ops per layer, and an in-process A/B on a 4-layer Llama at
 # T = 512-4096 per call stayed within the host's ±10 % noise, so the threshold stands.
 CUDA_FACTORED_TOKENS = 4096

@@ -95,8 +95,8 @@ def op_output(x: Tensor, A: Tensor, B: Tensor, base_out: Optional[Tensor]) -> tu
 
 
 def input_grad(grad: Tensor, tokens: int, x_shape: torch.Size) -> Tensor:
-    """dX in x's layout, T rows of n1·n2 (any shape that reshapes so) → x's shape (..., d_in): the columns of SoKA's
-    zero padding dropped."""
+    """dX in x's layout, T rows of n1·n2 (any shape that reshapes so) → x's shape (..., d_in): the columns of the
+    factors' zero padding (`pad_columns`) dropped."""
     d_in = x_shape[-1]
     if grad.numel() == tokens * d_in:  # no padding: one view (one op per layer and step counts at few tokens)
         return grad.reshape(x_shape)
