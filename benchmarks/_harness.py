@@ -194,6 +194,20 @@ def interval(ratio: dict[str, float | None] | None) -> list[float] | None:
     return None if ratio is None or ratio["low"] is None else [ratio["low"], ratio["high"]]
 
 
+def ratio_columns(times: dict[str, list[float]],
+                  pairs: dict[str, tuple[str, str] | None]) -> dict[str, Any]:
+    """A results row's ratio columns: for each key a (label, reference) `paired_ratio`'s median under the key (None
+    for no pair) and every interval under "intervals" (`interval`), as the scripts' JSON rows hold them."""
+    ratios = {key: None if pair is None else paired_ratio(times, *pair) for key, pair in pairs.items()}
+    return {**{key: None if ratio is None else ratio["median"] for key, ratio in ratios.items()},
+            "intervals": {key: interval(ratio) for key, ratio in ratios.items()}}
+
+
+def ratio_cells(row: dict[str, Any], keys: Iterable[str]) -> str:
+    """The " | "-joined table cells (`ratio_cell`) of a `ratio_columns` row's keys."""
+    return " | ".join(ratio_cell(row[key], *(row["intervals"][key] or ())) for key in keys)
+
+
 def ratio_cell(ratio: float | None, low: float | None = None, high: float | None = None) -> str:
     """A table cell "1.07 [1.02, 1.11]" for a `paired_ratio` median and interval, "1.07" without an interval, "—" for
     no ratio."""

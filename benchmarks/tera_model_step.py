@@ -161,12 +161,10 @@ def main() -> None:
     rows = []
     for label, model in models.items():
         tag = " [compiled]" if label.endswith(" [compiled]") else ""  # compiled rows against compiled rows
-        ratios = {key: _harness.paired_ratio(times, label, reference) for key, reference in
-                  (("vs_frozen", "frozen model" + tag), ("vs_vera16", "peft VeRA r=16" + tag))}
-        ratios["vs_matched"] = None if tag else _harness.paired_ratio(times, label, matched)
+        pairs = {"vs_frozen": (label, "frozen model" + tag), "vs_vera16": (label, "peft VeRA r=16" + tag),
+                 "vs_matched": None if tag else (label, matched)}
         rows.append({"variant": label, "trainable": trainable(model), "ms": 1e3 * statistics.median(times[label]),
-                     **{key: None if ratio is None else ratio["median"] for key, ratio in ratios.items()},
-                     "intervals": {key: _harness.interval(ratio) for key, ratio in ratios.items()}})
+                     **_harness.ratio_columns(times, pairs)})
     lines = [
         f"# TeRA vs peft VeRA: training step of {MODEL['title']}", "",
         _harness.header_markdown(header, f"Batch {args.batch} × {args.tokens} tokens, {str(PLACE['dtype'])[6:]} on "
@@ -180,10 +178,8 @@ def main() -> None:
         "| variant | trainable | step ms | ÷ frozen model | ÷ VeRA r=16 | ÷ VeRA count-matched |",
         "|---|---|---|---|---|---|",
     ]
-    ratio_keys = ("vs_frozen", "vs_vera16", "vs_matched")
     lines += [f"| {r['variant']} | {r['trainable']:,} | {r['ms']:.1f} | "
-              + " | ".join(_harness.ratio_cell(r[key], *(r["intervals"][key] or ())) for key in ratio_keys) + " |"
-              for r in rows]
+              + _harness.ratio_cells(r, ("vs_frozen", "vs_vera16", "vs_matched")) + " |" for r in rows]
     table = "\n".join(lines) + "\n"
     print(table)
     stem = args.stem or ("tera_model_step_quick" if args.quick else "tera_model_step")

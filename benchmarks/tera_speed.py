@@ -168,8 +168,6 @@ def run_case(case: Case, repeats: int, warmup: int, big_repeats: int = 3) -> lis
     rows = []
     for method in METHODS:
         model = models[method.label]
-        ratios = {key: _harness.paired_ratio(times, method.label, reference) for key, reference in
-                  (("vs_base", "frozen base"), ("vs_vera", COMPARABLE_VERA), ("vs_matched_vera", MATCHED_VERA))}
         rows.append({
             "d_out": case.d_out, "d_in": case.d_in, "tokens": case.tokens, "method": method.label,
             "trainable": _harness.count(p for p in model.parameters() if p.requires_grad),
@@ -178,8 +176,9 @@ def run_case(case: Case, repeats: int, warmup: int, big_repeats: int = 3) -> lis
             "ms": 1e3 * medians[method.label], "repeats": repeats,
             "spread_ms": 1e3 * (max(times[method.label]) - min(times[method.label])),
             "times_ms": [1e3 * seconds for seconds in times[method.label]],  # per repeat, for other paired ratios
-            **{key: ratio["median"] for key, ratio in ratios.items()},
-            "intervals": {key: _harness.interval(ratio) for key, ratio in ratios.items()},
+            **_harness.ratio_columns(times, {"vs_base": (method.label, "frozen base"),
+                                             "vs_vera": (method.label, COMPARABLE_VERA),
+                                             "vs_matched_vera": (method.label, MATCHED_VERA)}),
             "vera_rank": (vera_rank_matched_to_tera(case.d_out, case.d_in) if method.label == MATCHED_VERA else None),
         })
     return rows
@@ -209,8 +208,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append(
             f"| {r['d_out']}×{r['d_in']} | {r['tokens']} | {method} | {r['trainable']:,} | {rank} | "
             f"{r['path'] or '—'} | {r['ms']:.1f} | "
-            + " | ".join(_harness.ratio_cell(r[key], *(r["intervals"][key] or ()))
-                         for key in ("vs_base", "vs_vera", "vs_matched_vera")) + " |"
+            + _harness.ratio_cells(r, ("vs_base", "vs_vera", "vs_matched_vera")) + " |"
         )
     lines += [
         "",

@@ -98,12 +98,10 @@ def measure(d_out: int, d_in: int, length: int, tokens: int, rounds: int) -> dic
             start = time.perf_counter()
             run(layers, x, path)
             times[path].append(time.perf_counter() - start)
-    ratios = {key: _harness.paired_ratio(times, label, reference) for key, (label, reference) in
-              {"merged_vs_factored": ("merged", "factored"), "factored_vs_frozen": ("factored", "frozen"),
-               "merged_vs_frozen": ("merged", "frozen")}.items()}
+    pairs = {"merged_vs_factored": ("merged", "factored"), "factored_vs_frozen": ("factored", "frozen"),
+             "merged_vs_frozen": ("merged", "frozen")}
     return {"shape": [d_out, d_in], "tokens": tokens, "layers": length, "times": times,
-            **{key: ratio["median"] for key, ratio in ratios.items()},
-            "intervals": {key: _harness.interval(ratio) for key, ratio in ratios.items()}}
+            **_harness.ratio_columns(times, pairs)}
 
 
 def main() -> None:
@@ -136,11 +134,10 @@ def main() -> None:
         "(unscaled) |",
         "|---|---|---|---|---|---|---|",
     ]
-    keys = ("merged_vs_factored", "factored_vs_frozen", "merged_vs_frozen")
     for row in rows:
         switch = switches[f"{row['shape'][0]}x{row['shape'][1]}"]
         lines.append(f"| {row['shape'][0]}×{row['shape'][1]} | {row['layers']} | {row['tokens']} | "
-                     + " | ".join(_harness.ratio_cell(row[key], *(row["intervals"][key] or ())) for key in keys)
+                     + _harness.ratio_cells(row, ("merged_vs_factored", "factored_vs_frozen", "merged_vs_frozen"))
                      + f" | {switch['model']} ({switch['unscaled']}) |")
     table = "\n".join(lines) + "\n"
     print(table)

@@ -57,3 +57,17 @@ def test_paired_ratio_degenerate_cases() -> None:
     assert harness.ratio_cell(1.234, 1.1, 1.3) == "1.23 [1.10, 1.30]" and harness.ratio_cell(None) == "—"
     with pytest.raises(ValueError):  # rounds must pair up
         harness.paired_ratio({"ref": [1.0] * 9, "mine": [1.0] * 10}, "mine", "ref")
+
+
+def test_ratio_columns_and_cells_match_paired_ratio() -> None:
+    """A row's ratio columns hold each pair's `paired_ratio` median and interval (None for no pair) and render as
+    `ratio_cell`s: "1.07 [1.02, 1.11]" with an interval, "—" without a pair."""
+    times = {"a": [1.0 + 0.01 * i for i in range(12)], "b": [0.9 + 0.02 * (i % 5) for i in range(12)], "c": [1.0] * 12}
+    row = harness.ratio_columns(times, {"ab": ("a", "b"), "ac": ("a", "c"), "none": None})
+    for key, (label, reference) in {"ab": ("a", "b"), "ac": ("a", "c")}.items():
+        want = harness.paired_ratio(times, label, reference)
+        assert row[key] == want["median"] and row["intervals"][key] == [want["low"], want["high"]]
+    assert row["none"] is None and row["intervals"]["none"] is None
+    cells = harness.ratio_cells(row, ("ab", "none"))
+    low, high = row["intervals"]["ab"]
+    assert cells == f"{row['ab']:.2f} [{low:.2f}, {high:.2f}] | —"
