@@ -99,6 +99,25 @@ def test_rank_above_width_names_the_layer() -> None:
         specpeft.get_adapter_model(_base(), specpeft.FedSVDConfig(r=2, target_modules=["fc2"], init_A="svd"))
 
 
+def test_layers_whose_delta_is_not_B_times_A_are_refused_at_build() -> None:
+    """A grouped conv's LoRA B reads r/groups channels (block-diagonal Δ) and an embedding LoRA has its own
+    factors: neither is the B·A the federated core averages and re-factorizes, so building names the layer."""
+    grouped = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match="'base_model.model.0' is a grouped convolution.*exclude_modules"):
+        specpeft.get_adapter_model(grouped, specpeft.FedSVDConfig(r=2, target_modules=["0", "2"]))
+    embedded = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="'base_model.model.0' is an embedding LoRA"):
+        specpeft.get_adapter_model(embedded, specpeft.FedSVDConfig(r=2, target_modules=["0", "1"]))
+
+
+def test_peft_add_adapter_names_the_fedsvd_route() -> None:
+    model = specpeft.get_adapter_model(_base(), specpeft.FedSVDConfig(**CONFIG))
+    with pytest.raises(AttributeError, match="add_fedsvd_adapter"):
+        model.add_adapter("second", specpeft.FedSVDConfig(**CONFIG))
+    add_fedsvd_adapter(model, "second", specpeft.FedSVDConfig(**CONFIG))
+    assert set(_lora_A(model, "second")) and not any(p.requires_grad for p in _lora_A(model, "second").values())
+
+
 def test_saved_adapter_is_plain_lora_that_stock_peft_loads(tmp_path) -> None:
     model = specpeft.get_adapter_model(_base(), specpeft.FedSVDConfig(**CONFIG))
     with torch.no_grad():

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict  # noqa: E40
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from specpeft.federated.flower import (  # noqa: E402
+    BUDGET_EXHAUSTED,
     FedSVDStrategy,
     arrays_to_state,
     make_client_app,
@@ -117,3 +118,39 @@ def test_flower_malformed_and_nan_replies_are_rejected() -> None:
     final = arrays_to_state(result.arrays)
     assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in final.values())
     assert set(arrays_to_state(state_to_arrays(state))) == set(state)
+
+
+def test_nodes_refuse_rounds_past_their_privacy_budget() -> None:
+    """σ calibrated for ⌈2 steps · 5 rounds · ½⌉ = 5 steps ("expected"): a node answers a third participation with a
+    BUDGET_EXHAUSTED error instead of training, so no node reports ε above the target, as in `simulate`."""
+    dp = DPConfig(target_epsilon=2.0, target_delta=1e-5, accountant="rdp", calibrate_for="expected")
+    datasets = DATASETS[:2]
+    model = _model()
+    strategy = FedSVDStrategy(make_server("fedsvd", read_state(find_lora_factors(model))), clients_per_round=1, seed=1)
+    app = make_client_app(lambda ctx: model, lambda ctx: datasets[int(ctx.node_config["partition-id"])], _ce, LOCAL,
+                          dp=dp, rounds=5, participation=0.5, seed=1)
+    result = run_in_process(strategy, app, 2, 5)
+    refusals = [r for rejected in strategy.rejections.values() for r in rejected]
+    assert refusals and all("privacy budget exhausted" in r.reason for r in refusals)
+    epsilons = [m["epsilon-max"] for m in result.train_metrics_clientapp.values() if "epsilon-max" in m]
+    assert epsilons and max(epsilons) <= 2.0
+    reference = simulate(_model(), datasets, _ce, rounds=5, clients_per_round=1, local=LOCAL, dp=dp, seed=1,
+                         progress=False)
+    assert [len(m.rejected) for m in reference.history] == [len(strategy.rejections[t]) for t in range(1, 6)]
+    with pytest.raises(ValueError, match="rounds is required with dp"):
+        make_client_app(lambda ctx: model, lambda ctx: datasets[0], _ce, LOCAL, dp=dp)
+    assert BUDGET_EXHAUSTED not in range(0, 100)  # outside Flower's own error codes
+
+
+def test_bf16_factors_cross_the_transport_exactly() -> None:
+    """numpy has no bf16: bf16 factors and updates travel as fp32 (exact) and the model gets bf16 back."""
+    model = _model().to(torch.bfloat16)
+    state = read_state(find_lora_factors(model))
+    back = arrays_to_state(state_to_arrays(state))
+    for key, (a, b) in state.items():
+        assert torch.equal(back[key][0].to(torch.bfloat16), a) and torch.equal(back[key][1].to(torch.bfloat16), b)
+    strategy = FedSVDStrategy(make_server("fedsvd", state), clients_per_round=2, seed=0)
+    data = [TensorDataset(d.tensors[0].to(torch.bfloat16), d.tensors[1]) for d in DATASETS[:2]]
+    app = make_client_app(lambda ctx: model, lambda ctx: data[int(ctx.node_config["partition-id"])], _ce, LOCAL)
+    result = run_in_process(strategy, app, 2, 1)
+    assert result.train_metrics_clientapp[1]["accepted"] == 2.0 and not strategy.rejections[1]

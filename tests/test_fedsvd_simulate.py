@@ -153,3 +153,47 @@ def test_orthonormal_start_makes_fedsvd_match_ffa_under_sgd() -> None:
             products[method] = {k: b.double() @ a.double() for k, (a, b) in result.state.items()}
         gaps[init] = max(float((p - products["fedsvd"][k]).norm() / p.norm()) for k, p in products["ffa"].items())
     assert gaps["orthonormal"] < 1e-5 and gaps["kaiming"] > 0.05, gaps
+
+
+class NormNet(nn.Module):
+    """Linear -> BatchNorm -> dropout -> Linear: frozen norm statistics and dropout randomness inside a client round."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.drop, self.fc2 = nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Dropout(0.3), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(torch.tanh(self.norm(self.fc1(x)))))
+
+
+def _norm_model() -> nn.Module:
+    torch.manual_seed(0)
+    config = specpeft.FedSVDConfig(r=2, lora_alpha=2, lora_dropout=0.3, target_modules=["fc1", "fc2"])
+    return specpeft.get_adapter_model(NormNet(), config)
+
+
+def test_client_rounds_keep_norm_statistics_and_are_reproducible() -> None:
+    """BatchNorm running statistics are client data that is never aggregated: a round leaves them as they were. The
+    seed fixes dropout too, whatever ran before on the global RNG, and the model's modes are restored."""
+    clients = [_data(24, seed=k) for k in range(2)]
+    runs = []
+    for noise in (1, 7):
+        model = _norm_model().eval()
+        stats = [t.clone() for t in (model.base_model.model.norm.running_mean, model.base_model.model.norm.running_var)]
+        torch.manual_seed(noise)  # unrelated use of the global RNG before the run
+        torch.rand(noise)
+        result = simulate(model, clients, _ce, rounds=2, local=LOCAL, seed=4, progress=False)
+        assert torch.equal(model.base_model.model.norm.running_mean, stats[0])
+        assert torch.equal(model.base_model.model.norm.running_var, stats[1])
+        assert not any(module.training for module in model.modules())
+        runs.append(result.state)
+    for key, (a, b) in runs[0].items():
+        assert torch.equal(runs[1][key][0], a) and torch.equal(runs[1][key][1], b)
+    assert any(b.abs().sum() > 0 for _, b in runs[0].values())  # B trained (dropout active in the rounds)
+
+
+def test_an_inactive_adapter_is_refused_by_name() -> None:
+    model = _model()
+    model.add_adapter("second", model.peft_config["default"])
+    with pytest.raises(ValueError, match="adapter 'second' is not active.*set_adapter\\('second'\\)"):
+        simulate(model, [_data(16, seed=0)], _ce, rounds=1, adapter_name="second", progress=False)

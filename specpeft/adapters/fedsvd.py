@@ -75,6 +75,15 @@ class FedSVDConfig:
     seed: int = 0
     extra_lora_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def peft_type(self) -> str:
+        # peft's add_adapter reads this first: a FedSVD adapter is a peft LoRA with its own init, not a peft config
+        raise AttributeError(
+            "FedSVDConfig is not a peft config: add a FedSVD adapter to a peft model with "
+            "specpeft.adapters.fedsvd.add_fedsvd_adapter(model, name, config), or wrap a base model with "
+            "specpeft.get_adapter_model(model, config)."
+        )
+
     def validate(self) -> None:
         if self.r < 1:
             raise ValueError(f"FedSVDConfig.r={self.r}: the LoRA rank must be ≥ 1 (reference: 8).")
@@ -144,6 +153,9 @@ def _layer_generator(seed: int, name: str) -> torch.Generator:
 
 
 def _init_factors(model: nn.Module, adapter_name: str, config: FedSVDConfig) -> None:
+    from ..federated.state import find_lora_factors  # here: `import specpeft` loads every adapter, not the core
+
+    find_lora_factors(model, adapter_name)  # every layer is one the federated core can average and re-factorize
     for name, layer in _lora_layers(model, adapter_name):
         weight_a, weight_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         rank, width = weight_a.shape[0], weight_a[0].numel()  # A viewed as (r, in·Πk)

@@ -38,6 +38,7 @@ __all__ = [
     "LossFn",
     "calibrate_noise",
     "planned_steps",
+    "require_active",
     "sample_rate_for",
     "train_client",
 ]
@@ -200,6 +201,15 @@ class ClientPrivacy:
             history.append((self.noise_multiplier, self.sample_rate, steps))
         return self._epsilon_of(tuple(history))
 
+    def refusal(self, steps: int) -> Optional[str]:
+        """Why this client may not take `steps` more steps (None: it may). A calibrated σ (no fixed
+        `DPConfig.noise_multiplier`) promises ε ≤ target_epsilon, so a round that would spend more is refused, under
+        either `calibrate_for`: "expected" plans for fewer steps than a client sampled every round takes, and a run
+        longer than the `rounds` σ was calibrated for would overrun "all_rounds" too."""
+        if self.dp.noise_multiplier is not None or self.epsilon_after(steps) <= self.dp.target_epsilon * (1 + 1e-6):
+            return None
+        return f"privacy budget exhausted (ε={self.epsilon():.3f} of {self.dp.target_epsilon})"
+
     def _epsilon_of(self, history: tuple[tuple[float, float, int], ...]) -> float:
         # Memoized: one PRV evaluation takes ~1 s, and ε is reported every round for every client.
         if not history:
@@ -247,6 +257,26 @@ def _cycle(loader: DataLoader, steps: int):
                 return
 
 
+def require_active(model: nn.Module, adapter_name: str, caller: str) -> None:
+    """Raise unless `adapter_name` is among the model's active adapters (a peft model's `active_adapters`; a model
+    without that attribute is taken as is): an inactive adapter's factors never see a gradient."""
+    active = getattr(model, "active_adapters", None)
+    if active is not None and adapter_name not in active:
+        raise ValueError(
+            f"{caller}: adapter '{adapter_name}' is not active (active: {list(active)}), so its factors would get no "
+            f"gradient. Call model.set_adapter('{adapter_name}') first."
+        )
+
+
+def _freeze_norm_statistics(model: nn.Module) -> None:
+    """Batch/instance norms back to eval mode: their running statistics are client data that is never aggregated
+    (one client's would leak into the shared model), and under DP-SGD batch statistics couple the examples, so
+    per-sample clipping would no longer bound one example's influence."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            module.eval()
+
+
 def train_client(
     model: nn.Module,
     factors: LoRAFactors,
@@ -263,7 +293,9 @@ def train_client(
     """Run one local round from the broadcast `state` and return the factor differences.
 
     Only the factors train: every other parameter of `model` is frozen for the round (it is shared across
-    simulated clients and never aggregated), and the previous `requires_grad` flags are restored afterwards.
+    simulated clients and never aggregated), and the previous `requires_grad` flags are restored afterwards. Norm
+    layers keep their running statistics (eval mode), and the global RNG (dropout) is forked and seeded with `seed`,
+    so a round is reproducible whatever ran before it.
 
     Args:
         model: the model holding the LoRA layers (one instance may serve every simulated client).
@@ -275,7 +307,7 @@ def train_client(
         client_id: reported back with the update.
         train_A: FedAvg-LoRA trains A too; FFA-LoRA and FedSVD keep A frozen.
         privacy: this client's DP state; None trains without DP.
-        seed: seeds shuffling/Poisson sampling and the DP noise.
+        seed: seeds shuffling/Poisson sampling, the DP noise and the model's own randomness (dropout).
 
     Returns:
         The update: ΔB (and ΔA), |D_k| and metrics loss, steps, seconds_per_step / cpu_seconds_per_step (the
@@ -287,25 +319,30 @@ def train_client(
     trainable = [b for _, b in factors.values()] + ([a for a, _ in factors.values()] if train_A else [])
     flags = {p: p.requires_grad for p in model.parameters()}
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for p in trainable:
             p.requires_grad_(True)
         model.train()
+        _freeze_norm_statistics(model)
         optimizer = _make_optimizer(trainable, local)
         loader = DataLoader(dataset, batch_size=local.batch_size, shuffle=privacy is None, generator=generator)
-        if privacy is None:
-            losses, extra = _train_plain(model, loader, loss_fn, optimizer, local.steps)
-        else:
-            losses, extra = _train_private(
-                model, loader, loss_fn, optimizer, local.steps, trainable, privacy, generator
-            )
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            if privacy is None:
+                losses, extra = _train_plain(model, loader, loss_fn, optimizer, local.steps)
+            else:
+                losses, extra = _train_private(
+                    model, loader, loss_fn, optimizer, local.steps, trainable, privacy, generator
+                )
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     after = read_state(factors)
     delta_B = {key: after[key][1] - before[key][1] for key in factors}
     delta_A = {key: after[key][0] - before[key][0] for key in factors} if train_A else None

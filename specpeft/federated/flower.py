@@ -20,21 +20,23 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Optional
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .client import ClientPrivacy, DPConfig, LocalTraining, LossFn, planned_steps, train_client
+from .client import ClientPrivacy, DPConfig, LocalTraining, LossFn, planned_steps, require_active, train_client
 from .server import ClientUpdate, LoRAServer, Rejection, weighted_mean
 from .simulate import client_sampler, client_seed
 from .state import LoRAState, find_lora_factors
 
 __all__ = [
+    "BUDGET_EXHAUSTED",
     "FedSVDStrategy",
     "InProcessGrid",
     "arrays_to_state",
@@ -48,13 +50,21 @@ logger = logging.getLogger("specpeft.federated")
 _SEP = "::"  # layer key and factor name in ArrayRecord keys: "<layer>::A", "<layer>::dB"
 _PRIVACY_KEY = "specpeft-privacy"
 _SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the sender id of server messages
+BUDGET_EXHAUSTED = 1001  # Error.code of a node that refuses a round its privacy budget cannot pay for (not Flower's)
+
+
+def _transportable(tensor: Tensor) -> Tensor:
+    """On the CPU, bf16 widened to fp32 (exactly): ArrayRecord goes through numpy, which has no bf16; `write_state`
+    and the server cast back to the model's dtype."""
+    tensor = tensor.detach().cpu()
+    return tensor.float() if tensor.dtype == torch.bfloat16 else tensor
 
 
 def state_to_arrays(state: LoRAState) -> ArrayRecord:
     """{layer: (A, B)} as an ArrayRecord with keys '<layer>::A' and '<layer>::B'."""
     arrays = {}
     for key, (a, b) in state.items():
-        arrays[f"{key}{_SEP}A"], arrays[f"{key}{_SEP}B"] = a.detach().cpu(), b.detach().cpu()
+        arrays[f"{key}{_SEP}A"], arrays[f"{key}{_SEP}B"] = _transportable(a), _transportable(b)
     return ArrayRecord(torch_state_dict=arrays)
 
 
@@ -66,9 +76,9 @@ def arrays_to_state(arrays: ArrayRecord) -> LoRAState:
 
 
 def _update_to_content(update: ClientUpdate) -> RecordDict:
-    arrays = {f"{key}{_SEP}dB": delta for key, delta in update.delta_B.items()}
+    arrays = {f"{key}{_SEP}dB": _transportable(delta) for key, delta in update.delta_B.items()}
     for key, delta in (update.delta_A or {}).items():
-        arrays[f"{key}{_SEP}dA"] = delta
+        arrays[f"{key}{_SEP}dA"] = _transportable(delta)
     metrics = MetricRecord({"num-examples": update.num_examples, **update.metrics})
     return RecordDict({"arrays": ArrayRecord(torch_state_dict=arrays), "metrics": metrics})
 
@@ -130,11 +140,14 @@ class FedSVDStrategy(FedAvg):
     ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         updates: list[ClientUpdate] = []
         dropped: list[Rejection] = []
+        crashed: list[str] = []
         for reply in replies:
             node = reply.metadata.src_node_id
             client = self._partition.get(node, node)
             if reply.has_error():
                 dropped.append(Rejection(client, f"dropped out: {reply.error.reason}"))
+                if reply.error.code != BUDGET_EXHAUSTED:
+                    crashed.append(reply.error.reason)
                 continue
             try:
                 updates.append(_content_to_update(client, reply.content))
@@ -142,6 +155,9 @@ class FedSVDStrategy(FedAvg):
                 dropped.append(Rejection(client, f"malformed reply: {type(exc).__name__}: {exc}"))
         for rejection in dropped:
             logger.warning("round %d: client %s %s", server_round, rejection.client_id, rejection.reason)
+        if crashed and not updates:  # the run goes on (a deployment may recover), but not silently
+            logger.error("round %d: every client failed; the global state is unchanged. First error: %s",
+                         server_round, crashed[0])
         report = self.server.aggregate(updates)
         self.rejections[server_round] = dropped + report.rejected
         metrics = {"accepted": float(len(report.weights)), "rejected": float(len(self.rejections[server_round]))}
@@ -169,7 +185,7 @@ def make_client_app(
     local: LocalTraining,
     *,
     dp: Optional[DPConfig] = None,
-    rounds: int = 1,
+    rounds: Optional[int] = None,
     participation: float = 1.0,
     seed: int = 0,
     adapter_name: str = "default",
@@ -180,10 +196,15 @@ def make_client_app(
         model_fn: context -> the model with LoRA layers (may be one shared instance in-process).
         dataset_fn: context -> this node's dataset (e.g. from `context.node_config["partition-id"]`).
         loss_fn, local, dp: as in `simulate`.
-        rounds, participation: the run's length and m/K, which DP calibration plans for.
+        rounds, participation: the run's length and m/K, which DP calibration plans for (`rounds` is required with
+            `dp`). A node whose next round would spend more than the target ε (`ClientPrivacy.refusal`) answers
+            with an error of code `BUDGET_EXHAUSTED` instead of training.
         seed: the run seed; local training uses `client_seed(seed, round, partition-id)`.
         adapter_name: the LoRA adapter to train.
     """
+    if dp is not None and rounds is None:
+        raise ValueError("make_client_app: rounds is required with dp: σ is calibrated so that the run's rounds spend "
+                         "at most dp.target_epsilon; pass the num_rounds given to strategy.start.")
     app = ClientApp()
 
     @app.train()
@@ -192,7 +213,11 @@ def make_client_app(
         model = model_fn(context)
         dataset = dataset_fn(context)
         config = message.content["config"]
-        privacy = _restore_privacy(context, dp, len(dataset), local, rounds, participation)
+        privacy = _restore_privacy(context, dp, len(dataset), local, rounds or 1, participation)
+        refusal = privacy.refusal(local.steps) if privacy is not None else None
+        if refusal is not None:
+            return Message(error=Error(code=BUDGET_EXHAUSTED, reason=refusal), reply_to=message)
+        require_active(model, adapter_name, "make_client_app")
         update = train_client(
             model,
             find_lora_factors(model, adapter_name),

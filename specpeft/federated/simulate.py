@@ -27,6 +27,7 @@ from .client import (
     LossFn,
     calibrate_noise,
     planned_steps,
+    require_active,
     sample_rate_for,
     train_client,
 )
@@ -193,15 +194,6 @@ def describe_privacy(privacy: dict[ClientId, ClientPrivacy]) -> dict[str, float]
     return {"epsilon": max(p.epsilon() for p in privacy.values()), "sigma_min": min(sigmas), "sigma_max": max(sigmas)}
 
 
-def _over_budget(privacy: Optional[ClientPrivacy], dp: Optional[DPConfig], steps: int) -> Optional[str]:
-    """Why a client may not train this round under calibrate_for="expected" (None: it may)."""
-    if privacy is None or dp is None or dp.calibrate_for != "expected":
-        return None
-    if privacy.epsilon_after(steps) <= dp.target_epsilon * (1 + 1e-6):
-        return None
-    return f"privacy budget exhausted (ε={privacy.epsilon():.3f} of {dp.target_epsilon})"
-
-
 def simulate(
     model: nn.Module,
     client_datasets: Sequence[Dataset],
@@ -257,6 +249,7 @@ def simulate(
         raise ValueError(f"simulate: clients_per_round={clients_per_round} must be in [1, {num_clients}].")
     if rounds < 1 or eval_every < 1 or not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"simulate: rounds={rounds}, eval_every={eval_every} must be ≥ 1, dropout_rate in [0, 1).")
+    require_active(model, adapter_name, "simulate")
     factors = factors if factors is not None else find_lora_factors(model, adapter_name)
     options = dict(refactor_every=refactor_every, svd_warmup=svd_warmup, refactor_method=refactor_method)
     if initial_state is not None:
@@ -274,7 +267,9 @@ def simulate(
         broadcast = server.broadcast()
         updates, dropped, errors = [], [], []
         for k, drop in zip(sampled, drops):
-            reason = "dropped out (simulated)" if drop else _over_budget(privacy.get(k), dp, local.steps)
+            client_privacy = privacy.get(k)
+            reason = "dropped out (simulated)" if drop else (
+                client_privacy.refusal(local.steps) if client_privacy is not None else None)
             if reason is None:
                 try:
                     update: Optional[ClientUpdate] = train_client(

@@ -25,21 +25,28 @@ def find_lora_factors(model: nn.Module, adapter_name: str = "default") -> LoRAFa
     """The (lora_A, lora_B) weight parameters of every LoRA layer of `adapter_name`, keyed by module name.
 
     Raises:
-        ValueError: no LoRA layer holds `adapter_name`, or the adapter also has embedding LoRA factors (their
-            layout differs; leave embeddings out of `target_modules`).
+        ValueError: no LoRA layer holds `adapter_name`, or the adapter also has embedding LoRA factors or a grouped
+            convolution (their Δ is not B·A; leave them out of `target_modules`).
     """
     factors: LoRAFactors = {}
     for name, module in model.named_modules():
         lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
         embedding_a = getattr(module, "lora_embedding_A", None)
-        if isinstance(embedding_a, Mapping) and adapter_name in embedding_a:
+        if isinstance(embedding_a, (Mapping, nn.ParameterDict)) and adapter_name in embedding_a:  # peft: the latter
             raise ValueError(
                 f"find_lora_factors: layer '{name}' is an embedding LoRA; the federated core handles Linear/Conv "
                 "LoRA only. Remove embeddings from target_modules."
             )
         if isinstance(lora_a, nn.ModuleDict) and isinstance(lora_b, nn.ModuleDict) and adapter_name in lora_a:
+            weight_a, weight_b = lora_a[adapter_name].weight, lora_b[adapter_name].weight
+            if weight_b.shape[1] != weight_a.shape[0]:  # B (m, r/groups, *1): a grouped conv's block-diagonal Δ
+                raise ValueError(
+                    f"find_lora_factors: layer '{name}' is a grouped convolution (lora_B reads {weight_b.shape[1]} of "
+                    f"A's {weight_a.shape[0]} channels), so Δ is not the product B·A the federated core averages and "
+                    "re-factorizes. Leave it out of target_modules (exclude_modules)."
+                )
             key = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
-            factors[key] = (lora_a[adapter_name].weight, lora_b[adapter_name].weight)
+            factors[key] = (weight_a, weight_b)
     if not factors:
         raise ValueError(
             f"find_lora_factors: {type(model).__name__} has no LoRA layer with adapter '{adapter_name}'. Wrap it "
