@@ -101,6 +101,28 @@ def test_init_is_exact_and_trainable() -> None:
     assert adapter.scale.grad is not None and float(adapter.scale.grad.abs()) > 0
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_bf16_autocast_step_matches_fp32(kind: str) -> None:
+    """Under CPU bf16 autocast (what Trainer(bf16=True) enters) K and its top-k stay in the factors' fp32, so the mask
+    is the fp32 one, and only the base op runs in bf16: output and gradients within bf16 rounding of the fp32 step."""
+    torch.manual_seed(0)
+    base = torch.nn.Conv2d(3, 8, 3, padding=1) if kind == "conv" else torch.nn.Linear(20, 30)
+    adapter = SNELLAAdapter.create(LayerGeometry.of(base), SNELLAConfig(target_modules=["x"], low_rank_dim=4),
+                                   base.weight.detach(), None)
+    perturb(adapter, 0.1)
+    frozen = FrozenBase(base.requires_grad_(False))
+    x = torch.randn(2, 3, 6, 6) if kind == "conv" else torch.randn(6, 20)
+    expected = adapter(x, frozen)
+    grads = torch.autograd.grad(expected.sum(), list(adapter.parameters()))
+    mask = adapter.mask()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = adapter(x, frozen)
+        assert torch.equal(adapter.mask(), mask)
+    assert got.dtype == torch.bfloat16 and _rel_err(got, expected) < 2e-2
+    for grad, ref in zip(torch.autograd.grad(got.float().sum(), list(adapter.parameters())), grads):
+        assert grad.dtype == torch.float32 and _rel_err(grad, ref) < 3e-2
+
+
 # -- exact top-k (self-checks 3, 4) -----------------------------------------------------------------------------
 
 

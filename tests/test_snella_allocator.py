@@ -127,6 +127,43 @@ def test_allocator_needs_snella_layers() -> None:
         SNELLAAllocator(MLP())
 
 
+def test_overrides_get_the_config_checks_by_name() -> None:
+    model = _snella_mlp()
+    for override, field in [(dict(target_sparsity=-0.5), "target_sparsity"), (dict(beta1=1.5), "beta1"),
+                            (dict(init_sparsity=0.95, max_layer_sparsity=0.92), "max_layer_sparsity")]:
+        with pytest.raises(ValueError, match=f"SNELLAAllocator .*{field}="):
+            SNELLAAllocator(model, total_steps=5, **override)
+
+
+def test_a_frozen_layer_keeps_its_entries() -> None:
+    """A frozen layer's ΔW is kept as learned; the trainable layers alone meet the target."""
+    model = _snella_mlp()
+    frozen = model.base_model.model.lin0.snella_adapter["default"]
+    frozen.requires_grad_(False)
+    kept = int(frozen.kept)
+    allocator = SNELLAAllocator(model, total_steps=5)
+    assert list(allocator.layers) == ["lin1"] and allocator.v_target == 192
+    for t in range(5):
+        model(torch.randn(8, 24)).pow(2).mean().backward()
+        allocator.step(t + 1)
+        model.zero_grad()
+    assert int(frozen.kept) == kept and int(allocator.layers["lin1"].kept) == 192
+    frozen_all = _snella_mlp()
+    frozen_all.requires_grad_(False)
+    with pytest.raises(ValueError, match="every SNELLA layer .* is frozen"):
+        SNELLAAllocator(frozen_all, total_steps=5)
+
+
+def test_epoch_schedule_counts_the_epochs_the_trainer_runs() -> None:
+    """With max_steps set the Trainer runs state.num_train_epochs epochs, not args.num_train_epochs (default 3)."""
+    from types import SimpleNamespace
+
+    allocator = SNELLAAllocator(_snella_mlp(), schedule_unit="epoch", init_warmup=0, final_warmup=0)
+    allocator.on_train_begin(SimpleNamespace(num_train_epochs=3), SimpleNamespace(num_train_epochs=5.5, max_steps=11),
+                             None)
+    assert allocator.total_steps == 6
+
+
 def test_trainer_callback_runs_the_schedule() -> None:
     from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 

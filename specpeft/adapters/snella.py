@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
+from ..kernels._dispatch import autocast_off
 from .base import FrozenBase, MethodAdapter, zeros_like_shape
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
@@ -111,11 +112,12 @@ class SNELLAConfig(SpecPeftConfig):
             value = getattr(self, field_name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name}.{field_name}={value}: must be in [0, 1).")
-        if self.max_layer_sparsity < self.target_sparsity:
-            raise ValueError(
-                f"{name}.max_layer_sparsity={self.max_layer_sparsity} is below target_sparsity="
-                f"{self.target_sparsity}: no allocation could reach the target. Raise it (1.0 = no floor)."
-            )
+        for field_name in ("target_sparsity", "init_sparsity"):  # the budget runs from init_ to target_sparsity
+            if self.max_layer_sparsity < getattr(self, field_name):
+                raise ValueError(
+                    f"{name}.max_layer_sparsity={self.max_layer_sparsity} is below {field_name}="
+                    f"{getattr(self, field_name)}: no allocation could keep that few entries. Raise it (1.0 = no floor)."
+                )
         for field_name in ("beta1", "beta2"):
             value = getattr(self, field_name)
             if not 0.0 < value < 1.0:
@@ -216,8 +218,10 @@ class SNELLAAdapter(MethodAdapter):
         return self.alpha[0], self.gamma[0], self.beta[0]
 
     def kernel_matrix(self) -> Tensor:
-        """The dense kernel K (m, n), before masking; differentiable."""
-        return kernel_matrix(self.in_qs, self.out_qs, *self._kernel_scalars(), self.spec)
+        """The dense kernel K (m, n), before masking; differentiable; in the factors' dtype under autocast too (its
+        top-k is the mask the training Function applies)."""
+        with autocast_off(self.in_qs.device.type):
+            return kernel_matrix(self.in_qs, self.out_qs, *self._kernel_scalars(), self.spec)
 
     def mask(self) -> Tensor:
         """The boolean top-k mask (m, n) of the current factors: exactly `kept` entries.

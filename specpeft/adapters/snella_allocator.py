@@ -22,6 +22,7 @@ Steps whose gradients are not finite (an AMP-skipped step) leave the scores unto
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from fractions import Fraction
 from typing import Any, Literal, Optional, Sequence
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .bridge import AdapterLayer
-from .snella import SNELLAAdapter
+from .snella import SNELLAAdapter, SNELLAConfig
 from .snella_kernel import kept_count
 
 try:  # the allocator is also a transformers TrainerCallback: Trainer(..., callbacks=[allocator])
@@ -140,12 +141,17 @@ class SNELLAAllocator(_CallbackBase):
         init_sparsity: Optional[float] = None, max_layer_sparsity: Optional[float] = None,
         schedule_unit: Literal["step", "epoch"] = "step",
     ) -> None:
-        self.layers = snella_layers(model, adapter_name)
-        if not self.layers:
+        layers = snella_layers(model, adapter_name)
+        if not layers:
             raise ValueError(
                 f"SNELLAAllocator: the model has no SNELLA adapter named '{adapter_name}'. Wrap it first with "
                 "specpeft.get_adapter_model(model, SNELLAConfig(...)) and pass that model (and adapter_name)."
             )
+        # A frozen layer keeps its kept entries (its learned ΔW); the trainable layers compete for their own budget.
+        self.layers = {name: layer for name, layer in layers.items() if layer.in_qs.requires_grad}
+        if not self.layers:
+            raise ValueError(f"SNELLAAllocator: every SNELLA layer of adapter '{adapter_name}' is frozen; nothing to "
+                             "allocate. Make the adapter trainable (set_adapter) first.")
         config = getattr(model, "peft_config", {}).get(adapter_name)
 
         def pick(value: Any, field: str) -> Any:
@@ -165,11 +171,15 @@ class SNELLAAllocator(_CallbackBase):
             raise ValueError(f"SNELLAAllocator.schedule_unit={schedule_unit!r}: use 'step' or 'epoch'.")
         self.schedule_unit = schedule_unit
         self.max_layer_sparsity = float(pick(max_layer_sparsity, "max_layer_sparsity"))
-        if not self.target_sparsity <= self.max_layer_sparsity <= 1.0:
-            raise ValueError(
-                f"SNELLAAllocator: max_layer_sparsity={self.max_layer_sparsity} must lie in [target_sparsity="
-                f"{self.target_sparsity}, 1]: the layer floors would exceed the target budget."
-            )
+        resolved = dict(target_sparsity=self.target_sparsity, init_sparsity=self.init_sparsity,
+                        total_steps=self.total_steps, init_warmup=self.init_warmup, final_warmup=self.final_warmup,
+                        mask_interval=self.mask_interval, beta1=self.beta1, beta2=self.beta2,
+                        max_layer_sparsity=self.max_layer_sparsity)
+        # the config's range checks on the values in force (overrides included), naming the option and its fix
+        try:
+            dataclasses.replace(config if isinstance(config, SNELLAConfig) else SNELLAConfig(), **resolved).validate()
+        except ValueError as exc:
+            raise ValueError(f"SNELLAAllocator (the adapter's config with the overrides passed here): {exc}") from None
         self.caps = [layer.numel for layer in self.layers.values()]
         self.floors = [kept_count(self.max_layer_sparsity, n) for n in self.caps]
         self.v_init = sum(kept_count(self.init_sparsity, n) for n in self.caps)
@@ -254,7 +264,8 @@ class SNELLAAllocator(_CallbackBase):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.total_steps is None:
-            self.total_steps = int(state.max_steps if self.schedule_unit == "step" else math.ceil(args.num_train_epochs))
+            # the Trainer's own counts: with max_steps set, args.num_train_epochs is not the epochs it runs
+            self.total_steps = int(state.max_steps if self.schedule_unit == "step" else math.ceil(state.num_train_epochs))
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.update_importance()  # gradients are still present: the Trainer zeroes them after this event

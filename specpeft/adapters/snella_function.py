@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..kernels._dispatch import autocast_off
 from .base import FrozenBase
 from .geometry import LayerGeometry
 from .snella_kernel import (
@@ -107,9 +108,10 @@ class SNELLAFunction(torch.autograd.Function):
         spec, geometry = plan.spec, plan.geometry
         m, n = geometry.matrix_shape
         factors = (in_qs, out_qs, alpha, gamma, beta)
-        magnitude, negative = _abs_and_sign(factors, spec, m, n)  # autograd is off in forward: in place
-        tau, tie_index = topk_threshold(magnitude, plan.kept)
-        w = _weight_in_place(magnitude, negative, tau, tie_index, spec, float(scale), weight)
+        with autocast_off(in_qs.device.type):  # K in the factors' dtype (its top-k is the mask); the op may autocast
+            magnitude, negative = _abs_and_sign(factors, spec, m, n)  # autograd is off in forward: in place
+            tau, tie_index = topk_threshold(magnitude, plan.kept)
+            w = _weight_in_place(magnitude, negative, tau, tie_index, spec, float(scale), weight)
         del negative
         w = w.view(geometry.weight_shape)  # (m, n) -> (out, in/g, *k)
         out = plan.apply(x, w, bias)
@@ -120,6 +122,11 @@ class SNELLAFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        with autocast_off(grad_out.device.type):  # a backward run inside autocast rebuilds the forward's K
+            return SNELLAFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor) -> tuple:
         x, in_qs, out_qs, alpha, gamma, beta, scale, weight, tie_index = ctx.saved_tensors
         plan: LayerPlan = ctx.plan
         spec, geometry = plan.spec, plan.geometry
