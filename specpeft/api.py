@@ -50,18 +50,21 @@ def get_adapter_model(model: nn.Module, config: ConfigLike, adapter_name: str = 
         config: a specpeft config (e.g. `SVFitConfig(target_modules="all-linear")`), or the path of an
             `adapter_config.json` (or its directory) to train a fresh adapter with saved settings.
         adapter_name: name of the adapter inside the model.
-        **kwargs: forwarded to `peft.get_peft_model` (e.g. `low_cpu_mem_usage`).
+        **kwargs: forwarded to `peft.get_peft_model` (e.g. `autocast_adapter_dtype`).
 
     Returns:
         A `peft.PeftModel`: `print_trainable_parameters`, `save_pretrained`, `set_adapter`, `disable_adapter()`,
         `merge_and_unload`, ... all work as for LoRA.
     """
+    saved = isinstance(config, (str, os.PathLike)) or getattr(config, "_loading_checkpoint", False)
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
     spec = get_method(config)
-    if getattr(config, "_loading_checkpoint", False):
-        config = copy.copy(config)  # a config read for loading: here it seeds a fresh, initialized adapter
-        config._loading_checkpoint = False
+    if saved:
+        # A saved adapter's config seeds a fresh, initialized, trainable adapter: peft saved it with inference_mode
+        # on, and its per-layer records are the old run's init decisions (another model's, perhaps): both dropped.
+        config = copy.copy(config)
+        config._loading_checkpoint, config.inference_mode, config.layer_records = False, False, {}
     if spec.builder is not None:
         return spec.builder(model, config, adapter_name, **kwargs)
     try:
@@ -83,14 +86,15 @@ def load_adapter_model(
         model: the base model the adapter was trained on.
         path: the adapter directory (adapter_config.json + adapter_model.safetensors).
         adapter_name: name to give the adapter.
-        is_trainable: keep training it (otherwise the adapter is frozen for inference).
+        is_trainable: keep training it (otherwise the adapter is frozen for inference). A FedSVD adapter is saved as
+            a plain LoRA, which records no frozen factor: resume one with
+            `specpeft.adapters.fedsvd.load_fedsvd_model`, which keeps A frozen.
         **kwargs: forwarded to `peft.PeftModel.from_pretrained`.
     """
     path = os.fspath(path)
     peft_type = load_config(path).peft_type
-    spec = None if _is_stock_peft_type(peft_type) else get_method(peft_type)  # None: stock peft loads it below
-    if spec is not None and spec.builder is not None and hasattr(spec.config_cls, "load_model"):
-        return spec.config_cls.load_model(model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+    if not _is_stock_peft_type(peft_type):
+        get_method(peft_type)  # a specpeft method must be registered (an unknown one is named); peft loads it below
     try:
         return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
     except RuntimeError as exc:

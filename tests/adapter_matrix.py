@@ -8,6 +8,7 @@ replaced by `W + delta_weight` and run through the stock modules.
 from __future__ import annotations
 
 import copy
+import io
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,6 +19,7 @@ from torch import nn
 
 import specpeft
 from specpeft._peft_compat import BaseTunerLayer, PeftModel
+from specpeft.adapters.base import MethodAdapter
 from specpeft.adapters.bridge import AdapterLayer
 
 SEED = 1234
@@ -307,6 +309,27 @@ def check_requires_grad(case: ModelCase, method: MethodCase) -> None:
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
+def check_copy_and_cast(case: ModelCase, method: MethodCase) -> None:
+    """A trained adapted model deep-copies and pickles (`torch.save` of the whole model) to the same outputs, and a
+    16-bit cast of the model leaves every adapter's ΔW bit for bit (its fp32 tensors are moved, not narrowed)."""
+    model = wrap(case, method)
+    perturb(model, method.perturb_scale)
+    out = case.run(model)
+    torch.testing.assert_close(case.run(copy.deepcopy(model)), out, atol=0, rtol=0)
+    if case.quantized:  # bitsandbytes' own parameters neither pickle nor cast; the copy above is what trainers do
+        return
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(case.run(torch.load(buffer, weights_only=False)), out, atol=0, rtol=0)
+    adapters = [m for m in model.modules() if isinstance(m, MethodAdapter)]
+    deltas = [adapter.delta_weight().detach() for adapter in adapters]
+    model.to(torch.bfloat16)
+    for adapter, delta in zip(adapters, deltas):
+        assert all(t.dtype != torch.bfloat16 for t in [*adapter.parameters(), *adapter.buffers()])
+        torch.testing.assert_close(adapter.delta_weight().detach(), delta, atol=0, rtol=0)
+
+
 CHECKS: dict[str, Callable[[ModelCase, MethodCase], None]] = {
     "init_invariance": check_init_invariance,
     "bf16_init": check_bf16_init,
@@ -316,6 +339,7 @@ CHECKS: dict[str, Callable[[ModelCase, MethodCase], None]] = {
     "merge_and_unload": check_merge_and_unload,
     "two_adapters": check_two_adapters,
     "requires_grad": check_requires_grad,
+    "copy_and_cast": check_copy_and_cast,
 }
 
 

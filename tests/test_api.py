@@ -42,6 +42,27 @@ def test_config_json_round_trip_and_path_input(tmp_path) -> None:
     assert config.layer_records == {}, "get_adapter_model must not write into the user's config"
 
 
+def test_saved_adapter_dir_seeds_a_fresh_trainable_adapter(tmp_path) -> None:
+    """peft saves configs with inference_mode on, and their records are the old run's: a fresh adapter from a saved
+    directory still trains, and is initialized for the model it is given (here one of another width)."""
+    trained = specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"], r=3))
+    trained.save_pretrained(tmp_path)
+    fresh = specpeft.get_adapter_model(_mlp(), str(tmp_path))
+    assert [n for n, p in fresh.named_parameters() if p.requires_grad] == ["base_model.model.lin0.svfit_adapter.default.s"]
+    wider = nn.Sequential()
+    wider.add_module("lin0", nn.Linear(12, 20))
+    other = specpeft.get_adapter_model(wider, str(tmp_path)).base_model.model.lin0.svfit_adapter["default"]
+    assert other.U.shape == (20, 3)
+
+
+def test_low_cpu_mem_usage_is_refused_by_name(tmp_path) -> None:
+    with pytest.raises(ValueError, match="low_cpu_mem_usage=True is not supported.*Drop the option"):
+        specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"]), low_cpu_mem_usage=True)
+    specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"])).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="low_cpu_mem_usage=True is not supported"):
+        specpeft.load_adapter_model(_mlp(), tmp_path, low_cpu_mem_usage=True)
+
+
 def test_user_config_is_never_mutated() -> None:
     config = SVFitConfig(target_modules=["lin0", "lin1"])
     before = copy.deepcopy(config.__dict__)

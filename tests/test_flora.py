@@ -221,6 +221,24 @@ def test_factored_conv_equals_dense_conv(dims: int, geometry: str, groups: str) 
     torch.testing.assert_close(out, base(x) + expected, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["factored", "materialized"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_conv_step_under_bf16_autocast(dims: int, mode: str) -> None:
+    """Under CPU bf16 autocast (Trainer(bf16=True)) the core's kernel-mode contractions stay in fp32: the layer runs,
+    within bf16 rounding of the fp32 output, and the core gets its gradient."""
+    conv_cls = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    base = conv_cls(4, 6, 3, padding=1)
+    adapter = _random_adapter(base, [3, 2] + [2] * dims, forward_mode=mode)
+    x = torch.randn(2, 4, *(5,) * dims)
+    expected = adapter(x, FrozenBase(base))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter(x, FrozenBase(base))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=3e-2 * expected.abs().max().item(), rtol=0)
+    (grad,) = torch.autograd.grad(out.float().sum(), [adapter.core])
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0
+
+
 def test_depthwise_conv_shapes_and_clamped_ranks() -> None:
     """Spec §3.9 check 5: Conv2d(C, C, 7, groups=C) → ΔW (C, 1, 7, 7); ranks clamp to mode sizes."""
     base = nn.Conv2d(16, 16, 7, padding=3, groups=16)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +68,20 @@ class FrozenBase:
             return self(x) + self.geometry.apply(x, delta.to(x.dtype))
         weight = self.weight()
         return forward_with_weight(self.module, self.geometry, x, weight + delta.to(weight.dtype))
+
+
+def without_narrowing(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """A module's `_apply` function, or a device-only move where it would narrow fp32 tensors to 16 bits.
+
+    Adapter tensors keep their precision under `model.to(torch.bfloat16)` / `.half()`: a trained update stored next to
+    its frozen start (SVFit's σ and σ⁰, SoKA's A and A⁰) or multiplied with seeded frozen factors (TeRA) would be
+    rounded on the scale of the start, or stop matching the factors a reload regenerates. The forwards cast to the
+    input's dtype anyway. Casts to float64 apply (reference computations).
+    """
+    probe = fn(torch.zeros((), dtype=torch.float32))  # what the cast does to an fp32 tensor
+    if probe.dtype not in (torch.float16, torch.bfloat16):
+        return fn
+    return lambda t: t.to(device=probe.device)
 
 
 class MethodAdapter(nn.Module, metaclass=ABCMeta):
@@ -135,6 +149,9 @@ class MethodAdapter(nn.Module, metaclass=ABCMeta):
         For work shared by the layers of one pass (TeRA forms the networks of all same-shape layers in one node).
         """
         return nullcontext()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MethodAdapter:
+        return super()._apply(without_narrowing(fn), recurse)
 
     def kernel_path(self, *tensors: Tensor | None) -> str:
         """"triton" or "torch": which implementation a fused kernel op runs on these tensors for this adapter.

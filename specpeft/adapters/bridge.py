@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from typing import Any, ClassVar, Iterator, Optional
 
 import torch
@@ -23,9 +24,17 @@ from .._peft_compat import (
     gather_params_ctx,
     resolve_quantization_backend,
 )
-from .base import FrozenBase, MethodAdapter
+from .base import FrozenBase, MethodAdapter, without_narrowing
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
+
+
+class SharedStore(BufferDict):
+    """A tuner's store of one adapter's shared frozen tensors: peft's BufferDict, kept in its precision by 16-bit
+    model casts as the adapters are (`base.without_narrowing`)."""
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SharedStore:
+        return super()._apply(without_narrowing(fn), recurse)
 
 
 class AdapterLayer(nn.Module, BaseTunerLayer):
@@ -84,6 +93,12 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         adapter.kernel_backend = config.kernel_backend
         # The geometry rides along so exporters can rebuild ΔW from the files alone (merge/state_dict.py).
         config.layer_records[self.key] = {**adapter.record(), "layer": self.geometry.to_record()}
+        if not on_meta and any(t.is_meta for t in adapter.parameters()):  # peft's init_empty_weights is on
+            raise ValueError(
+                f"{type(config).__name__}: low_cpu_mem_usage=True is not supported (layer '{self.key}'): specpeft "
+                "adapters are built from the base weights (initializers, regenerated shared factors), not on the meta "
+                "device. Drop the option; the adapters are small."
+            )
         if base_weight is not None and not on_meta:
             adapter.to(base_weight.device)  # device only: trainables stay fp32 whatever the base dtype
             if shared is not None:
@@ -173,7 +188,7 @@ class AdapterModel(BaseTuner):
         stores = self._modules[name]
         if adapter_name not in stores:
             persistent = self.tuner_layer_cls.adapter_cls.saves_shared_state(config)
-            stores[adapter_name] = BufferDict(persistent=persistent)
+            stores[adapter_name] = SharedStore(persistent=persistent)
         return stores[adapter_name]
 
     def _adapter_layers(self) -> list[AdapterLayer]:
@@ -248,6 +263,7 @@ class AdapterModel(BaseTuner):
                 self.tuner_layer_cls.adapter_cls.after_injection(adapters, config)
         finally:
             self._progress.close()
+            del self._progress  # a closed bar holds its stream: the model must stay deep-copyable and picklable
             # Loading is finished; adapters later built from this config initialize normally.
             config._loading_checkpoint = False
 
@@ -284,9 +300,15 @@ def make_tuner(name: str, adapter_cls: type[MethodAdapter]) -> type[AdapterModel
         {"adapter_cls": adapter_cls, "container": container, "adapter_layer_names": (container,),
          "__module__": adapter_cls.__module__},
     )
-    return type(
+    model_cls = type(
         f"{camel}Model",
         (AdapterModel,),
         {"prefix": prefix, "tuner_layer_cls": layer_cls, "uses_shared_state": adapter_cls.uses_shared_state,
          "__module__": adapter_cls.__module__},
     )
+    module = sys.modules[adapter_cls.__module__]
+    for cls in (layer_cls, model_cls):  # importable by name, as pickle (torch.save of a whole model) looks them up
+        if getattr(module, cls.__name__, cls) is not cls:
+            raise TypeError(f"make_tuner: {module.__name__} already defines {cls.__name__}; rename it.")
+        setattr(module, cls.__name__, cls)
+    return model_cls

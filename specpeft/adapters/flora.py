@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels._dispatch import autocast_off
 from .base import FrozenBase, MethodAdapter, zeros_like_shape
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
@@ -162,11 +163,13 @@ class FLoRAAdapter(MethodAdapter):
         return {"ranks": self.ranks}
 
     def core_kernel(self) -> Tensor:
-        """K[b, a, κ] = Σ_c G[a, b, c…] Π_j P_{2+j}[κ_j, c_j]: the core with its kernel modes expanded, (r₁, r₀, *k)."""
+        """K[b, a, κ] = Σ_c G[a, b, c…] Π_j P_{2+j}[κ_j, c_j]: the core with its kernel modes expanded, (r₁, r₀, *k),
+        in the core's dtype (under autocast too: a chain of contractions would otherwise mix bf16 and fp32)."""
         kernel = self.core
-        for factor in self.factors[2:]:
-            # (r0, r1, c_j, …, k_<j) · (k_j, c_j) → (r0, r1, …, k_<j, k_j): contract the first unexpanded rank axis
-            kernel = torch.tensordot(kernel, factor, dims=([2], [1]))
+        with autocast_off(kernel.device.type):
+            for factor in self.factors[2:]:
+                # (r0, r1, c_j, …, k_<j) · (k_j, c_j) → (r0, r1, …, k_<j, k_j): contract the first unexpanded rank axis
+                kernel = torch.tensordot(kernel, factor, dims=([2], [1]))
         return kernel.transpose(0, 1)  # (r0, r1, *k) -> (r1, r0, *k)
 
     def delta_weight(self) -> Tensor:
