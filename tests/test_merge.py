@@ -138,6 +138,30 @@ def test_merge_other_layouts(family: str, method: str, tmp_path) -> None:
     torch.testing.assert_close(logits(loader(str(tmp_path / "merged")), x), logits(model, x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method,extra", [("svfit", dict(targets=["c_attn", "lm_head"])),
+                                          ("fedsvd", dict(targets=["c_attn"], modules_to_save=["wte"]))],
+                         ids=["lm_head-adapted", "embedding-saved"])
+def test_merge_unties_word_embeddings_the_adapter_changes(method: str, extra: dict, tmp_path) -> None:
+    """GPT-2 stores its tied lm_head/wte once. An adapter on lm_head (or a trained wte, while lm_head kept the
+    original) needs both written and the tie dropped, else transformers re-ties one to the other's values."""
+    base_dir = save_tiny(_tiny_gpt2, str(tmp_path / "base"))
+    config = method_config(method, extra["targets"], **({"modules_to_save": extra["modules_to_save"]}
+                                                         if "modules_to_save" in extra else {}))
+    model = train_and_save(_auto(base_dir), config, str(tmp_path / "adapter"), 0.3)
+    x = ids()
+    result = merge_adapter(base_dir, tmp_path / "adapter", tmp_path / "merged", progress=False)
+    assert any("tie_word_embeddings is false" in note for note in result.notes)
+    merged = _auto(str(tmp_path / "merged"))
+    assert merged.lm_head.weight.data_ptr() != merged.transformer.wte.weight.data_ptr()
+    torch.testing.assert_close(logits(merged, x), logits(model, x), atol=1e-4, rtol=1e-4)
+    untouched = train_and_save(_auto(base_dir), method_config(method, ["c_attn"]), str(tmp_path / "plain"))
+    merge_adapter(base_dir, tmp_path / "plain", tmp_path / "plain_merged", progress=False)
+    with open(tmp_path / "plain_merged" / "config.json") as fh:  # an adapter off the embeddings keeps the tie
+        assert json.load(fh).get("tie_word_embeddings", True)
+    torch.testing.assert_close(logits(_auto(str(tmp_path / "plain_merged")), x), logits(untouched, x), atol=1e-4,
+                               rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", [m for m in specpeft.list_methods()
                                     if getattr(specpeft.get_method(m).adapter_cls, "supported_kinds", ()) and
                                     "conv2d" in specpeft.get_method(m).adapter_cls.supported_kinds])

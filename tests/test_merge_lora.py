@@ -177,6 +177,26 @@ def test_lora_and_dora_sources(llama_dir: str, tmp_path) -> None:
         torch.testing.assert_close(logits(lora, x), logits(model, x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_of_adapted_layers_survive(bias: str, tmp_path) -> None:
+    """A LoRA trained with bias="all"/"lora_only" (FedSVD's LoRA too) saves the adapted layers' biases; the converted
+    LoRA must put them where peft's LoRA layer reads them (its base_layer), or they are silently dropped."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapter_matrix import perturb
+
+    base_dir = save_tiny(_tiny_gpt2, str(tmp_path / "base"))
+    model = get_peft_model(_auto(base_dir), LoraConfig(r=4, lora_alpha=8, bias=bias, target_modules=["c_attn"],
+                                                       fan_in_fan_out=True)).eval()
+    perturb(model, 0.2)
+    assert any(n.endswith("c_attn.base_layer.bias") and p.requires_grad for n, p in model.named_parameters())
+    model.save_pretrained(str(tmp_path / "adapter"))
+    convert_to_lora(tmp_path / "adapter", tmp_path / "lora", rank=4, progress=False)
+    x = ids()
+    torch.testing.assert_close(logits(stock_lora(_auto(base_dir), str(tmp_path / "lora")), x), logits(model, x),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_stock_peft_loads_without_specpeft(llama_dir: str, trained: dict, tmp_path) -> None:
     """A fresh interpreter that never imports specpeft loads the converted adapters with stock peft."""
     x = ids()

@@ -11,6 +11,7 @@ bitsandbytes checkpoints (saved from a model loaded with `BitsAndBytesConfig`) a
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -171,8 +172,28 @@ class BaseCheckpoint:
         except Exception as exc:
             raise ValueError(f"Cannot read tensor '{key}' from '{path}': {exc}. The file is corrupted.") from exc
 
+    @functools.cached_property
+    def tied_embeddings(self) -> Optional[tuple[str, str]]:
+        """(output, input) word-embedding keys that config.json ties, or None (`tied_embedding_keys`)."""
+        return tied_embedding_keys(self.directory, self.config)
+
+    @functools.cached_property
+    def aliases(self) -> dict[str, str]:
+        """{tied key the checkpoint does not store: the stored key it is read as} (e.g. GPT-2's lm_head.weight →
+        transformer.wte.weight): transformers saves a tied pair once and re-ties it on load."""
+        tied = self.tied_embeddings
+        if tied is None or tied[0] in self.entries or tied[1] not in self.entries:
+            return {}
+        return {tied[0]: tied[1]}
+
+    @property
+    def readable_keys(self) -> list[str]:
+        """`logical_keys` and the tied keys read through `aliases`."""
+        return self.logical_keys + list(self.aliases)
+
     def dense_info(self, key: str) -> tuple[str, tuple[int, ...]]:
         """(dtype name, shape) of a logical tensor: the dequantized values for a bnb weight."""
+        key = self.aliases.get(key, key)
         if key in self.quantized:
             q = self.quantized[key]
             return DTYPE_NAMES[q.dtype], q.shape
@@ -181,6 +202,7 @@ class BaseCheckpoint:
 
     def read_dense(self, key: str) -> Tensor:
         """A logical tensor, dequantized if it is a bnb weight (in its original dtype)."""
+        key = self.aliases.get(key, key)
         if key not in self.quantized:
             return self.read(key)
         q = self.quantized[key]
@@ -297,6 +319,33 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 # -- key matching -----------------------------------------------------------------------------------------------
+
+
+def tied_embedding_keys(directory: str, config: dict[str, Any]) -> Optional[tuple[str, str]]:
+    """The (output, input) word-embedding weight keys a transformers model ties, or None.
+
+    Read from the model itself: config.json's `architectures[0]` built on the meta device from its config (no
+    weights), asked for `get_output_embeddings` / `get_input_embeddings`, when the config ties them. None for a
+    directory transformers cannot build this way (no config, custom code): then no tie is known.
+    """
+    architectures = config.get("architectures") or []
+    if not architectures:
+        return None
+    import transformers
+
+    model_cls = getattr(transformers, architectures[0], None)
+    if model_cls is None:
+        return None
+    model_config = transformers.AutoConfig.from_pretrained(directory)
+    if not getattr(model_config.get_text_config(), "tie_word_embeddings", False):
+        return None
+    with torch.device("meta"):
+        model = model_cls(model_config)
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(module): name for name, module in model.named_modules()}
+    if output is None or embedding is None or id(output) not in names:
+        return None
+    return f"{names[id(output)]}.weight", f"{names[id(embedding)]}.weight"
 
 
 def match_keys(wanted: Sequence[str], available: Collection[str], where: str = "the base checkpoint") -> dict[str, str]:

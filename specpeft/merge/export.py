@@ -133,7 +133,10 @@ def _commit(staging: str, out: str, parent: str) -> None:
     except BaseException:
         os.replace(old, out)  # put the previous output back
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if os.path.islink(old):  # `out` was a link: the link is replaced, the directory it named is left alone
+        os.unlink(old)
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- merge ----------------------------------------------------------------------------------------------------------
@@ -168,8 +171,13 @@ def merge_adapter(
     saved = load_saved_adapter(adapter)
     checkpoint = BaseCheckpoint(base)
     layer_for, override_for, notes = _plan_keys(saved, checkpoint)
-    out_dtypes = {key: _output_dtype(checkpoint, key, DTYPES[dtype]) for key in checkpoint.logical_keys}
-    dequantized = [key for key in checkpoint.logical_keys if key in checkpoint.quantized]
+    untie = _changes_tied_embeddings(checkpoint, [*layer_for, *override_for])
+    out_keys = checkpoint.readable_keys if untie else checkpoint.logical_keys
+    if untie:
+        notes.append(f"the adapter changes one of the tied word embeddings {checkpoint.tied_embeddings}: both are "
+                     "written and tie_word_embeddings is false in config.json (re-tied, one would undo the other).")
+    out_dtypes = {key: _output_dtype(checkpoint, key, DTYPES[dtype]) for key in out_keys}
+    dequantized = [key for key in out_keys if checkpoint.aliases.get(key, key) in checkpoint.quantized]
 
     def produce(key: str) -> Tensor:
         tensor = override_for[key]() if key in override_for else checkpoint.read_dense(key)
@@ -180,8 +188,8 @@ def merge_adapter(
     total = 0
     with staged_output(out, overwrite, [base, adapter]) as staging:
         by_file: dict[str, list[str]] = {}
-        for key in checkpoint.logical_keys:
-            by_file.setdefault(checkpoint.entries[key].file, []).append(key)
+        for key in out_keys:  # an untied alias goes into the file of the tensor it was stored as
+            by_file.setdefault(checkpoint.entries[checkpoint.aliases.get(key, key)].file, []).append(key)
         for name in tqdm(checkpoint.files, desc="merge", unit="shard", disable=not progress):
             keys = by_file.get(name, [])
             layout = [(k, out_dtypes[k], checkpoint.dense_info(k)[1]) for k in keys]
@@ -196,9 +204,9 @@ def merge_adapter(
             total += writer.total_bytes
         if checkpoint.index is not None:
             index = {"metadata": {"total_size": total},
-                     "weight_map": {k: checkpoint.entries[k].file for k in sorted(checkpoint.logical_keys)}}
+                     "weight_map": {k: checkpoint.entries[checkpoint.aliases.get(k, k)].file for k in sorted(out_keys)}}
             _write_json(os.path.join(staging, INDEX_NAME), index)
-        notes += _copy_side_files(checkpoint, staging, DTYPES[dtype], bool(dequantized))
+        notes += _copy_side_files(checkpoint, staging, DTYPES[dtype], bool(dequantized), untie)
     return MergeResult(os.path.abspath(out), sorted(layer_for), sorted(override_for), dequantized,
                        len(checkpoint.files), total, dtype, time.perf_counter() - start, notes)
 
@@ -207,7 +215,7 @@ def _plan_keys(saved: SavedAdapter, checkpoint: BaseCheckpoint
                ) -> tuple[dict[str, LayerDelta], dict[str, Callable[[], Tensor]], list[str]]:
     """Map every adapted layer and saved module onto a base key, and check the shapes (before writing anything)."""
     wanted = [layer.weight_key for layer in saved.layers.values()] + list(saved.overrides)
-    mapping = match_keys(wanted, checkpoint.logical_keys, f"the base checkpoint '{checkpoint.directory}'")
+    mapping = match_keys(wanted, checkpoint.readable_keys, f"the base checkpoint '{checkpoint.directory}'")
     layer_for, notes = {}, []
     for layer in saved.layers.values():
         key = mapping[layer.weight_key]
@@ -234,6 +242,13 @@ def _plan_keys(saved: SavedAdapter, checkpoint: BaseCheckpoint
     return layer_for, override_for, notes
 
 
+def _changes_tied_embeddings(checkpoint: BaseCheckpoint, changed: Sequence[str]) -> bool:
+    """The base ties its word embeddings and the adapter changes either of them (a LoRA on lm_head, a trained
+    embed_tokens in modules_to_save): during training the other kept its own values, so the export unties them."""
+    tied = checkpoint.tied_embeddings
+    return tied is not None and bool(set(tied) & set(changed))
+
+
 def _output_dtype(checkpoint: BaseCheckpoint, key: str, target: Optional[torch.dtype]) -> str:
     name = checkpoint.dense_info(key)[0]
     if name not in NAME_DTYPES:
@@ -253,8 +268,9 @@ def _merged_weight(layer: LayerDelta, stored: Tensor, key: str) -> Tensor:
 
 
 def _copy_side_files(checkpoint: BaseCheckpoint, staging: str, dtype: Optional[torch.dtype],
-                     dequantized: bool) -> list[str]:
-    """Copy config, tokenizer and other non-weight files; record the new dtype / drop quantization in config.json."""
+                     dequantized: bool, untie: bool = False) -> list[str]:
+    """Copy config, tokenizer and other non-weight files; record the new dtype / drop quantization / untie the word
+    embeddings in config.json."""
     notes, skipped = [], []
     for entry in sorted(os.scandir(checkpoint.directory), key=lambda e: e.name):
         if entry.is_dir():
@@ -270,6 +286,11 @@ def _copy_side_files(checkpoint: BaseCheckpoint, staging: str, dtype: Optional[t
             config["dtype"] = name
             if "torch_dtype" in config:
                 config["torch_dtype"] = name
+        if untie:
+            config["tie_word_embeddings"] = False
+            for sub in config.values():  # a composite model's text config carries the flag too
+                if isinstance(sub, dict) and "tie_word_embeddings" in sub:
+                    sub["tie_word_embeddings"] = False
         if dequantized and config.pop("quantization_config", None) is not None:
             notes.append("bitsandbytes weights were dequantized; quantization_config was removed from config.json.")
         _write_json(os.path.join(staging, "config.json"), config)

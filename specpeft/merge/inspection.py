@@ -94,7 +94,7 @@ def inspect_adapter(adapter: str | os.PathLike, base: Optional[str | os.PathLike
     if base is not None:
         checkpoint = BaseCheckpoint(base)
         keys = [layer.weight_key for layer in saved.layers.values()]
-        mapping = match_keys(keys, checkpoint.logical_keys, f"the base checkpoint '{os.fspath(base)}'")
+        mapping = match_keys(keys, checkpoint.readable_keys, f"the base checkpoint '{os.fspath(base)}'")
     stats = []
     for layer in tqdm(saved.layers.values(), desc="inspect", unit="layer", disable=not progress):
         weight = None

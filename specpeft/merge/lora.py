@@ -124,7 +124,10 @@ def convert_to_lora(
         tensors[f"{MODEL_PREFIX}{layer.name}.{b_name}"] = B.contiguous()
         report.layers.append(LayerConversion(layer.name, layer.kind, list(layer.storage_shape), layer.groups,
                                              layer_rank, error, float(delta.double().norm())))
-    for key, read in saved.overrides.items():
+    for key, read in saved.overrides.items():  # keys in base-model naming (merge/state_dict.py)
+        module, leaf = key.rsplit(".", 1)
+        if module in saved.layers:  # a trained bias of a layer the LoRA wraps: peft reads it from its base_layer
+            key = f"{module}.base_layer.{leaf}"
         tensors[f"{MODEL_PREFIX}{key}"] = read().contiguous()
     config = _lora_config(saved, report, checkpoint, mapping)
     report.seconds = time.perf_counter() - start
@@ -192,7 +195,7 @@ def _check_base(saved: SavedAdapter, base: Optional[str]) -> tuple[Optional[Base
         return None, {}
     checkpoint = BaseCheckpoint(base)
     keys = [layer.weight_key for layer in saved.layers.values()]
-    mapping = match_keys(keys, checkpoint.logical_keys, f"the base checkpoint '{base}'")
+    mapping = match_keys(keys, checkpoint.readable_keys, f"the base checkpoint '{base}'")
     for layer in saved.layers.values():
         layer.fit_storage(checkpoint.dense_info(mapping[layer.weight_key])[1], mapping[layer.weight_key])
     return checkpoint, mapping

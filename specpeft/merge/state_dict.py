@@ -192,6 +192,12 @@ def load_saved_adapter(path: str | os.PathLike) -> SavedAdapter:
 # -- specpeft methods -------------------------------------------------------------------------------------------
 
 
+def _base_key(key: str) -> str:
+    """A saved full tensor's key in base-model naming: peft saves a wrapped layer's own weight (save_embedding_layers,
+    bias="all") under `<layer>.base_layer.<leaf>`."""
+    return key[len(MODEL_PREFIX):].replace(".base_layer.", ".")
+
+
 def _parse_method(config_file: str, peft_type: str, files: TensorFile) -> tuple[dict[str, LayerDelta], dict]:
     spec = get_method(peft_type)
     if spec.adapter_cls is None:
@@ -211,7 +217,7 @@ def _parse_method(config_file: str, peft_type: str, files: TensorFile) -> tuple[
         elif key.startswith(shared_head):
             shared_keys.append(key)
         elif key.startswith(MODEL_PREFIX):
-            overrides[key[len(MODEL_PREFIX):]] = _reader(files, key)
+            overrides[_base_key(key)] = _reader(files, key)
         else:
             raise ValueError(f"{files.path}: key '{key}' is neither an adapter tensor nor a saved module.")
     shared = None
@@ -281,7 +287,7 @@ def _parse_lora(config: dict, files: TensorFile) -> tuple[dict[str, LayerDelta],
             parts.setdefault(match["module"], {})[match["part"]] = key
         elif key.startswith(MODEL_PREFIX) and ".lora_" not in key:
             # a full base weight saved with the adapter (save_embedding_layers): it replaces the base tensor
-            overrides[key[len(MODEL_PREFIX):].replace(".base_layer.", ".")] = _reader(files, key)
+            overrides[_base_key(key)] = _reader(files, key)
         else:
             raise ValueError(f"{files.path}: key '{key}' is not a LoRA factor this exporter understands.")
     return {name: _lora_layer(name, found, config, files) for name, found in parts.items()}, overrides
