@@ -21,6 +21,7 @@ from torch import nn
 import specpeft
 from adapter_matrix import ConvNet, _tiny_bert, _tiny_gpt2, _tiny_llama, adapted, perturb
 from specpeft.merge import load_saved_adapter, match_keys, merge_adapter
+from specpeft.merge.export import staged_output
 from specpeft.merge.inspection import inspect_adapter, plot_spectra
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -326,3 +327,15 @@ def check_inspect(model: nn.Module, summary: Any, tmp_path: Any) -> None:
         plot_spectra(summary, tmp_path / "spectra.png")
         with open(tmp_path / "spectra.png", "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_symlinked_out_is_replaced_and_the_directory_it_named_kept(tmp_path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("kept")
+    link = tmp_path / "out"
+    link.symlink_to(elsewhere)
+    with staged_output(str(link), overwrite=True, inputs=[]) as staging:
+        open(os.path.join(staging, "new.txt"), "w").close()
+    assert not link.is_symlink() and (link / "new.txt").exists() and (elsewhere / "keep.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]  # no stale .out.old-* link
