@@ -55,6 +55,15 @@ def test_saved_adapter_dir_seeds_a_fresh_trainable_adapter(tmp_path) -> None:
     assert other.U.shape == (20, 3)
 
 
+@pytest.mark.parametrize("config_cls", [SVFitConfig, specpeft.SoKAConfig])
+def test_an_initializer_error_names_the_layer(config_cls) -> None:
+    model = _mlp()
+    with torch.no_grad():
+        model.lin1.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"{config_cls.__name__}, layer 'lin1': .*NaN or Inf"):
+        specpeft.get_adapter_model(model, config_cls(target_modules=["lin0", "lin1"]))
+
+
 def test_low_cpu_mem_usage_is_refused_by_name(tmp_path) -> None:
     with pytest.raises(ValueError, match="low_cpu_mem_usage=True is not supported.*Drop the option"):
         specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"]), low_cpu_mem_usage=True)

@@ -89,7 +89,12 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
             if not (getattr(config, "_loading_checkpoint", False) or on_meta):
                 weight = self.frozen_base.weight()
             extra = {"shared": shared} if self.adapter_cls.uses_shared_state else {}
-            adapter = self.adapter_cls.create(self.geometry, config, weight, record, name=self.key, **extra)
+            try:
+                adapter = self.adapter_cls.create(self.geometry, config, weight, record, name=self.key, **extra)
+            except ValueError as exc:  # an initializer's complaint (e.g. a NaN weight) names the layer it is about
+                if f"'{self.key}'" in str(exc):
+                    raise
+                raise ValueError(f"{type(config).__name__}, layer '{self.key}': {exc}") from exc
         adapter.kernel_backend = config.kernel_backend
         # The geometry rides along so exporters can rebuild ΔW from the files alone (merge/state_dict.py).
         config.layer_records[self.key] = {**adapter.record(), "layer": self.geometry.to_record()}
