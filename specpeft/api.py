@@ -56,13 +56,13 @@ def get_adapter_model(model: nn.Module, config: ConfigLike, adapter_name: str = 
         A `peft.PeftModel`: `print_trainable_parameters`, `save_pretrained`, `set_adapter`, `disable_adapter()`,
         `merge_and_unload`, ... all work as for LoRA.
     """
-    saved = isinstance(config, (str, os.PathLike)) or getattr(config, "_loading_checkpoint", False)
     if isinstance(config, (str, os.PathLike)):
         config = load_config(config)
     spec = get_method(config)
-    if saved:
-        # A saved adapter's config seeds a fresh, initialized, trainable adapter: peft saved it with inference_mode
-        # on, and its per-layer records are the old run's init decisions (another model's, perhaps): both dropped.
+    # A saved adapter's config (read by path, load_config, from_json_file or from_pretrained: it carries the per-layer
+    # records a fresh config never has) seeds a fresh, initialized, trainable adapter: peft saved it with
+    # inference_mode on, and its records are the old run's init decisions (another model's, perhaps): both dropped.
+    if getattr(config, "_loading_checkpoint", False) or getattr(config, "layer_records", None):
         config = copy.copy(config)
         config._loading_checkpoint, config.inference_mode, config.layer_records = False, False, {}
     if spec.builder is not None:

@@ -328,6 +328,9 @@ def check_copy_and_cast(case: ModelCase, method: MethodCase) -> None:
     for adapter, delta in zip(adapters, deltas):
         assert all(t.dtype != torch.bfloat16 for t in [*adapter.parameters(), *adapter.buffers()])
         torch.testing.assert_close(adapter.delta_weight().detach(), delta, atol=0, rtol=0)
+    model.to("meta").half()  # a dtype-only cast leaves every tensor on its device (meta standing in for a GPU)
+    for adapter in adapters:
+        assert all(t.is_meta and t.dtype != torch.float16 for t in [*adapter.parameters(), *adapter.buffers()])
 
 
 CHECKS: dict[str, Callable[[ModelCase, MethodCase], None]] = {

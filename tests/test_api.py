@@ -47,8 +47,11 @@ def test_saved_adapter_dir_seeds_a_fresh_trainable_adapter(tmp_path) -> None:
     directory still trains, and is initialized for the model it is given (here one of another width)."""
     trained = specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"], r=3))
     trained.save_pretrained(tmp_path)
-    fresh = specpeft.get_adapter_model(_mlp(), str(tmp_path))
-    assert [n for n, p in fresh.named_parameters() if p.requires_grad] == ["base_model.model.lin0.svfit_adapter.default.s"]
+    for source in (str(tmp_path), specpeft.load_config(tmp_path),
+                   SVFitConfig.from_json_file(os.path.join(tmp_path, "adapter_config.json"))):
+        fresh = specpeft.get_adapter_model(_mlp(), source)
+        trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]
+        assert trainable == ["base_model.model.lin0.svfit_adapter.default.s"]
     wider = nn.Sequential()
     wider.add_module("lin0", nn.Linear(12, 20))
     other = specpeft.get_adapter_model(wider, str(tmp_path)).base_model.model.lin0.svfit_adapter["default"]

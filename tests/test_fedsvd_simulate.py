@@ -197,3 +197,19 @@ def test_an_inactive_adapter_is_refused_by_name() -> None:
     model.add_adapter("second", model.peft_config["default"])
     with pytest.raises(ValueError, match="adapter 'second' is not active.*set_adapter\\('second'\\)"):
         simulate(model, [_data(16, seed=0)], _ce, rounds=1, adapter_name="second", progress=False)
+
+
+def test_active_adapters_of_a_transformers_model_are_read() -> None:
+    """transformers' own LoRA integration (model.add_adapter) exposes active_adapters as a method, peft's as a list."""
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specpeft.federated.client import require_active
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=32))
+    model.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]))
+    require_active(model, "default", "simulate")
+    with pytest.raises(ValueError, match="adapter 'other' is not active"):
+        require_active(model, "other", "simulate")

@@ -329,6 +329,25 @@ def check_inspect(model: nn.Module, summary: Any, tmp_path: Any) -> None:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_config_this_transformers_cannot_build_leaves_the_tie_unknown(tmp_path) -> None:
+    """A base whose config.json names a model_type this transformers lacks still merges an adapter that never
+    touches the embeddings (the tie lookup is only a lookup)."""
+    base_dir = save_tiny(_tiny_gpt2, str(tmp_path / "base"))
+    with open(os.path.join(base_dir, "config.json")) as fh:
+        config = json.load(fh)
+    model = train_and_save(_auto(base_dir), method_config("svfit", ["c_attn"]), str(tmp_path / "adapter"))
+    config["model_type"] = "gpt2_from_the_future"  # AutoConfig refuses it; the architecture is still GPT-2's
+    with open(os.path.join(base_dir, "config.json"), "w") as fh:
+        json.dump(config, fh)
+    merge_adapter(base_dir, tmp_path / "adapter", tmp_path / "merged", progress=False)
+    with open(tmp_path / "merged" / "config.json") as fh:
+        restored = {**json.load(fh), "model_type": "gpt2"}
+    with open(tmp_path / "merged" / "config.json", "w") as fh:
+        json.dump(restored, fh)
+    x = ids()
+    torch.testing.assert_close(logits(_auto(str(tmp_path / "merged")), x), logits(model, x), atol=1e-4, rtol=1e-4)
+
+
 def test_a_symlinked_out_is_replaced_and_the_directory_it_named_kept(tmp_path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

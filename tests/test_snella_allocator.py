@@ -1,5 +1,6 @@
 """SNELLA allocator (spec §3.2, self-check 7): schedule values, exact integer budgets, plain loop and Trainer use."""
 
+import sys
 import tempfile
 
 import pytest
@@ -162,6 +163,10 @@ def test_epoch_schedule_counts_the_epochs_the_trainer_runs() -> None:
     allocator.on_train_begin(SimpleNamespace(num_train_epochs=3), SimpleNamespace(num_train_epochs=5.5, max_steps=11),
                              None)
     assert allocator.total_steps == 6
+    endless = SNELLAAllocator(_snella_mlp(), schedule_unit="epoch", init_warmup=0, final_warmup=0)
+    with pytest.raises(ValueError, match="counts no epochs.*schedule_unit='step'"):  # an iterable dataset
+        endless.on_train_begin(SimpleNamespace(num_train_epochs=3),
+                               SimpleNamespace(num_train_epochs=sys.maxsize, max_steps=11), None)
 
 
 def test_trainer_callback_runs_the_schedule() -> None:

@@ -78,10 +78,10 @@ def without_narrowing(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tens
     rounded on the scale of the start, or stop matching the factors a reload regenerates. The forwards cast to the
     input's dtype anyway. Casts to float64 apply (reference computations).
     """
-    probe = fn(torch.zeros((), dtype=torch.float32))  # what the cast does to an fp32 tensor
-    if probe.dtype not in (torch.float16, torch.bfloat16):
+    if fn(torch.zeros((), dtype=torch.float32)).dtype not in (torch.float16, torch.bfloat16):  # what it does to fp32
         return fn
-    return lambda t: t.to(device=probe.device)
+    # each tensor goes where the cast sends it from its own device (a dtype-only cast leaves it there)
+    return lambda t: t.to(device=fn(t.new_zeros((), dtype=torch.float32)).device)
 
 
 class MethodAdapter(nn.Module, metaclass=ABCMeta):

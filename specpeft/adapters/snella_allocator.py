@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from fractions import Fraction
 from typing import Any, Literal, Optional, Sequence
 
@@ -265,6 +266,10 @@ class SNELLAAllocator(_CallbackBase):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.total_steps is None:
             # the Trainer's own counts: with max_steps set, args.num_train_epochs is not the epochs it runs
+            if self.schedule_unit == "epoch" and state.num_train_epochs >= sys.maxsize:
+                raise ValueError("SNELLAAllocator(schedule_unit='epoch'): the Trainer runs max_steps over a dataset "
+                                 "without a length, so it counts no epochs. Use schedule_unit='step', or pass "
+                                 "total_steps= (epochs).")
             self.total_steps = int(state.max_steps if self.schedule_unit == "step" else math.ceil(state.num_train_epochs))
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -261,6 +261,8 @@ def require_active(model: nn.Module, adapter_name: str, caller: str) -> None:
     """Raise unless `adapter_name` is among the model's active adapters (a peft model's `active_adapters`; a model
     without that attribute is taken as is): an inactive adapter's factors never see a gradient."""
     active = getattr(model, "active_adapters", None)
+    if callable(active):  # transformers' PeftAdapterMixin has a method where peft has a property
+        active = active()
     if active is not None and adapter_name not in active:
         raise ValueError(
             f"{caller}: adapter '{adapter_name}' is not active (active: {list(active)}), so its factors would get no "

@@ -324,9 +324,10 @@ def _numel(shape: Sequence[int]) -> int:
 def tied_embedding_keys(directory: str, config: dict[str, Any]) -> Optional[tuple[str, str]]:
     """The (output, input) word-embedding weight keys a transformers model ties, or None.
 
-    Read from the model itself: config.json's `architectures[0]` built on the meta device from its config (no
-    weights), asked for `get_output_embeddings` / `get_input_embeddings`, when the config ties them. None for a
-    directory transformers cannot build this way (no config, custom code): then no tie is known.
+    Read from the model itself: config.json's `architectures[0]` built on the meta device from its own config class
+    (no weights, no remote code), asked for `get_output_embeddings` / `get_input_embeddings`, when the config ties
+    them. None for a directory transformers cannot build this way (no config, custom code, a config this
+    transformers cannot read): then no tie is known, and a merge that never touches the embeddings needs none.
     """
     architectures = config.get("architectures") or []
     if not architectures:
@@ -334,13 +335,16 @@ def tied_embedding_keys(directory: str, config: dict[str, Any]) -> Optional[tupl
     import transformers
 
     model_cls = getattr(transformers, architectures[0], None)
-    if model_cls is None:
+    if model_cls is None or getattr(model_cls, "config_class", None) is None:
         return None
-    model_config = transformers.AutoConfig.from_pretrained(directory)
-    if not getattr(model_config.get_text_config(), "tie_word_embeddings", False):
+    try:
+        model_config = model_cls.config_class.from_pretrained(directory)
+        if not getattr(model_config.get_text_config(), "tie_word_embeddings", False):
+            return None
+        with torch.device("meta"):
+            model = model_cls(model_config)
+    except Exception:  # any config or model this transformers cannot build: the tie stays unknown (docstring)
         return None
-    with torch.device("meta"):
-        model = model_cls(model_config)
     output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     names = {id(module): name for name, module in model.named_modules()}
     if output is None or embedding is None or id(output) not in names:
