@@ -116,7 +116,8 @@ class SNELLAConfig(SpecPeftConfig):
             if self.max_layer_sparsity < getattr(self, field_name):
                 raise ValueError(
                     f"{name}.max_layer_sparsity={self.max_layer_sparsity} is below {field_name}="
-                    f"{getattr(self, field_name)}: no allocation could keep that few entries. Raise it (1.0 = no floor)."
+                    f"{getattr(self, field_name)}: no allocation could keep that few entries. Raise it "
+                    "(1.0 = no floor)."
                 )
         for field_name in ("beta1", "beta2"):
             value = getattr(self, field_name)

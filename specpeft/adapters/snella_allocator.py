@@ -270,7 +270,8 @@ class SNELLAAllocator(_CallbackBase):
                 raise ValueError("SNELLAAllocator(schedule_unit='epoch'): the Trainer runs max_steps over a dataset "
                                  "without a length, so it counts no epochs. Use schedule_unit='step', or pass "
                                  "total_steps= (epochs).")
-            self.total_steps = int(state.max_steps if self.schedule_unit == "step" else math.ceil(state.num_train_epochs))
+            epochs = math.ceil(state.num_train_epochs)
+            self.total_steps = int(state.max_steps if self.schedule_unit == "step" else epochs)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.update_importance()  # gradients are still present: the Trainer zeroes them after this event
