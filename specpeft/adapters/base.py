@@ -78,10 +78,12 @@ def without_narrowing(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tens
     rounded on the scale of the start, or stop matching the factors a reload regenerates. The forwards cast to the
     input's dtype anyway. Casts to float64 apply (reference computations).
     """
-    if fn(torch.zeros((), dtype=torch.float32)).dtype not in (torch.float16, torch.bfloat16):  # what it does to fp32
+    # Probed on empty tensors: every adapter module sees every `.to()` / `.cuda()`, and a probe with an element
+    # would copy it to the device, once per adapter.
+    if fn(torch.empty(0, dtype=torch.float32)).dtype not in (torch.float16, torch.bfloat16):  # what it does to fp32
         return fn
     # each tensor goes where the cast sends it from its own device (a dtype-only cast leaves it there)
-    return lambda t: t.to(device=fn(t.new_zeros((), dtype=torch.float32)).device)
+    return lambda t: t.to(device=fn(t.new_empty(0, dtype=torch.float32)).device)
 
 
 class MethodAdapter(nn.Module, metaclass=ABCMeta):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,7 @@ class SharedStore(BufferDict):
     """A tuner's store of one adapter's shared frozen tensors: peft's BufferDict, kept in its precision by 16-bit
     model casts as the adapters are (`base.without_narrowing`)."""
 
-    def _apply(self, fn: Any, recurse: bool = True) -> SharedStore:
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SharedStore:
         return super()._apply(without_narrowing(fn), recurse)
 
 
