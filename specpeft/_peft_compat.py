@@ -67,7 +67,7 @@ BaseTuner = _resolve("BaseTuner")
 BaseTunerLayer = _resolve("BaseTunerLayer")
 check_adapters_to_merge = _resolve("check_adapters_to_merge")
 BufferDict = _resolve("BufferDict")
-resolve_quantization_backend = _resolve("resolve_quantization_backend")
+_peft_quantization_backend = _resolve("resolve_quantization_backend")
 gather_params_ctx = _resolve("gather_params_ctx")
 PEFT_TYPE_TO_CONFIG_MAPPING = _resolve("PEFT_TYPE_TO_CONFIG_MAPPING")
 PEFT_TYPE_TO_TUNER_MAPPING = _resolve("PEFT_TYPE_TO_TUNER_MAPPING")
@@ -89,6 +89,45 @@ def register_peft_type(peft_type: str, config_cls: type, tuner_cls: type, prefix
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner_cls
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
+
+
+class _PackedAwareBackend:
+    """peft's quantization backend of one layer, whose weight reads also see bitsandbytes' CPU inference layout.
+
+    bitsandbytes ≥ 0.49 repacks a 4-bit weight in place on its first eval, no-grad forward on a CPU with AVX512-bf16
+    (`quant_state.packing_format_for_cpu`); peft's dequantization does not know that layout and returns wrong values.
+    Such a weight is unpacked on a copy of its quant state here, as bitsandbytes' own `state_dict` does in place, so
+    the module keeps its fast layout. Everything else is peft's backend.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        backend = self.__dict__.get("_backend")  # absent while copy/pickle rebuild the object
+        if backend is None:
+            raise AttributeError(name)
+        return getattr(backend, name)
+
+    def get_base_weight(self, base_layer: Any) -> Any:
+        weight = base_layer.weight
+        state = getattr(weight, "quant_state", None)
+        if not getattr(state, "packing_format_for_cpu", False):
+            return self._backend.get_base_weight(base_layer)
+        import copy
+
+        import bitsandbytes.functional as bnbf
+
+        # the inverse rewrites the state's fields (absmax, dtype, nesting): on a copy, the module keeps its layout
+        data, state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(state))
+        return bnbf.dequantize_4bit(data, state)
+
+
+def resolve_quantization_backend(base_layer: Any) -> Any:
+    """peft's backend for a quantized base layer (None for a plain one), reading bitsandbytes' CPU-packed 4-bit
+    weights correctly (`_PackedAwareBackend`)."""
+    backend = _peft_quantization_backend(base_layer)
+    return None if backend is None else _PackedAwareBackend(backend)
 
 
 def bnb_layer_types() -> tuple[type, ...]:

@@ -71,12 +71,13 @@ class QuantizedMLP(nn.Module):
         super().__init__()
         import bitsandbytes as bnb
 
-        dense = nn.Linear(32, 48)
-        self.q4 = bnb.nn.Linear4bit(32, 48, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+        # 64×64: bitsandbytes' CPU inference layout (AVX512-bf16 machines) needs d_out % 32 == 0 and d_in % 64 == 0
+        dense = nn.Linear(64, 64)
+        self.q4 = bnb.nn.Linear4bit(64, 64, bias=True, compute_dtype=torch.float32, quant_type="nf4")
         self.q4.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
         self.q4.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
         self.q4 = self.q4.to("cpu")  # quantizes
-        self.head = nn.Linear(48, 6)
+        self.head = nn.Linear(64, 6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.q4(x))
@@ -145,7 +146,7 @@ MODEL_CASES: dict[str, ModelCase] = {
     "gpt2": ModelCase(_tiny_gpt2, _ids, ["c_attn", "c_proj", "c_fc"]),
     "convnet": ModelCase(ConvNet, _tensor_input(2, 3, 10, 10), ["stem", "down", "grouped", "dilated", "point", "same"],
                          kinds={"conv2d"}),
-    "bnb4": ModelCase(QuantizedMLP, _tensor_input(5, 32), ["q4"], quantized=True),
+    "bnb4": ModelCase(QuantizedMLP, _tensor_input(5, 64), ["q4"], quantized=True),
 }
 
 

@@ -244,6 +244,38 @@ def test_frozen_base_forward_with_delta_matches_dense() -> None:
     torch.testing.assert_close(FrozenBase(conv).forward_with_delta(x, delta), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_packed_4bit_base_weight_reads_as_the_packed_forward_uses_it() -> None:
+    """bitsandbytes repacks a 4-bit weight in place on its first eval, no-grad CPU forward where AVX512-bf16 exists
+    (absmax rounded to bf16); peft's dequantization misreads that layout. The pack is done by hand here, so the test
+    runs on any CPU: the read equals dequant(W_q) with bf16 absmax, and the module keeps its packed layout."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    if not hasattr(bnbf, "_convert_weight_packed_for_cpu"):
+        pytest.skip(f"bitsandbytes {bnb.__version__} has no CPU inference layout")
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 64)
+    model = nn.Sequential(bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4"))
+    model[0].weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                        compress_statistics=False)
+    model = model.to("cpu")  # quantizes
+    weight = model[0].weight
+    reference_state = copy.deepcopy(weight.quant_state)
+    reference_state.absmax = reference_state.absmax.bfloat16().float()  # what the pack keeps of absmax
+    reference = bnbf.dequantize_4bit(weight.data.clone(), reference_state)
+    adapted = specpeft.get_adapter_model(model, SVFitConfig(target_modules=["0"]))
+    layer = adapted.base_model.model[0]
+    weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    assert not torch.allclose(dequantize_bnb_weight(weight, weight.quant_state).float(), reference, atol=1e-2)  # peft's read
+    torch.testing.assert_close(layer.get_base_weight(), reference, atol=0, rtol=0)
+    assert weight.quant_state.packing_format_for_cpu and weight.data.shape == (64, 32)  # still packed
+    adapted.merge_and_unload()  # merges onto the read weight and re-quantizes
+    assert not getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)
+    torch.testing.assert_close(bnbf.dequantize_4bit(model[0].weight.data, model[0].weight.quant_state), reference,
+                               atol=2e-2, rtol=0)
+
+
 # -- transformers.Trainer --------------------------------------------------------------------------------------
 
 
