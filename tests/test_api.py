@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 import specpeft
-from adapter_matrix import MLP, MODEL_CASES
+from adapter_matrix import MLP, MODEL_CASES, perturb
+from adapter_matrix import adapted as adapted_layers
 from specpeft import FrozenBase, LayerGeometry, MethodAdapter, SpecPeftConfig, SVFitConfig
 
 
@@ -65,6 +66,40 @@ def test_an_initializer_error_names_the_layer(config_cls) -> None:
         model.lin1.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=f"{config_cls.__name__}, layer 'lin1': .*NaN or Inf"):
         specpeft.get_adapter_model(model, config_cls(target_modules=["lin0", "lin1"]))
+
+
+def _structure(model: nn.Module) -> tuple[list[tuple[str, int]], dict[str, bool]]:
+    """Every submodule's name and object identity, and every parameter's requires_grad."""
+    return ([(name, id(module)) for name, module in model.named_modules()],
+            {name: p.requires_grad for name, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("failure", ["initializer", "budget"])
+def test_a_failed_injection_leaves_the_model_as_it_was(failure: str) -> None:
+    """An error during get_adapter_model (a NaN weight on the second layer; a SoKA budget checked after all layers are
+    built) puts back every replaced module and requires_grad flag; on an adapted model, add_adapter's failure removes
+    only the new adapter."""
+    model = _mlp()
+    model.lin0.weight.requires_grad_(False)  # a user's own choice, kept
+    if failure == "initializer":
+        with torch.no_grad():
+            model.lin1.weight[0, 0] = float("nan")
+        config = specpeft.SoKAConfig(target_modules=["lin0", "lin1"])
+    else:
+        config = specpeft.SoKAConfig(target_modules=["lin0", "lin1"], param_budget=1)
+    before = _structure(model)
+    with pytest.raises(ValueError, match="NaN or Inf" if failure == "initializer" else "param_budget=1"):
+        specpeft.get_adapter_model(model, config)
+    assert _structure(model) == before
+
+    adapted = specpeft.get_adapter_model(_mlp(), specpeft.SoKAConfig(target_modules=["lin0", "lin1"]))
+    x = torch.randn(3, 24)
+    expected, before = adapted(x), _structure(adapted)
+    with pytest.raises(ValueError, match="param_budget=1"):
+        adapted.add_adapter("second", specpeft.SoKAConfig(target_modules=["lin0", "lin1"], param_budget=1))
+    assert _structure(adapted) == before and "second" not in adapted.peft_config
+    assert all("second" not in layer.adapters for _, layer in adapted_layers(adapted))
+    torch.testing.assert_close(adapted(x), expected, atol=0, rtol=0)
 
 
 def test_low_cpu_mem_usage_is_refused_by_name(tmp_path) -> None:
@@ -242,6 +277,25 @@ def test_frozen_base_forward_with_delta_matches_dense() -> None:
     x = torch.randn(2, 4, 9, 9)
     expected = nn.functional.conv2d(x, conv.weight + delta, conv.bias, 2, 1, 1, 2)
     torch.testing.assert_close(FrozenBase(conv).forward_with_delta(x, delta), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [m for m in specpeft.list_methods() if m != "fedsvd"])
+def test_merge_of_a_float64_model_is_exact_in_float64(method: str) -> None:
+    """model.double(): merge and unmerge add and subtract ΔW in fp64 (an fp32 round trip would leave ~1e-8)."""
+    from method_configs import small_config
+
+    model = specpeft.get_adapter_model(_mlp(), small_config(method, ["lin0", "lin1"])).double()
+    perturb(model, 0.3)
+    layers = adapted_layers(model)
+    before = {name: layer.get_base_layer().weight.detach().clone() for name, layer in layers}
+    expected = {name: before[name] + layer.get_delta_weight("default") for name, layer in layers}
+    model.merge_adapter()
+    for name, layer in layers:
+        assert layer.get_base_layer().weight.dtype == torch.float64
+        torch.testing.assert_close(layer.get_base_layer().weight, expected[name], atol=1e-15, rtol=1e-15)
+    model.unmerge_adapter()
+    for name, layer in layers:
+        torch.testing.assert_close(layer.get_base_layer().weight, before[name], atol=1e-15, rtol=1e-15)
 
 
 def test_cpu_packed_4bit_base_weight_reads_as_the_packed_forward_uses_it() -> None:

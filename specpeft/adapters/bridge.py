@@ -29,6 +29,11 @@ from .config import SpecPeftConfig
 from .geometry import LayerGeometry
 
 
+
+def _widened(weight: Tensor) -> Tensor:
+    """The base weight in its merge arithmetic's dtype: fp32, or fp64 for an fp64 model (whose ΔW is fp64 too)."""
+    return weight.to(torch.promote_types(weight.dtype, torch.float32))
+
 class SharedStore(BufferDict):
     """A tuner's store of one adapter's shared frozen tensors: peft's BufferDict, kept in its precision by 16-bit
     model casts as the adapters are (`base.without_narrowing`)."""
@@ -137,13 +142,15 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         return self.geometry.to_storage(self.adapters[adapter_name].delta_weight())
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """W ← W + ΔW for each adapter (fp32 arithmetic, cast back); `safe_merge` raises on NaN/Inf first."""
+        """W ← W + ΔW for each adapter (fp32 arithmetic, fp64 for fp64 weights, cast back); `safe_merge` raises on
+        NaN/Inf first."""
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.adapters:
                 continue
             with torch.no_grad():
                 weight = self.get_base_weight()
-                merged = (weight.float() + self.get_delta_weight(name).to(weight.device)).to(weight.dtype)
+                delta = self.get_delta_weight(name).to(weight.device)
+                merged = (_widened(weight) + delta).to(weight.dtype)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(
                         f"NaN or Inf in the merged weight of layer '{self.key}' for adapter '{name}'; the adapter "
@@ -161,7 +168,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
             with torch.no_grad():
                 weight = self.get_base_weight()
                 delta = self.get_delta_weight(name).to(weight.device)
-                self.set_base_weight((weight.float() - delta).to(weight.dtype))
+                self.set_base_weight((_widened(weight) - delta).to(weight.dtype))
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return self.geometry.kind == "linear"
@@ -233,6 +240,9 @@ class AdapterModel(BaseTuner):
         """peft's delete_adapter, plus dropping the adapter's shared-state store."""
         self.__dict__.pop("_layers_memo", None)
         super().delete_adapter(adapter_name)
+        self._drop_shared_store(adapter_name)
+
+    def _drop_shared_store(self, adapter_name: str) -> None:
         stores = self._modules.get(f"{self.prefix}shared")
         if stores is not None and adapter_name in stores:
             del stores[adapter_name]
@@ -260,17 +270,38 @@ class AdapterModel(BaseTuner):
         loading = getattr(config, "_loading_checkpoint", False)
         show = self.tuner_layer_cls.adapter_cls.expensive_init and not loading
         self._progress = tqdm(desc=f"{type(config).__name__} init", unit="layer", disable=not show, leave=False)
+        tree = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()]
+        grad_flags = [(param, param.requires_grad) for param in model.parameters()]
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
             if not loading:  # cross-layer decisions of a fresh init (e.g. a global budget); loads use the records
                 adapters = {m.key: m.adapters[adapter_name] for m in model.modules()
                             if isinstance(m, self.tuner_layer_cls) and adapter_name in m.adapters}
                 self.tuner_layer_cls.adapter_cls.after_injection(adapters, config)
+        except BaseException:
+            self._undo_injection(adapter_name, tree, grad_flags)
+            raise
         finally:
             self._progress.close()
             del self._progress  # a closed bar holds its stream: the model must stay deep-copyable and picklable
             # Loading is finished; adapters later built from this config initialize normally.
             config._loading_checkpoint = False
+
+    def _undo_injection(self, adapter_name: str, tree: list[tuple[nn.Module, str, Optional[nn.Module]]],
+                        grad_flags: list[tuple[nn.Parameter, bool]]) -> None:
+        """Give the model back as a failed injection found it (an initializer's error, a budget it cannot meet): every
+        replaced submodule is put back, layers that already held other adapters lose only this one, every parameter
+        gets its requires_grad back, and the adapter's shared state is dropped."""
+        for parent, name, child in tree:
+            current = parent._modules.get(name)
+            if current is not child:
+                parent._modules[name] = child
+            elif isinstance(current, self.tuner_layer_cls) and adapter_name in current.adapters:
+                del current.adapters[adapter_name]
+        for param, flag in grad_flags:
+            param.requires_grad_(flag)
+        self.__dict__.pop("_layers_memo", None)
+        self._drop_shared_store(adapter_name)
 
     def _create_and_replace(
         self,
