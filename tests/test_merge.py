@@ -358,6 +358,17 @@ def test_a_config_this_transformers_cannot_build_leaves_the_tie_unknown(tmp_path
     torch.testing.assert_close(logits(_auto(str(tmp_path / "merged")), x), logits(model, x), atol=1e-4, rtol=1e-4)
 
 
+def test_a_tied_lm_head_on_a_base_without_config_json_names_the_missing_file(tmp_path) -> None:
+    """GPT-2 stores lm_head once, as wte; without config.json the tie cannot be looked up, and the error says so."""
+    base_dir = save_tiny(_tiny_gpt2, str(tmp_path / "base"))
+    train_and_save(_auto(base_dir), method_config("svfit", ["c_attn", "lm_head"]), str(tmp_path / "adapter"))
+    os.remove(os.path.join(base_dir, "config.json"))
+    with pytest.raises(ValueError, match="'lm_head.weight' matches no tensor.*has no config.json.*copy the model's "
+                                         "config.json"):
+        merge_adapter(base_dir, tmp_path / "adapter", tmp_path / "merged", progress=False)
+    assert not os.path.exists(tmp_path / "merged")
+
+
 def test_a_symlinked_out_is_replaced_and_the_directory_it_named_kept(tmp_path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -191,6 +191,14 @@ class BaseCheckpoint:
         """`logical_keys` and the tied keys read through `aliases`."""
         return self.logical_keys + list(self.aliases)
 
+    def match(self, wanted: Sequence[str]) -> dict[str, str]:
+        """`match_keys` of the training model's keys onto `readable_keys`; the error says when a missing config.json
+        may be why (a tied output embedding, stored once under the input embedding's key, is found through it)."""
+        hint = "" if self.config else (
+            f" '{self.directory}' has no config.json, so an output embedding tied to the input embedding (stored once, "
+            "under the input embedding's key) cannot be found: copy the model's config.json next to its weights.")
+        return match_keys(wanted, self.readable_keys, f"the base checkpoint '{self.directory}'", hint)
+
     def dense_info(self, key: str) -> tuple[str, tuple[int, ...]]:
         """(dtype name, shape) of a logical tensor: the dequantized values for a bnb weight."""
         key = self.aliases.get(key, key)
@@ -352,7 +360,8 @@ def tied_embedding_keys(directory: str, config: dict[str, Any]) -> Optional[tupl
     return f"{names[id(output)]}.weight", f"{names[id(embedding)]}.weight"
 
 
-def match_keys(wanted: Sequence[str], available: Collection[str], where: str = "the base checkpoint") -> dict[str, str]:
+def match_keys(wanted: Sequence[str], available: Collection[str], where: str = "the base checkpoint",
+               hint: str = "") -> dict[str, str]:
     """Map state-dict keys of the training model onto keys of a saved checkpoint.
 
     Keys match as they are, or under one prefix change applied to every key: the training model and the saved
@@ -386,6 +395,6 @@ def match_keys(wanted: Sequence[str], available: Collection[str], where: str = "
     # name the first key that fails under the prefix change explaining the most keys
     culprit = next(key for key, value in best.items() if value not in available)
     close = difflib.get_close_matches(best[culprit], list(available), n=3, cutoff=0.5)
-    hint = f" Close keys there: {', '.join(close)}." if close else ""
+    close_hint = f" Close keys there: {', '.join(close)}." if close else ""
     raise ValueError(f"Adapter key '{culprit}' matches no tensor of {where} (neither as is nor under one prefix "
-                     f"change).{hint} Pass the base model the adapter was trained on.")
+                     f"change).{close_hint} Pass the base model the adapter was trained on.{hint}")

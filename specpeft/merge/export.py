@@ -31,8 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import (DTYPE_NAMES, FLOAT_NAMES, INDEX_NAME, NAME_DTYPES, BaseCheckpoint, SafetensorsWriter,
-                         match_keys)
+from .checkpoint import DTYPE_NAMES, FLOAT_NAMES, INDEX_NAME, NAME_DTYPES, BaseCheckpoint, SafetensorsWriter
 from .state_dict import LayerDelta, SavedAdapter, load_saved_adapter
 
 DTYPES: dict[str, Optional[torch.dtype]] = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,
@@ -215,7 +214,7 @@ def _plan_keys(saved: SavedAdapter, checkpoint: BaseCheckpoint
                ) -> tuple[dict[str, LayerDelta], dict[str, Callable[[], Tensor]], list[str]]:
     """Map every adapted layer and saved module onto a base key, and check the shapes (before writing anything)."""
     wanted = [layer.weight_key for layer in saved.layers.values()] + list(saved.overrides)
-    mapping = match_keys(wanted, checkpoint.readable_keys, f"the base checkpoint '{checkpoint.directory}'")
+    mapping = checkpoint.match(wanted)
     layer_for, notes = {}, []
     for layer in saved.layers.values():
         key = mapping[layer.weight_key]

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import BaseCheckpoint, match_keys
+from .checkpoint import BaseCheckpoint
 from .state_dict import load_saved_adapter
 
 _EPS32 = torch.finfo(torch.float32).eps
@@ -94,7 +94,7 @@ def inspect_adapter(adapter: str | os.PathLike, base: Optional[str | os.PathLike
     if base is not None:
         checkpoint = BaseCheckpoint(base)
         keys = [layer.weight_key for layer in saved.layers.values()]
-        mapping = match_keys(keys, checkpoint.readable_keys, f"the base checkpoint '{os.fspath(base)}'")
+        mapping = checkpoint.match(keys)
     stats = []
     for layer in tqdm(saved.layers.values(), desc="inspect", unit="layer", disable=not progress):
         weight = None

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .._peft_compat import LoraConfig
 from ..init.svd import SVDInit, energy_rank, truncated_svd
-from .checkpoint import BaseCheckpoint, match_keys
+from .checkpoint import BaseCheckpoint
 from .export import check_output, staged_output
 from .state_dict import MODEL_PREFIX, LayerDelta, SavedAdapter, pattern_value, load_saved_adapter
 
@@ -195,7 +195,7 @@ def _check_base(saved: SavedAdapter, base: Optional[str]) -> tuple[Optional[Base
         return None, {}
     checkpoint = BaseCheckpoint(base)
     keys = [layer.weight_key for layer in saved.layers.values()]
-    mapping = match_keys(keys, checkpoint.readable_keys, f"the base checkpoint '{base}'")
+    mapping = checkpoint.match(keys)
     for layer in saved.layers.values():
         layer.fit_storage(checkpoint.dense_info(mapping[layer.weight_key])[1], mapping[layer.weight_key])
     return checkpoint, mapping
