@@ -106,6 +106,32 @@ def test_forward_and_gradients_equal_the_dense_formula(shape: tuple, with_base: 
         torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
 
 
+@pytest.mark.parametrize("op", [kronecker_linear_gemm, kronecker_linear_bmm])
+@pytest.mark.parametrize("layout", ["permuted", "sliced"])
+@pytest.mark.parametrize("shape", [B_FIRST, A_FIRST, SHAPES[2], SHAPES[5]])
+def test_strided_inputs_equal_the_dense_formula(op: Callable[..., torch.Tensor], shape: tuple, layout: str) -> None:
+    """x and base_out as permuted views (a transposed activation) or column slices (one part of a fused projection),
+    whose rows are not contiguous: output and gradients as for contiguous inputs."""
+    R, m1, n1, m2, n2, d_out, d_in = shape
+    A, B = _factors(R, m1, n1, m2, n2, seed=19)
+    gen = torch.Generator().manual_seed(20)
+    if layout == "permuted":  # (2, 5, d) from (d, 5, 2)
+        x = torch.randn(d_in, 5, 2, dtype=F64, generator=gen).permute(2, 1, 0)
+        base = torch.randn(5, d_out, 2, dtype=F64, generator=gen).permute(2, 0, 1)
+    else:  # (2, 5, d) from (2, 5, d + 3)
+        x = torch.randn(2, 5, d_in + 3, dtype=F64, generator=gen)[..., 1:d_in + 1]
+        base = torch.randn(2, 5, d_out + 3, dtype=F64, generator=gen)[..., :d_out]
+    upstream = torch.randn(2, 5, d_out, dtype=F64, generator=gen)
+    assert not x.is_contiguous() and not base.is_contiguous()
+    results = []
+    for run in (op, lambda *a, **k: K.kronecker_linear_reference(*a, **k)):
+        leaves = [t.detach().requires_grad_(True) for t in (x, A, B, base)]
+        out = run(*leaves[:3], base_out=leaves[3], out_features=d_out)
+        results.append((out, *torch.autograd.grad(out, leaves, upstream)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
+
+
 @pytest.mark.parametrize("trainable", [("x",), ("A",), ("B",), ("x", "A"), ("x", "B"), ("A", "B"), ("B", "base")])
 @pytest.mark.parametrize("shape", [B_FIRST, A_FIRST, SHAPES[1], SHAPES[5]])
 def test_only_the_gradients_asked_for_are_computed(shape: tuple, trainable: tuple[str, ...]) -> None:
