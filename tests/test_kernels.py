@@ -275,6 +275,75 @@ def test_snella_saves_no_kernel_matrix() -> None:
 # -- references against independent dense formulas (float64, no Triton) ----------------------------------------
 
 
+def _grads_of(fn, inputs: dict, autocast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fn(**inputs), under bf16 autocast or not, with backward outside it (PyTorch's AMP recipe): output and the
+    gradients of every input that requires one."""
+    wants = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        y = fn(**inputs)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.device)
+    return y, list(torch.autograd.grad(y.float(), [inputs[k] for k in wants], grad_out))
+
+
+@needs_triton
+@pytest.mark.parametrize("op", ["tucker", "snella"])
+def test_materialized_kernels_train_under_autocast(op: str) -> None:
+    """The materialized Tucker and SNELLA ops under bf16 autocast on fp32 inputs (a residual stream), backward called
+    outside autocast: they compute what they compute for x cast to bf16 (as autocast's own F.linear would), the
+    gradients land in the inputs' fp32, and the output is within bf16 accuracy of the float64 reference."""
+    if op == "tucker":
+        inputs = _tucker_inputs(*TUCKER_SHAPES[0], torch.float32, with_weight=True)
+        factors = inputs.pop("factors")
+        order = len(factors)
+        inputs.update({f"factor{i}": f for i, f in enumerate(factors)})
+        run = lambda fn: lambda **a: fn(factors=[a.pop(f"factor{i}") for i in range(order)], **a)  # noqa: E731
+        kernel = run(lambda **a: K.tucker_linear(**a, mode="materialized", backend="triton"))
+        reference = run(K.tucker_linear_reference)
+    else:
+        H, n, m, r, T = 2, 18, 21, 3, 7
+        uniform = lambda *s, seed: (torch.rand(*s, generator=torch.Generator().manual_seed(seed)) - 0.5).to(DEVICE)  # noqa
+        inputs = dict(x=tensor(T, n, seed=1), in_qs=uniform(H, n, r, seed=2).requires_grad_(),
+                      out_qs=uniform(H, m, r, seed=3).requires_grad_(), scale=tensor(seed=4),
+                      weight=tensor(m, n, seed=5, grad=False), bias=tensor(m, seed=6, grad=False), kernel="snell",
+                      mask_mode="binary")
+        kernel = lambda **a: K.snella_linear(**a, materialize=True, backend="triton")  # noqa: E731
+        reference = K.snella_linear_reference
+    y, grads = _grads_of(kernel, inputs, autocast=True)
+    y_bf16, grads_bf16 = _grads_of(lambda **a: kernel(**{**a, "x": a["x"].bfloat16()}), inputs, autocast=False)
+    assert y.dtype == y_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_bf16, rtol=0, atol=0)
+    for name, got, want in zip([k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.requires_grad],
+                               grads, grads_bf16):
+        assert got.dtype == inputs[name].dtype == torch.float32, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+    oracle = {k: (v.detach().double() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    assert rel_err(y, reference(**oracle)) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_a_bias_or_base_out_of_the_wrong_shape_is_refused(backend: str) -> None:
+    """Every fused op checks a bias against its output width, and (Triton) base_out against the input's rows: the
+    kernels read them by index, and a short bias once read past its end (the torch path broadcasts a (1,) bias)."""
+    x = tensor(3, 6, grad=False)
+    short_bias, tall_base = tensor(1, grad=False), tensor(4, 5, grad=False)
+    with pytest.raises(ValueError, match=r"lowrank_linear: bias \(1,\) must be \(5,\)"):
+        K.lowrank_linear(x, tensor(6, 2), tensor(2), tensor(5, 2), bias=short_bias, backend=backend)
+    qs = dict(in_qs=tensor(1, 6, 2), out_qs=tensor(1, 5, 2), scale=tensor(), kernel="snell", coeffs=(1.0,))
+    with pytest.raises(ValueError, match=r"snella_linear: bias \(1,\) must be \(5,\)"):
+        K.snella_linear(x, **qs, bias=short_bias, backend=backend)
+    tucker = _tucker_inputs((2, 3, 2), (3, 2, 2), (2, 3, 1), torch.float32, with_weight=False)
+    with pytest.raises(ValueError, match=r"tucker_linear: bias \(1,\) must be \(12,\)"):
+        K.tucker_linear(**{**tucker, "bias": short_bias}, backend=backend)
+    if backend == "triton":
+        with pytest.raises(ValueError, match="lowrank_linear base_out: 4 rows for the input's 3"):
+            K.lowrank_linear(x, tensor(6, 2), tensor(2), tensor(5, 2), base_out=tall_base, backend=backend)
+        A, B = tensor(1, 5, 2), tensor(1, 1, 3)
+        with pytest.raises(ValueError, match="kronecker_linear base_out: 4 rows for the input's 3"):
+            K.kronecker_linear(x, A, B, base_out=tall_base, backend=backend)
+        with pytest.raises(ValueError, match="tucker_linear base_out: 2 rows for the input's 4"):
+            K.tucker_linear(**tucker, base_out=tensor(2, 12, grad=False), mode="materialized", backend=backend)
+
+
 def test_lowrank_reference_is_dense_update() -> None:
     x, W, b = tensor(6, 9, dtype=torch.float64), tensor(7, 9, dtype=torch.float64), tensor(7, dtype=torch.float64)
     V, s, U = tensor(9, 3, dtype=torch.float64), tensor(3, dtype=torch.float64), tensor(7, 3, dtype=torch.float64)
@@ -333,6 +402,14 @@ def test_dispatch_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
             assert K.kernel_backend(on_device) == "triton"
             assert K.kernel_backend(on_device, backend="torch") == "torch"
         assert K.kernel_backend(on_device) == "torch"  # context restored
+    for back_to_env in ("auto", None):  # set or used, both hand the choice back to the env var
+        K.set_kernel_backend("torch")
+        K.set_kernel_backend(back_to_env)
+        assert K.requested_backend() == "torch"
+        with K.use_kernel_backend(back_to_env):
+            monkeypatch.setenv(K.ENV_VAR, "auto")
+            assert K.requested_backend() == "auto"
+            monkeypatch.setenv(K.ENV_VAR, "torch")
     monkeypatch.setenv(K.ENV_VAR, "bogus")
     with pytest.raises(ValueError, match=K.ENV_VAR):
         K.kernel_backend(cpu)
@@ -342,7 +419,7 @@ def test_dispatch_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_forced_triton_without_a_way_to_run_it_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_dispatch, "interpreting", lambda: False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET.*choose 'torch'.*config's kernel_backend"):
         K.kernel_backend(torch.zeros(2), backend="triton")
     monkeypatch.setattr(_dispatch, "HAS_TRITON", False)
     with pytest.raises(RuntimeError, match="does not import"):

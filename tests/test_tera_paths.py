@@ -332,6 +332,34 @@ def test_factored_default_layout_trains_under_bf16_autocast() -> None:
             assert ((got - want).norm() / want.norm()).item() < 5e-2
 
 
+@pytest.mark.parametrize("layer, rank, tokens, mode", [
+    pytest.param((64, 48), None, 8, "auto", id="default-small-layer-factored"),
+    pytest.param((96, 96), 4, 8, "factored", id="rank4-factored"),
+    pytest.param((96, 96), [8, 8, 2], 512, "auto", id="ranks-auto-many-tokens"),
+    pytest.param((96, 96), 4, 8, "materialized", id="rank4-merged"),
+    pytest.param("conv", 4, 0, "auto", id="conv2d"),
+])
+def test_every_path_trains_under_bf16_autocast(layer, rank, tokens: int, mode: str) -> None:
+    """Layouts beyond the default's Kronecker edge (mode-by-mode contraction, the merged plans) and convolutions,
+    under bf16 autocast with backward outside it: the step runs (each mode product once came out in its own dtype),
+    and the vector gradients are fp32 and match the fp32 step to bf16 accuracy."""
+    torch.manual_seed(0)
+    if layer == "conv":
+        base, x = nn.Conv2d(3, 8, 3), torch.randn(2, 3, 8, 8)
+    else:
+        base, x = nn.Linear(layer[1], layer[0]), torch.randn(tokens, layer[1])
+    model = specpeft.get_adapter_model(nn.Sequential(base), TeRAConfig(target_modules=["0"], rank=rank,
+                                                                        forward_mode=mode))
+    perturb(model, 0.2)
+    vectors = [p for p in model.parameters() if p.requires_grad]
+    reference = torch.autograd.grad(model(x).square().sum(), vectors)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x).float().square().sum()
+    for got, want in zip(torch.autograd.grad(loss, vectors), reference):
+        assert got.dtype == torch.float32
+        assert ((got - want).norm() / want.norm()).item() < 5e-2
+
+
 @pytest.mark.parametrize("mode", ["auto", "materialized"])
 def test_default_layout_trains_under_hf_gradient_checkpointing(mode: str) -> None:
     """transformers' `gradient_checkpointing_enable()` (non-reentrant: every saved tensor unpacks once) on a Llama

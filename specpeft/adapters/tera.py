@@ -28,7 +28,7 @@ from .._peft_compat import BufferDict
 from ..init.tucker import TuckerShape, tucker_apply, tucker_to_tensor, unfold_view
 from ..init.tucker_cost import CUDA_FACTORED_TOKENS, apply_macs, best_mode, edge_kronecker_cost, training_step_costs
 from ..init.tucker_random import shared_random_factors, split_shared
-from ..kernels._dispatch import as_dtype
+from ..kernels._dispatch import as_dtype, autocast_dtype, autocast_off
 from .base import FrozenBase, MethodAdapter
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
@@ -246,7 +246,8 @@ class TeRAAdapter(MethodAdapter):
     def _build(self, *vectors: Tensor) -> Tensor:
         """α·Δ from the given vectors, in the vectors' dtype (fp32), normalized layout `(out, in/groups, *k)`."""
         core, factors = self._scaled(vectors, vectors[0].dtype)
-        delta = unfold_view(tucker_to_tensor(core, factors), self.shape)  # (J_1..J_N) -> (m_1..m_N, n_1..n_N)
+        with autocast_off(core.device.type):  # under autocast each mode product would come out in its own dtype
+            delta = unfold_view(tucker_to_tensor(core, factors), self.shape)  # (J_1..J_N) -> (m_1..m_N, n_1..n_N)
         return delta.reshape(self.geometry.weight_shape)  # (m_1.., n_1..) -> (out, in/g, *k)
 
     def delta_weight(self) -> Tensor:
@@ -312,9 +313,13 @@ class TeRAAdapter(MethodAdapter):
         if self.edge_kronecker:
             A, B = self._kronecker_factors()
             return kernels.kronecker_linear(x, A, B, base_out=base_out, backend="torch")
-        core, factors = self._scaled(tuple(self.vectors()), x.dtype)
-        flat = x.reshape(-1, self.shape.in_features)  # (..., n) -> (T, n)
-        out = tucker_apply(flat, core, factors, self.shape, self.unmerged_mode)  # (T, m)
+        vectors = tuple(self.vectors())
+        core, factors = self._scaled(vectors, vectors[0].dtype)  # the small network in the vectors' fp32
+        dtype = autocast_dtype(x)  # the T-sized contractions in x's dtype, or autocast's
+        with autocast_off(x.device.type):
+            flat = as_dtype(x, dtype).reshape(-1, self.shape.in_features)  # (..., n) -> (T, n)
+            out = tucker_apply(flat, as_dtype(core, dtype), [as_dtype(f, dtype) for f in factors], self.shape,
+                               self.unmerged_mode)  # (T, m)
         out = out.reshape(*x.shape[:-1], self.shape.out_features)
         return out if base_out is None else base_out + out
 

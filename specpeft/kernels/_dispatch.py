@@ -33,6 +33,9 @@ BackendChoice = Literal["auto", "triton", "torch"]
 ENV_VAR = "SPECPEFT_KERNELS"
 _CHOICES = ("auto", "triton", "torch")
 _process_choice: Optional[str] = None
+# where a forced backend comes from, first match wins (module docstring)
+_FORCED_BY = (f"the op's backend=, the adapter config's kernel_backend, set_kernel_backend / use_kernel_backend, or "
+              f"the {ENV_VAR} environment variable")
 
 
 def interpreting() -> bool:
@@ -51,7 +54,9 @@ def _check_choice(choice: str, source: str) -> str:
 def set_kernel_backend(choice: Optional[BackendChoice]) -> None:
     """Force every kernel op to "triton" or "torch" ("auto" or None: back to the env var / automatic choice)."""
     global _process_choice
-    _process_choice = None if choice is None else _check_choice(choice, "set_kernel_backend(choice)")
+    if choice is not None:
+        _check_choice(choice, "set_kernel_backend(choice)")
+    _process_choice = None if choice in (None, "auto") else choice
 
 
 @contextmanager
@@ -95,15 +100,15 @@ def kernel_backend(*tensors: Optional[Tensor], backend: Optional[BackendChoice] 
         return "triton" if HAS_TRITON and on_cuda and not interpreting() else "torch"
     if not HAS_TRITON:
         raise RuntimeError(
-            f"specpeft kernels: backend 'triton' was forced ({ENV_VAR} / set_kernel_backend / backend=) but triton "
-            f"does not import. Install it (`pip install specpeft[triton]`) or use {ENV_VAR}=torch."
+            f"specpeft kernels: backend 'triton' was forced but triton does not import. Install it (`pip install "
+            f"specpeft[triton]`) or choose 'torch' where 'triton' was set: {_FORCED_BY}."
         )
     if not on_cuda and not interpreting():
         devices = sorted({str(t.device) for t in present})
         raise RuntimeError(
             f"specpeft kernels: backend 'triton' was forced for tensors on {devices}; compiled Triton kernels need "
             "CUDA tensors. Move the tensors to a GPU, set TRITON_INTERPRET=1 before triton is imported (testing), "
-            f"or use {ENV_VAR}=torch."
+            f"or choose 'torch' where 'triton' was set: {_FORCED_BY}."
         )
     return "triton"
 
@@ -119,6 +124,24 @@ def as_rows(x: Tensor, features: int, name: str) -> Tensor:
         raise ValueError(f"{name}: the input's last dim is {x.shape[-1]}, expected {features} features.")
     rows = x.reshape(-1, features)  # (..., features) -> (T, features)
     return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def as_base_rows(base_out: Optional[Tensor], rows: Tensor, features: int, name: str) -> Optional[Tensor]:
+    """base_out (..., features) as `as_rows` lays it out, in the input rows' dtype, one row per input row (None stays
+    None): a kernel reads it by the input's row index."""
+    if base_out is None:
+        return None
+    out = as_rows(base_out.to(rows.dtype), features, name)
+    if out.shape[0] != rows.shape[0]:
+        raise ValueError(f"{name}: {out.shape[0]} rows for the input's {rows.shape[0]}; give one per input row "
+                         "(the input's leading axes).")
+    return out
+
+
+def check_bias(bias: Optional[Tensor], features: int, name: str) -> None:
+    """A bias must be a (features,) vector: a kernel reads `features` values from it."""
+    if bias is not None and tuple(bias.shape) != (features,):
+        raise ValueError(f"{name}: bias {tuple(bias.shape)} must be ({features},).")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -33,7 +33,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..init.tucker_cost import kronecker_a_first
-from ._dispatch import HAS_TRITON, BackendChoice, as_rows, dot_precision, interpreting, kernel_backend, next_power_of_2
+from ._dispatch import (HAS_TRITON, BackendChoice, as_base_rows, as_rows, dot_precision, interpreting, kernel_backend,
+                        next_power_of_2)
 from .kronecker_gemm import kronecker_linear_gemm
 from .kronecker_torch import kronecker_factor_grads, kronecker_linear_bmm
 
@@ -204,6 +205,6 @@ def kronecker_linear(
             return kronecker_linear_bmm(x, A, B, base_out=base_out, out_features=out_features)
         return kronecker_linear_gemm(x, A, B, base_out=base_out, out_features=out_features)
     rows = as_rows(x, d_in, "kronecker_linear x")  # (..., d_in) -> (T, d_in)
-    base_rows = None if base_out is None else as_rows(base_out.to(x.dtype), d_out, "kronecker_linear base_out")
+    base_rows = as_base_rows(base_out, rows, d_out, "kronecker_linear base_out")  # (..., d_out) -> (T, d_out)
     y = KroneckerLinearFunction.apply(rows, A, B, base_rows, d_out)
     return y.reshape(*x.shape[:-1], d_out)  # (T, d_out) -> (..., d_out)

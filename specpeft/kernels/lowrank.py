@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import HAS_TRITON, BackendChoice, as_rows, dot_precision, interpreting, kernel_backend
+from ._dispatch import (HAS_TRITON, BackendChoice, as_base_rows, as_rows, check_bias, dot_precision, interpreting,
+                        kernel_backend)
 
 __all__ = ["LowRankLinearFunction", "lowrank_linear", "lowrank_linear_reference"]
 
@@ -247,11 +248,10 @@ def lowrank_linear(
                          f"{tuple(up.shape)} must be (k, r), (r,) and (n, r).")
     if weight is not None and weight.shape != (n, k):
         raise ValueError(f"lowrank_linear: weight {tuple(weight.shape)} must be (n, k) = ({n}, {k}).")
+    check_bias(bias, n, "lowrank_linear")
     if kernel_backend(x, down, up, weight, backend=backend) == "torch":
         return lowrank_linear_reference(x, down, scale, up, weight=weight, bias=bias, base_out=base_out)
     rows = as_rows(x, k, "lowrank_linear x")  # (..., k) -> (T, k)
-    base_rows = None
-    if base_out is not None:
-        base_rows = as_rows(base_out.to(x.dtype), n, "lowrank_linear base_out")  # (..., n) -> (T, n)
+    base_rows = as_base_rows(base_out, rows, n, "lowrank_linear base_out")  # (..., n) -> (T, n)
     y = LowRankLinearFunction.apply(rows, weight, bias, down, scale, up, base_rows)
     return y.reshape(*x.shape[:-1], n)  # (T, n) -> (..., n)

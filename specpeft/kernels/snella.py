@@ -41,7 +41,11 @@ from torch import Tensor
 from ._dispatch import (
     HAS_TRITON,
     BackendChoice,
+    as_dtype,
     as_rows,
+    autocast_dtype,
+    check_bias,
+    autocast_off,
     interpreting,
     kernel_backend,
     matmul_fp32_out,
@@ -245,6 +249,11 @@ class SNELLALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        with autocast_off(grad_y.device.type):  # a backward called inside autocast keeps the forward's dtypes
+            return SNELLALinearFunction._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y: Tensor) -> tuple[Optional[Tensor], ...]:
         x, in_qs, out_qs, alpha, gamma, beta, scale, weight, cmax, csum, bits = ctx.saved_tensors
         tau, coeffs, kernel, mask_mode, materialize = ctx.options
         need = ctx.needs_input_grad
@@ -309,6 +318,7 @@ def snella_linear(
         raise ValueError("snella_linear: kernel 'snella' needs alpha, gamma and beta (0-d tensors).")
     if weight is not None and tuple(weight.shape) != (m, n):
         raise ValueError(f"snella_linear: weight {tuple(weight.shape)} must be ({m}, {n}).")
+    check_bias(bias, m, "snella_linear")
     if keep_mask is not None and (keep_mask.dtype != torch.bool or tuple(keep_mask.shape) != (m, n)):
         raise ValueError(f"snella_linear: keep_mask {keep_mask.dtype} {tuple(keep_mask.shape)} must be a bool "
                          f"({m}, {n}) tensor.")
@@ -322,5 +332,8 @@ def snella_linear(
     rows = as_rows(x, n, "snella_linear x")  # (..., n) -> (T, n)
     options = (tau_value, tuple(float(c) for c in coeffs), kernel, mask_mode, bool(materialize))
     bits = None if keep_mask is None else pack_mask_bits(keep_mask)  # (m, n) bool -> (m, ⌈n/8⌉) uint8
-    y = SNELLALinearFunction.apply(rows, in_qs, out_qs, alpha, gamma, beta, scale, weight, bias, bits, options)
+    if materialize:  # under autocast the library GEMM runs in autocast's dtype: x cast once, W + s·K_eff built in it
+        rows = as_dtype(rows, autocast_dtype(rows))
+    with autocast_off(rows.device.type):
+        y = SNELLALinearFunction.apply(rows, in_qs, out_qs, alpha, gamma, beta, scale, weight, bias, bits, options)
     return y.reshape(*x.shape[:-1], m)  # (T, m) -> (..., m)

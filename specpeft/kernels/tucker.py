@@ -35,7 +35,11 @@ from ._dispatch import (
     HAS_TRITON,
     BackendChoice,
     as_dtype,
+    as_base_rows,
     as_rows,
+    autocast_dtype,
+    check_bias,
+    autocast_off,
     interpreting,
     kernel_backend,
     matmul_fp32_out,
@@ -93,10 +97,12 @@ def _mode_product(tensor: Tensor, matrix: Tensor, mode: int) -> Tensor:
 
 
 def tucker_delta(core: Tensor, factors: Sequence[Tensor], out_modes: Sequence[int], in_modes: Sequence[int]) -> Tensor:
-    """Δ = unfold(𝒢 ×_1 U_1 … ×_N U_N): (m, n), in the factors' dtype (dense, for references and merges)."""
+    """Δ = unfold(𝒢 ×_1 U_1 … ×_N U_N): (m, n), in the factors' dtype (dense, for references and merges; under
+    autocast too, which would leave each mode product in its own dtype)."""
     out = core
-    for mode, factor in enumerate(factors):
-        out = _mode_product(out, factor, mode)
+    with autocast_off(core.device.type):
+        for mode, factor in enumerate(factors):
+            out = _mode_product(out, factor, mode)
     return _unfold_tensor(out, out_modes, in_modes)
 
 
@@ -238,6 +244,11 @@ class TuckerMaterializedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        with autocast_off(grad_y.device.type):  # a backward called inside autocast keeps the forward's dtypes
+            return TuckerMaterializedFunction._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y: Tensor) -> tuple[Optional[Tensor], ...]:
         x, weight, P, U = ctx.saved_tensors
         out_modes, in_modes = ctx.modes
         need_x, need_w, need_b, need_p, need_u, _, _ = ctx.needs_input_grad
@@ -286,12 +297,13 @@ def tucker_linear(
     d_out, d_in = math.prod(out_modes), math.prod(in_modes)
     if weight is not None and tuple(weight.shape) != (d_out, d_in):
         raise ValueError(f"tucker_linear: weight {tuple(weight.shape)} must be ({d_out}, {d_in}).")
+    check_bias(bias, d_out, "tucker_linear")
     if mode not in ("auto", "materialized", "factored"):
         raise ValueError(f"tucker_linear: mode={mode!r}; use 'auto', 'materialized' or 'factored'.")
     if base_out is not None and (weight is not None or bias is not None):
         raise ValueError("tucker_linear: pass the base either as weight/bias (merged) or as base_out, not both.")
     rows = as_rows(x, d_in, "tucker_linear x")  # (..., n) -> (T, n)
-    base_rows = None if base_out is None else as_rows(base_out.to(x.dtype), d_out, "tucker_linear base_out")
+    base_rows = as_base_rows(base_out, rows, d_out, "tucker_linear base_out")  # (..., d_out) -> (T, d_out)
     if mode == "auto":
         training = torch.is_grad_enabled() and (core.requires_grad or any(f.requires_grad for f in factors))
         factored = tucker_prefers_factored(rows.shape[0], core.shape, out_modes, in_modes, weight is not None,
@@ -309,9 +321,11 @@ def tucker_linear(
     else:
         if kernel_backend(x, core, weight, backend=backend) == "torch":
             y = tucker_linear_reference(rows, core, factors, out_modes, in_modes, weight=weight, bias=bias)
-        else:
-            P, U = _outer_and_last(core, factors)
-            y = TuckerMaterializedFunction.apply(rows, weight, bias, P, U, out_modes, in_modes)
+        else:  # under autocast: x cast once, W + Δ built in its dtype, (P, U_N) in the factors' fp32
+            dtype = autocast_dtype(rows)
+            with autocast_off(rows.device.type):
+                P, U = _outer_and_last(core, factors)
+                y = TuckerMaterializedFunction.apply(as_dtype(rows, dtype), weight, bias, P, U, out_modes, in_modes)
         if base_rows is not None:
             y = y + base_rows
     return y.reshape(*x.shape[:-1], d_out)  # (T, d_out) -> (..., d_out)
