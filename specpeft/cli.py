@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--base", help="base model directory (adds ‖W‖_F and ‖ΔW‖_F/‖W‖_F)")
     inspect.add_argument("--plot", metavar="FILE.png", help="save the ΔW singular spectra per layer")
     inspect.add_argument("--json", metavar="FILE", help="write the statistics as JSON")
+    inspect.add_argument("--overwrite", action="store_true", help="replace an existing --plot / --json file")
     inspect.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -124,15 +125,21 @@ def _to_lora(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from .merge.inspection import format_summary, inspect_adapter, plot_spectra
+    from .merge.output import check_file_output, staged_file
 
+    inputs = [args.adapter, args.base]
+    for what, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:  # refused before the work, as merge refuses its --out
+            check_file_output(path, args.overwrite, inputs, what)
     summary = inspect_adapter(args.adapter, base=args.base, progress=not args.quiet)
     print(format_summary(summary))
     if args.json:
-        with open(args.json, "w") as fh:
+        with staged_file(args.json, args.overwrite, inputs, "--json") as staging, open(staging, "w") as fh:
             json.dump(summary.to_dict(), fh, indent=2)
         print(f"statistics written to {args.json}")
     if args.plot:
-        plot_spectra(summary, args.plot)
+        with staged_file(args.plot, args.overwrite, inputs, "--plot") as staging:
+            plot_spectra(summary, staging)
         print(f"spectra plotted to {args.plot}")
     return 0
 

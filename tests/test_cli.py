@@ -145,9 +145,48 @@ def test_failures_leave_nothing_behind(case: str, files: dict[str, str], tmp_pat
 def test_console_entry_point_subprocess(files: dict[str, str], tmp_path) -> None:
     out = str(tmp_path / "merged")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "specpeft.cli", "merge", "--base", files["base"], "--adapter", files["adapter"],
+    command = [sys.executable, "-m", "specpeft", "merge", "--base", files["base"], "--adapter", files["adapter"],
                "--out", out, "--quiet"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "merged 4 layers" in result.stdout
     torch.testing.assert_close(logits(_auto(out), ids()), torch.load(files["expected"]), atol=1e-4, rtol=1e-4)
+
+
+def test_inspect_files_stay_out_of_the_inputs_and_need_overwrite(files: dict[str, str], tmp_path, capsys) -> None:
+    """inspect's --json / --plot never land inside --base or --adapter, never replace a file without --overwrite,
+    and are written through a temporary file (none is left)."""
+    base = str(tmp_path / "base")
+    shutil.copytree(files["base"], base)
+    before = digest(base)
+    argv = ["inspect", "--adapter", files["adapter"], "--base", base, "--quiet"]
+    assert main([*argv, "--json", os.path.join(base, "config.json")]) == 1
+    assert "is inside the input" in capsys.readouterr().err and digest(base) == before
+    stats = tmp_path / "stats.json"
+    stats.write_text("kept")
+    assert main([*argv, "--json", str(stats)]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err and stats.read_text() == "kept"
+    assert main([*argv, "--json", str(stats), "--plot", str(tmp_path / "spectra.png"), "--overwrite"]) == 0
+    assert json.loads(stats.read_text())["layers"] and (tmp_path / "spectra.png").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "spectra.png", "stats.json"]
+
+
+@pytest.mark.parametrize("staged", ["directory", "file"])
+def test_sigterm_while_staged_leaves_nothing_behind(staged: str, tmp_path) -> None:
+    """SIGTERM (kill, a scheduler's time limit) while output is staged unwinds like Ctrl-C: exit status 143, no
+    output, no temporary file or directory, no created parent."""
+    out = tmp_path / "new" / ("merged" if staged == "directory" else "stats.json")
+    enter = f"staged_output({str(out)!r}, False, [])" if staged == "directory" else \
+        f"staged_file({str(out)!r}, False, [], '--json')"
+    script = (
+        "import os, signal\n"
+        "from specpeft.merge.output import staged_file, staged_output\n"
+        f"with {enter} as staging:\n"
+        "    path = os.path.join(staging, 'part') if os.path.isdir(staging) else staging\n"
+        "    open(path, 'w').write('half written')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    signal.pause()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []

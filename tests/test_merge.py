@@ -21,7 +21,7 @@ from torch import nn
 import specpeft
 from adapter_matrix import ConvNet, _tiny_bert, _tiny_gpt2, _tiny_llama, adapted, perturb
 from specpeft.merge import load_saved_adapter, match_keys, merge_adapter
-from specpeft.merge.export import staged_output
+from specpeft.merge.output import staged_output
 from specpeft.merge.inspection import inspect_adapter, plot_spectra
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -367,6 +367,21 @@ def test_a_tied_lm_head_on_a_base_without_config_json_names_the_missing_file(tmp
                                          "config.json"):
         merge_adapter(base_dir, tmp_path / "adapter", tmp_path / "merged", progress=False)
     assert not os.path.exists(tmp_path / "merged")
+
+
+def test_an_fp64_base_merges_in_fp64(tmp_path) -> None:
+    """An fp64 checkpoint keeps its precision: each merged weight is W + ΔW added in fp64 (ΔW as the adapter file
+    gives it, fp32), bit for bit, not rounded through fp32 on the way."""
+    base_dir = save_tiny(lambda: _tiny_llama().double(), str(tmp_path / "base"))
+    model = train_and_save(_auto(base_dir), method_config("svfit", LLAMA_TARGETS), str(tmp_path / "adapter"))
+    merge_adapter(base_dir, tmp_path / "adapter", tmp_path / "merged", progress=False)
+    merged = _auto(str(tmp_path / "merged"))
+    base = _auto(base_dir)
+    for name, layer in adapted(model):
+        key = name.removeprefix("base_model.model.")
+        weight = merged.get_submodule(key).weight
+        expected = base.get_submodule(key).weight + layer.get_delta_weight("default").float().double()
+        assert weight.dtype == torch.float64 and torch.equal(weight, expected), key
 
 
 def test_a_symlinked_out_is_replaced_and_the_directory_it_named_kept(tmp_path) -> None:

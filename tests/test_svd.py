@@ -122,8 +122,13 @@ def test_elbow_rank_finds_planted_corner() -> None:
     # Step spectrum: the corner of the L is the first floor value (spec §2.5 combines elbow and energy by min()).
     assert elbow_rank(torch.tensor([10.0] * 4 + [1.0] * 20)) == 5
     assert elbow_rank(torch.ones(7)) == 7  # flat: no elbow, nothing negligible
+    # no point below the chord (concave, a one-value floor, two values): no elbow either, K (not 1, which "min" with
+    # the energy rank would turn into a single component)
+    assert elbow_rank(torch.tensor([1.0, 1.0, 1.0, 0.999])) == 4
+    assert elbow_rank(torch.tensor([10.0, 9.9, 9.8, 9.7, 9.6, 9.5, 9.4, 9.3, 0.5])) == 9
+    assert elbow_rank(torch.tensor([4.0, 3.9, 3.0, 1.0])) == 4
     assert elbow_rank(torch.tensor([3.0])) == 1
-    assert elbow_rank(torch.tensor([3.0, 1.0])) == 1
+    assert elbow_rank(torch.tensor([3.0, 1.0])) == 2
 
 
 @pytest.mark.parametrize("expected", [5, 23, 45])

@@ -143,6 +143,13 @@ def test_hosvd_recovers_planted_tucker() -> None:
     assert tucker_to_tensor(truncated_core, truncated).shape == tensor.shape
     with pytest.raises(ValueError, match="3 ranks"):
         hosvd(tensor.reshape(6, 12, 10, 1), (1, 1, 1))
+    # a prime-sized layer: TuckerShape allows R_1 = 2 on modes (77, 1, 1), whose mode-1 unfolding has rank ≤ 1
+    prime = TuckerShape.for_matrix(7, 11, 3, 2)
+    assert prime.mode_sizes == (77, 1, 1) and prime.ranks == (2, 1, 1)
+    planted = torch.randn(77, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got_core, got_factors = hosvd(planted, prime.ranks)
+    assert got_core.shape == (1, 1, 1) and [f.shape for f in got_factors] == [(77, 1), (1, 1), (1, 1)]
+    torch.testing.assert_close(tucker_to_tensor(got_core, got_factors).double(), planted, atol=1e-5, rtol=0)
 
 
 def test_shared_factors_are_seeded_and_variance_matched() -> None:

@@ -161,8 +161,9 @@ def elbow_rank(singular_values: Tensor) -> int:
     With K values sorted descending, x_i = (i−1)/(K−1) and y_i = (σ_i − σ_K)/(σ_1 − σ_K) put the curve in the
     unit square; the elbow is argmax_i (1 − x_i) − y_i, the point farthest below the chord from (0, 1) to (1, 0),
     returned 1-based. The elbow is the corner point itself: for a step spectrum (r large values, then a floor) it is
-    the first floor value, r + 1; the spec combines it with energy_rank by min(). A flat spectrum has no elbow and
-    no negligible component, so it returns K.
+    the first floor value, r + 1; the spec combines it with energy_rank by min(). A spectrum with no point strictly
+    below the chord (flat, concave, a one-value floor, K ≤ 2) has no elbow and nothing the rule can call negligible,
+    so it returns K and leaves the choice to the energy rule.
 
     Raises:
         ValueError: σ not a non-empty 1-D tensor of finite values >= 0.
@@ -174,7 +175,9 @@ def elbow_rank(singular_values: Tensor) -> int:
         return k
     x = torch.arange(k, dtype=torch.float64) / (k - 1)
     y = (s - s[-1]) / span
-    return int(torch.argmax((1.0 - x) - y)) + 1  # argmax takes the first of ties: the smaller rank
+    below = (1.0 - x) - y  # 0 at both ends
+    best = int(torch.argmax(below))  # the first of ties: the smaller rank
+    return best + 1 if float(below[best]) > 0.0 else k
 
 
 def _svd(w: Tensor, rank: int, init: SVDInit) -> tuple[Tensor, Tensor, Tensor]:

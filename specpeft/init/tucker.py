@@ -201,10 +201,11 @@ def hosvd(tensor: Tensor, ranks: tuple[int, ...] | list[int], init: SVDInit = SV
     """Truncated higher-order SVD (De Lathauwer et al., 2000): 𝒳 ≈ 𝒢 ×_k U_k.
 
     U_k = top-R_k left singular vectors of the mode-k unfolding X_(k) (J_k × ∏_{l≠k} J_l), 𝒢 = 𝒳 ×_k U_kᵀ.
-    Exact when the multilinear rank of 𝒳 is at most `ranks`. Runs in fp32 (`truncated_svd`).
+    Exact when the multilinear rank of 𝒳 is at most `ranks`. Runs in fp32 (`truncated_svd`). A rank above the
+    unfolding's min(J_k, ∏_{l≠k} J_l) (which `TuckerShape` allows on tiny modes) is clipped to it.
 
     Returns:
-        core (R_1..R_N) and factors [U_k (J_k × R_k)] with orthonormal columns, fp32.
+        core (R'_1..R'_N) and factors [U_k (J_k × R'_k)] with orthonormal columns, fp32, R'_k = R_k clipped.
     """
     if len(ranks) != tensor.dim():
         raise ValueError(
@@ -215,7 +216,7 @@ def hosvd(tensor: Tensor, ranks: tuple[int, ...] | list[int], init: SVDInit = SV
     factors = []
     for mode, rank in enumerate(ranks):
         unfolding = work.movedim(mode, 0).reshape(work.shape[mode], -1)  # (J_k, ∏_{l≠k} J_l)
-        U, _, _ = truncated_svd(unfolding, rank, init)
+        U, _, _ = truncated_svd(unfolding, min(rank, *unfolding.shape), init)
         factors.append(U)
     core = work
     for mode, factor in enumerate(factors):

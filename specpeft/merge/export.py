@@ -1,6 +1,7 @@
 """`specpeft merge`: write base + ΔW as a model directory that `transformers.AutoModel*.from_pretrained` loads.
 
-    W'_k = cast_dtype( float32(W_k) + ΔW_k )        for every adapted layer k (ΔW from merge/state_dict.py)
+    W'_k = cast_dtype( float32(W_k) + ΔW_k )        for every adapted layer k (ΔW from merge/state_dict.py;
+                                                     fp64 arithmetic for an fp64 base)
     W'   = saved tensor                              for modules_to_save (and LoRA bias="all")
     W'   = cast_dtype(W)                             for every other tensor
 
@@ -16,22 +17,21 @@ temporary directory, leaving `out` as it was.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .checkpoint import DTYPE_NAMES, FLOAT_NAMES, INDEX_NAME, NAME_DTYPES, BaseCheckpoint, SafetensorsWriter
+from .output import check_output, staged_output
 from .state_dict import LayerDelta, SavedAdapter, load_saved_adapter
 
 DTYPES: dict[str, Optional[torch.dtype]] = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,
@@ -65,77 +65,6 @@ class MergeResult:
     dtype: str
     seconds: float
     notes: list[str] = field(default_factory=list)
-
-
-# -- safe output ----------------------------------------------------------------------------------------------------
-
-
-def check_output(out: str, overwrite: bool, inputs: Sequence[Optional[str]]) -> None:
-    """Refuse an output that is, holds or sits inside an input, or a non-empty one without `overwrite`."""
-    target = os.path.realpath(out)
-    for given in inputs:
-        if given is None:
-            continue
-        source = os.path.realpath(given)
-        if target == source or target.startswith(source + os.sep):
-            raise ValueError(f"--out '{out}' is inside the input '{given}'; specpeft never writes into its inputs. "
-                             "Choose another output directory.")
-        if source.startswith(target + os.sep):
-            raise ValueError(f"--out '{out}' contains the input '{given}'; replacing it would delete that input. "
-                             "Choose another output directory.")
-    if os.path.lexists(out):
-        if not os.path.isdir(out):
-            raise FileExistsError(f"--out '{out}' exists and is not a directory; remove it or choose another path.")
-        if os.listdir(out) and not overwrite:
-            raise FileExistsError(f"--out '{out}' is not empty; pass --overwrite to replace it.")
-
-
-@contextlib.contextmanager
-def staged_output(out: str, overwrite: bool, inputs: Sequence[Optional[str]]) -> Iterator[str]:
-    """Yield a temporary directory next to `out`; on success it replaces `out` by rename, on error it is removed.
-
-    Parent directories created for `out` are removed again if the work fails, so a failure leaves no trace.
-    """
-    out = os.path.abspath(out)
-    check_output(out, overwrite, inputs)
-    parent = os.path.dirname(out)
-    created = []
-    probe = parent
-    while not os.path.exists(probe):
-        created.append(probe)
-        probe = os.path.dirname(probe)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's permissions
-    try:
-        yield staging
-        _commit(staging, out, parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for directory in created:  # deepest first
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
-        raise
-
-
-def _commit(staging: str, out: str, parent: str) -> None:
-    if not os.path.lexists(out):
-        os.replace(staging, out)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-    os.rmdir(old)  # a free name on the same filesystem
-    os.replace(out, old)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(old, out)  # put the previous output back
-        raise
-    if os.path.islink(old):  # `out` was a link: the link is replaced, the directory it named is left alone
-        os.unlink(old)
-    else:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- merge ----------------------------------------------------------------------------------------------------------
@@ -256,8 +185,10 @@ def _output_dtype(checkpoint: BaseCheckpoint, key: str, target: Optional[torch.d
 
 
 def _merged_weight(layer: LayerDelta, stored: Tensor, key: str) -> Tensor:
-    """float32(W) + ΔW in the stored layout; raises on a non-finite result (a broken adapter)."""
-    weight = stored.float()  # a fresh copy unless already fp32 (then the freshly read tensor itself)
+    """W + ΔW in fp32 (fp64 for an fp64 base) in the stored layout; raises on a non-finite result (a broken
+    adapter)."""
+    # a fresh copy unless already in that dtype (then the freshly read tensor itself)
+    weight = stored.to(torch.promote_types(stored.dtype, torch.float32))
     base = layer.from_storage(weight) if layer.needs_base else None
     weight.add_(layer.to_storage(layer.delta_weight(base)))
     if not math.isfinite(float(weight.sum())):  # any NaN/Inf makes the sum non-finite; no m×n bool temporary

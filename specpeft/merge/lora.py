@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .._peft_compat import LoraConfig
 from ..init.svd import SVDInit, energy_rank, truncated_svd
 from .checkpoint import BaseCheckpoint
-from .export import check_output, staged_output
+from .output import check_output, staged_output
 from .state_dict import MODEL_PREFIX, LayerDelta, SavedAdapter, pattern_value, load_saved_adapter
 
 REPORT_NAME = "conversion_report.json"

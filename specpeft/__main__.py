@@ -1,0 +1,7 @@
+"""`python -m specpeft`: the `specpeft` command line (specpeft/cli.py)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
