@@ -118,8 +118,14 @@ class _PackedAwareBackend:
 
         import bitsandbytes.functional as bnbf
 
-        # the inverse rewrites the state's fields (absmax, dtype, nesting): on a copy, the module keeps its layout
-        data, state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(state))
+        # The inverse unpacks the data and rewrites the state's fields: on a copy, so the module keeps its layout. Its
+        # absmax is the packed forward's, bf16 in (blocks per row, rows) order: used as is, in row-major block order,
+        # not re-quantized (the inverse would for nested statistics, and leaves the transposed order otherwise).
+        packed_absmax = state.absmax
+        state = copy.copy(state)
+        state.original_nested = False
+        data, state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, state)
+        state.absmax = packed_absmax.T.reshape(-1).float()  # (K/block, N) -> (N, K/block) -> blocks in storage order
         return bnbf.dequantize_4bit(data, state)
 
 

@@ -11,6 +11,7 @@ the file/key and the fix, and exit with status 1; nothing is left half-written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -128,18 +129,23 @@ def _inspect(args: argparse.Namespace) -> int:
     from .merge.output import check_file_output, staged_file
 
     inputs = [args.adapter, args.base]
-    for what, path in (("--json", args.json), ("--plot", args.plot)):
-        if path:  # refused before the work, as merge refuses its --out
-            check_file_output(path, args.overwrite, inputs, what)
+    if args.plot and not os.path.splitext(args.plot)[1]:
+        args.plot += ".png"  # what matplotlib writes for a name without a format
+    outputs = [(what, path) for what, path in (("--json", args.json), ("--plot", args.plot)) if path]
+    for what, path in outputs:  # refused before the work, as merge refuses its --out
+        check_file_output(path, args.overwrite, inputs, what)
     summary = inspect_adapter(args.adapter, base=args.base, progress=not args.quiet)
     print(format_summary(summary))
+    with contextlib.ExitStack() as stack:  # both files are renamed into place only if both were written
+        staged = {what: stack.enter_context(staged_file(path, args.overwrite, inputs, what)) for what, path in outputs}
+        if args.json:
+            with open(staged["--json"], "w") as fh:
+                json.dump(summary.to_dict(), fh, indent=2)
+        if args.plot:
+            plot_spectra(summary, staged["--plot"])
     if args.json:
-        with staged_file(args.json, args.overwrite, inputs, "--json") as staging, open(staging, "w") as fh:
-            json.dump(summary.to_dict(), fh, indent=2)
         print(f"statistics written to {args.json}")
     if args.plot:
-        with staged_file(args.plot, args.overwrite, inputs, "--plot") as staging:
-            plot_spectra(summary, staging)
         print(f"spectra plotted to {args.plot}")
     return 0
 

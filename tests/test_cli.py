@@ -166,8 +166,12 @@ def test_inspect_files_stay_out_of_the_inputs_and_need_overwrite(files: dict[str
     stats.write_text("kept")
     assert main([*argv, "--json", str(stats)]) == 1
     assert "pass --overwrite" in capsys.readouterr().err and stats.read_text() == "kept"
-    assert main([*argv, "--json", str(stats), "--plot", str(tmp_path / "spectra.png"), "--overwrite"]) == 0
-    assert json.loads(stats.read_text())["layers"] and (tmp_path / "spectra.png").stat().st_size > 0
+    assert main([*argv, "--json", str(stats), "--plot", str(tmp_path / "spectra"), "--overwrite"]) == 0
+    assert json.loads(stats.read_text())["layers"] and (tmp_path / "spectra.png").stat().st_size > 0  # png by default
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "spectra.png", "stats.json"]
+    # a plot that fails (an unknown format) leaves the JSON written with it unwritten too
+    assert main([*argv, "--json", str(tmp_path / "new.json"), "--plot", str(tmp_path / "spectra.nope")]) == 1
+    assert "nope" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "spectra.png", "stats.json"]
 
 

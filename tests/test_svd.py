@@ -129,6 +129,11 @@ def test_elbow_rank_finds_planted_corner() -> None:
     assert elbow_rank(torch.tensor([4.0, 3.9, 3.0, 1.0])) == 4
     assert elbow_rank(torch.tensor([3.0])) == 1
     assert elbow_rank(torch.tensor([3.0, 1.0])) == 2
+    # on the chord up to rounding (a straight spectrum; a geometric one on log scale): no elbow
+    assert elbow_rank(torch.tensor([4.0, 3.0, 2.0, 1.0])) == 4
+    assert elbow_rank(torch.linspace(1.0, 0.1, 10)) == 10
+    log_geometric = 0.7 ** torch.arange(24, dtype=torch.float64)
+    assert elbow_rank(log_geometric.log() - log_geometric.log().min()) == 24
 
 
 @pytest.mark.parametrize("expected", [5, 23, 45])

@@ -25,6 +25,7 @@ from .._peft_compat import (
     resolve_quantization_backend,
 )
 from .base import FrozenBase, MethodAdapter, without_narrowing
+from .rollback import rollback_on_failure
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
 
@@ -270,38 +271,22 @@ class AdapterModel(BaseTuner):
         loading = getattr(config, "_loading_checkpoint", False)
         show = self.tuner_layer_cls.adapter_cls.expensive_init and not loading
         self._progress = tqdm(desc=f"{type(config).__name__} init", unit="layer", disable=not show, leave=False)
-        tree = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()]
-        grad_flags = [(param, param.requires_grad) for param in model.parameters()]
         try:
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
-            if not loading:  # cross-layer decisions of a fresh init (e.g. a global budget); loads use the records
-                adapters = {m.key: m.adapters[adapter_name] for m in model.modules()
-                            if isinstance(m, self.tuner_layer_cls) and adapter_name in m.adapters}
-                self.tuner_layer_cls.adapter_cls.after_injection(adapters, config)
+            with rollback_on_failure(model):
+                super().inject_adapter(model, adapter_name, *args, **kwargs)
+                if not loading:  # cross-layer decisions of a fresh init (e.g. a global budget); loads use the records
+                    adapters = {m.key: m.adapters[adapter_name] for m in model.modules()
+                                if isinstance(m, self.tuner_layer_cls) and adapter_name in m.adapters}
+                    self.tuner_layer_cls.adapter_cls.after_injection(adapters, config)
         except BaseException:
-            self._undo_injection(adapter_name, tree, grad_flags)
+            self.__dict__.pop("_layers_memo", None)
+            self._drop_shared_store(adapter_name)
             raise
         finally:
             self._progress.close()
             del self._progress  # a closed bar holds its stream: the model must stay deep-copyable and picklable
             # Loading is finished; adapters later built from this config initialize normally.
             config._loading_checkpoint = False
-
-    def _undo_injection(self, adapter_name: str, tree: list[tuple[nn.Module, str, Optional[nn.Module]]],
-                        grad_flags: list[tuple[nn.Parameter, bool]]) -> None:
-        """Give the model back as a failed injection found it (an initializer's error, a budget it cannot meet): every
-        replaced submodule is put back, layers that already held other adapters lose only this one, every parameter
-        gets its requires_grad back, and the adapter's shared state is dropped."""
-        for parent, name, child in tree:
-            current = parent._modules.get(name)
-            if current is not child:
-                parent._modules[name] = child
-            elif isinstance(current, self.tuner_layer_cls) and adapter_name in current.adapters:
-                del current.adapters[adapter_name]
-        for param, flag in grad_flags:
-            param.requires_grad_(flag)
-        self.__dict__.pop("_layers_memo", None)
-        self._drop_shared_store(adapter_name)
 
     def _create_and_replace(
         self,

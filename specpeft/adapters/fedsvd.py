@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .._peft_compat import BaseTunerLayer, LoraConfig, PeftModel, get_peft_model
+from .rollback import rollback_on_failure
 
 __all__ = [
     "FedSVDConfig",
@@ -207,18 +208,24 @@ def build_fedsvd_model(
         **kwargs: forwarded to `peft.get_peft_model`.
     """
     config.validate()
-    peft_model = get_peft_model(model, config.to_lora_config(), adapter_name=adapter_name, **kwargs)
-    _init_factors(peft_model, adapter_name, config)
-    freeze_lora_A(peft_model, adapter_name)
+    with rollback_on_failure(model):
+        peft_model = get_peft_model(model, config.to_lora_config(), adapter_name=adapter_name, **kwargs)
+        _init_factors(peft_model, adapter_name, config)
+        freeze_lora_A(peft_model, adapter_name)
     return peft_model
 
 
 def add_fedsvd_adapter(peft_model: PeftModel, adapter_name: str, config: FedSVDConfig) -> None:
     """Add a second FedSVD adapter to a model built by `build_fedsvd_model` (peft's `add_adapter` plus our init)."""
     config.validate()
-    peft_model.add_adapter(adapter_name, config.to_lora_config())
-    _init_factors(peft_model, adapter_name, config)
-    freeze_lora_A(peft_model, adapter_name)
+    try:
+        with rollback_on_failure(peft_model):
+            peft_model.add_adapter(adapter_name, config.to_lora_config())
+            _init_factors(peft_model, adapter_name, config)
+            freeze_lora_A(peft_model, adapter_name)
+    except BaseException:
+        peft_model.peft_config.pop(adapter_name, None)
+        raise
 
 
 def load_fedsvd_model(

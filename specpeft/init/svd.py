@@ -155,6 +155,9 @@ def energy_rank(singular_values: Tensor, threshold: float, total_energy: float |
     return _first_reaching(s, threshold * total) or s.numel()
 
 
+_ON_CHORD = 1e-6  # a distance below the chord up to this is fp32 rounding (straight or log-geometric spectra)
+
+
 def elbow_rank(singular_values: Tensor) -> int:
     """Kneedle elbow of the decreasing spectrum (methods spec §2.5).
 
@@ -177,7 +180,7 @@ def elbow_rank(singular_values: Tensor) -> int:
     y = (s - s[-1]) / span
     below = (1.0 - x) - y  # 0 at both ends
     best = int(torch.argmax(below))  # the first of ties: the smaller rank
-    return best + 1 if float(below[best]) > 0.0 else k
+    return best + 1 if float(below[best]) > _ON_CHORD else k
 
 
 def _svd(w: Tensor, rank: int, init: SVDInit) -> tuple[Tensor, Tensor, Tensor]:

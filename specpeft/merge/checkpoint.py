@@ -195,8 +195,9 @@ class BaseCheckpoint:
         """`match_keys` of the training model's keys onto `readable_keys`; the error says when a missing config.json
         may be why (a tied output embedding, stored once under the input embedding's key, is found through it)."""
         hint = "" if self.config else (
-            f" '{self.directory}' has no config.json, so an output embedding tied to the input embedding (stored once, "
-            "under the input embedding's key) cannot be found: copy the model's config.json next to its weights.")
+            f" '{self.directory}' has no config.json: if the missing key is an output embedding tied to the input "
+            "embedding (stored once, under the input embedding's key), copy the model's config.json next to its "
+            "weights so the tie can be found.")
         return match_keys(wanted, self.readable_keys, f"the base checkpoint '{self.directory}'", hint)
 
     def dense_info(self, key: str) -> tuple[str, tuple[int, ...]]:
