@@ -96,8 +96,8 @@ class _PackedAwareBackend:
 
     bitsandbytes ≥ 0.49 repacks a 4-bit weight in place on its first eval, no-grad forward on a CPU with AVX512-bf16
     (`quant_state.packing_format_for_cpu`); peft's dequantization does not know that layout and returns wrong values.
-    Such a weight is unpacked on a copy of its quant state here, as bitsandbytes' own `state_dict` does in place, so
-    the module keeps its fast layout. Everything else is peft's backend.
+    Such a weight is read here as the packed forward uses it, on a copy of its quant state, so the module keeps its
+    fast layout. Everything else is peft's backend.
     """
 
     def __init__(self, backend: Any) -> None:

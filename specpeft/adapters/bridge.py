@@ -24,16 +24,12 @@ from .._peft_compat import (
     gather_params_ctx,
     resolve_quantization_backend,
 )
+from ..kernels._dispatch import widened
 from .base import FrozenBase, MethodAdapter, without_narrowing
-from .rollback import rollback_on_failure
 from .config import SpecPeftConfig
 from .geometry import LayerGeometry
+from .rollback import rollback_on_failure
 
-
-
-def _widened(weight: Tensor) -> Tensor:
-    """The base weight in its merge arithmetic's dtype: fp32, or fp64 for an fp64 model (whose ΔW is fp64 too)."""
-    return weight.to(torch.promote_types(weight.dtype, torch.float32))
 
 class SharedStore(BufferDict):
     """A tuner's store of one adapter's shared frozen tensors: peft's BufferDict, kept in its precision by 16-bit
@@ -151,7 +147,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
             with torch.no_grad():
                 weight = self.get_base_weight()
                 delta = self.get_delta_weight(name).to(weight.device)
-                merged = (_widened(weight) + delta).to(weight.dtype)
+                merged = (widened(weight) + delta).to(weight.dtype)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(
                         f"NaN or Inf in the merged weight of layer '{self.key}' for adapter '{name}'; the adapter "
@@ -169,7 +165,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
             with torch.no_grad():
                 weight = self.get_base_weight()
                 delta = self.get_delta_weight(name).to(weight.device)
-                self.set_base_weight((_widened(weight) - delta).to(weight.dtype))
+                self.set_base_weight((widened(weight) - delta).to(weight.dtype))
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return self.geometry.kind == "linear"

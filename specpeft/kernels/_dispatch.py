@@ -14,9 +14,10 @@ Forcing "triton" on CPU tensors is allowed only under the Triton interpreter (`T
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Iterator, Literal, Optional, TypeVar
+from typing import Any, Callable, Iterator, Literal, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -169,6 +170,12 @@ def as_dtype(tensor: MaybeTensor, dtype: torch.dtype) -> MaybeTensor:
     return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
+def widened(tensor: Tensor) -> Tensor:
+    """The tensor in the working precision of merges and small networks: fp32 for 16-bit and fp32 tensors, fp64 stays
+    fp64 (`as_dtype`: no op when already there)."""
+    return as_dtype(tensor, torch.promote_types(tensor.dtype, torch.float32))
+
+
 def autocast_dtype(x: Tensor) -> torch.dtype:
     """The dtype autocast would run a GEMM on x in: autocast's for x's device when it is on (fp64 stays fp64, which
     autocast leaves alone), else x's. For ops that cast once and then run with autocast off (`autocast_off`)."""
@@ -176,6 +183,18 @@ def autocast_dtype(x: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(device)
     return x.dtype
+
+
+def backward_without_autocast(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """A custom Function's `backward(ctx, grad, ...)` run with autocast off on the gradient's device: a backward
+    called inside autocast keeps the forward's dtypes."""
+
+    @functools.wraps(backward)
+    def run(ctx: Any, grad: Tensor, *rest: Any) -> Any:
+        with autocast_off(grad.device.type):
+            return backward(ctx, grad, *rest)
+
+    return run
 
 
 def autocast_off(device_type: str) -> AbstractContextManager:

@@ -44,8 +44,9 @@ from ._dispatch import (
     as_dtype,
     as_rows,
     autocast_dtype,
-    check_bias,
     autocast_off,
+    backward_without_autocast,
+    check_bias,
     interpreting,
     kernel_backend,
     matmul_fp32_out,
@@ -248,12 +249,8 @@ class SNELLALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
-        with autocast_off(grad_y.device.type):  # a backward called inside autocast keeps the forward's dtypes
-            return SNELLALinearFunction._backward(ctx, grad_y)
-
-    @staticmethod
-    def _backward(ctx, grad_y: Tensor) -> tuple[Optional[Tensor], ...]:
         x, in_qs, out_qs, alpha, gamma, beta, scale, weight, cmax, csum, bits = ctx.saved_tensors
         tau, coeffs, kernel, mask_mode, materialize = ctx.options
         need = ctx.needs_input_grad

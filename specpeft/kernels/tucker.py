@@ -34,16 +34,18 @@ from torch import Tensor
 from ._dispatch import (
     HAS_TRITON,
     BackendChoice,
-    as_dtype,
     as_base_rows,
+    as_dtype,
     as_rows,
     autocast_dtype,
-    check_bias,
     autocast_off,
+    backward_without_autocast,
+    check_bias,
     interpreting,
     kernel_backend,
     matmul_fp32_out,
     next_power_of_2,
+    widened,
 )
 from ..init.tucker import last_as_kronecker, outer_as_kronecker, outer_chain
 from ..init.tucker_cost import kronecker_apply_macs
@@ -119,15 +121,10 @@ def tucker_linear_reference(
     return F.linear(x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-def _in_work_dtype(tensor: Tensor) -> Tensor:
-    """fp32 for 16-bit inputs, fp64 stays fp64 (no op when already there)."""
-    return as_dtype(tensor, torch.promote_types(tensor.dtype, torch.float32))
-
-
 def _outer_and_last(core: Tensor, factors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """P as (J', R_N) (a transposed view of `outer_chain`'s) and U_N (J_N, R_N), fp32 (fp64 stays), differentiable."""
-    factors = [_in_work_dtype(f) for f in factors]
-    return outer_chain(_in_work_dtype(core), factors)[0].T, factors[-1]
+    factors = [widened(f) for f in factors]
+    return outer_chain(widened(core), factors)[0].T, factors[-1]
 
 
 def kronecker_factors(core: Tensor, factors: Sequence[Tensor], out_modes: Sequence[int], in_modes: Sequence[int]
@@ -243,12 +240,8 @@ class TuckerMaterializedFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
-        with autocast_off(grad_y.device.type):  # a backward called inside autocast keeps the forward's dtypes
-            return TuckerMaterializedFunction._backward(ctx, grad_y)
-
-    @staticmethod
-    def _backward(ctx, grad_y: Tensor) -> tuple[Optional[Tensor], ...]:
         x, weight, P, U = ctx.saved_tensors
         out_modes, in_modes = ctx.modes
         need_x, need_w, need_b, need_p, need_u, _, _ = ctx.needs_input_grad

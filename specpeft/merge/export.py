@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..kernels._dispatch import widened
 from .checkpoint import DTYPE_NAMES, FLOAT_NAMES, INDEX_NAME, NAME_DTYPES, BaseCheckpoint, SafetensorsWriter
 from .output import check_output, staged_output
 from .state_dict import LayerDelta, SavedAdapter, load_saved_adapter
@@ -187,8 +188,7 @@ def _output_dtype(checkpoint: BaseCheckpoint, key: str, target: Optional[torch.d
 def _merged_weight(layer: LayerDelta, stored: Tensor, key: str) -> Tensor:
     """W + ΔW in fp32 (fp64 for an fp64 base) in the stored layout; raises on a non-finite result (a broken
     adapter)."""
-    # a fresh copy unless already in that dtype (then the freshly read tensor itself)
-    weight = stored.to(torch.promote_types(stored.dtype, torch.float32))
+    weight = widened(stored)  # a fresh copy unless already fp32/fp64 (then the freshly read tensor itself)
     base = layer.from_storage(weight) if layer.needs_base else None
     weight.add_(layer.to_storage(layer.delta_weight(base)))
     if not math.isfinite(float(weight.sum())):  # any NaN/Inf makes the sum non-finite; no m×n bool temporary
