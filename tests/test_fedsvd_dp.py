@@ -119,3 +119,35 @@ def test_expected_calibration_stops_clients_at_their_budget() -> None:
     assert len(budget_refusals) == sum(max(0, count - 2) for count in sampled.values()) > 0
     for privacy in result.privacy.values():
         assert privacy.steps_taken <= 4 and privacy.epsilon() <= 2.0
+
+
+def test_secret_noise_cannot_be_replayed_from_the_seed() -> None:
+    """`secret_noise`: the sampling and the noise come from os.urandom, so the same seed no longer replays ΔB (a
+    server knowing the seed could otherwise subtract the noise); seeded runs replay bit for bit."""
+    dp = DPConfig(noise_multiplier=5.0, accountant="rdp")
+
+    def delta(secret: bool) -> torch.Tensor:
+        model, data = _model(), _data(16)
+        factors = find_lora_factors(model)
+        privacy = ClientPrivacy(dp, len(data), 8, 2)
+        update = train_client(model, factors, read_state(factors), data, _ce, LocalTraining(steps=2, batch_size=8),
+                              privacy=privacy, seed=7, secret_noise=secret)
+        return torch.cat([d.reshape(-1) for d in update.delta_B.values()])
+
+    assert torch.equal(delta(False), delta(False))
+    assert not torch.equal(delta(True), delta(False)) and not torch.equal(delta(True), delta(True))
+
+
+def test_empty_clients_are_refused_by_index() -> None:
+    from specpeft.federated import dirichlet_split, sample_rate_for
+
+    clients = [_data(16, seed=1), TensorDataset(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))]
+    for dp in (None, DPConfig(noise_multiplier=1.0, accountant="rdp")):
+        with pytest.raises(ValueError, match=r"clients \[1\] have no examples"):
+            simulate(_model(), clients, _ce, rounds=1, dp=dp, progress=False)
+    with pytest.raises(ValueError, match="needs ≥ 1 example"):
+        sample_rate_for(0, 8)
+    with pytest.raises(ValueError, match="1 ≤ min_size"):
+        dirichlet_split([0, 1, 0, 1], num_clients=2, min_size=0)
+    with pytest.raises(ValueError, match=r"clients_per_round=0 must be in \[1, 2\]"):
+        simulate(_model(), clients[:1] * 2, _ce, rounds=1, clients_per_round=0, progress=False)

@@ -4,6 +4,7 @@
 ClientApp through an in-process Grid. The run must equal the core `simulate` with the same seed.
 """
 
+import logging
 import pytest
 import torch
 from torch import nn
@@ -44,17 +45,18 @@ def _ce(model: nn.Module, batch) -> torch.Tensor:
 
 DATASETS = [_data(n, seed=k) for k, n in enumerate([25, 27, 30, 32])]  # sizes differ, q = 1/4 for all (one σ search)
 LOCAL = LocalTraining(steps=2, batch_size=8, lr=0.3)
-DP = DPConfig(noise_multiplier=1.0, accountant="rdp")  # σ given: calibration is tested in test_fedsvd_dp.py
+# σ given: calibration is tested in test_fedsvd_dp.py; seeded noise, so the run can equal `simulate`
+DP = DPConfig(noise_multiplier=1.0, accountant="rdp", seeded_noise=True)
 ROUNDS, PER_ROUND = 3, 2
 
 
-def _flower_run(method: str, dp=None, fail=None):
+def _flower_run(method: str, dp=None, fail=None, **app_options):
     model = _model()
     server = make_server(method, read_state(find_lora_factors(model)))
     strategy = FedSVDStrategy(server, clients_per_round=PER_ROUND, seed=5)
     app = make_client_app(
         lambda ctx: model, lambda ctx: DATASETS[int(ctx.node_config["partition-id"])], _ce, LOCAL,
-        dp=dp, rounds=ROUNDS, participation=PER_ROUND / len(DATASETS), seed=5,
+        dp=dp, rounds=ROUNDS, participation=PER_ROUND / len(DATASETS), seed=5, **app_options,
     )
     evaluated = []
 
@@ -81,6 +83,23 @@ def test_flower_run_equals_core_simulation(method: str, dp) -> None:
         expected_epsilon = max(reference.privacy[k].epsilon() for k in reference.history[-1].sampled)
         assert result.train_metrics_clientapp[ROUNDS]["epsilon-max"] == pytest.approx(expected_epsilon, rel=1e-12)
     assert all(not rejected for rejected in strategy.rejections.values())
+
+
+def test_dp_nodes_draw_secret_noise_and_keep_private_metrics(caplog) -> None:
+    """By default a DP node's noise is not a function of the run seed the server knows (two runs differ), and its
+    train loss and clip fraction stay on the node; `seeded_noise` / `private_metrics` opt back in."""
+    dp = DPConfig(noise_multiplier=1.0, accountant="rdp")
+    finals = []
+    for _ in range(2):
+        with caplog.at_level(logging.INFO, logger="specpeft.federated"):
+            strategy, result, _ = _flower_run("fedsvd", dp)
+        finals.append(arrays_to_state(result.arrays))
+        assert "train-loss" not in result.train_metrics_clientapp[ROUNDS]
+        assert "epsilon-max" in result.train_metrics_clientapp[ROUNDS]
+    assert "kept on the node under DP" in caplog.text and "clip_fraction" in caplog.text
+    assert any(not torch.equal(finals[0][key][1], finals[1][key][1]) for key in finals[0])
+    _, shared, _ = _flower_run("fedsvd", DP, private_metrics=True)
+    assert "train-loss" in shared.train_metrics_clientapp[ROUNDS]
 
 
 def test_flower_node_failure_is_excluded() -> None:

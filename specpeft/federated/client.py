@@ -14,6 +14,7 @@ for FedAvg-LoRA). Opacus is imported lazily: it is the optional `specpeft[federa
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -133,6 +134,7 @@ def train_client(
     train_A: bool = False,
     privacy: Optional[ClientPrivacy] = None,
     seed: int = 0,
+    secret_noise: bool = False,
 ) -> ClientUpdate:
     """Run one local round from the broadcast `state` and return the factor differences.
 
@@ -152,17 +154,22 @@ def train_client(
         train_A: FedAvg-LoRA trains A too; FFA-LoRA and FedSVD keep A frozen.
         privacy: this client's DP state; None trains without DP.
         seed: seeds shuffling/Poisson sampling, the DP noise and the model's own randomness (dropout).
+        secret_noise: with DP, draw the Poisson sampling and the noise from a generator seeded by `os.urandom`
+            instead of `seed` (whoever knows `seed` could replay the noise and subtract it from ΔB).
 
     Returns:
         The update: ΔB (and ΔA), |D_k| and metrics loss, steps, seconds_per_step / cpu_seconds_per_step (the
         optimization loop's wall / process-CPU time per step, without set-up and accounting), and with DP
         epsilon, noise_multiplier, clip_fraction (share of per-sample gradients that were clipped).
     """
+    if len(dataset) == 0:
+        raise ValueError(f"train_client: client {client_id} has no examples; leave it out of the run.")
     write_state(factors, state)
     before = read_state(factors)
     trainable = [b for _, b in factors.values()] + ([a for a, _ in factors.values()] if train_A else [])
     flags = {p: p.requires_grad for p in model.parameters()}
-    generator = torch.Generator().manual_seed(seed)
+    secret = privacy is not None and secret_noise
+    generator = torch.Generator().manual_seed(secrets.randbits(64) if secret else seed)
     modes = {module: module.training for module in model.modules()}
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
@@ -180,7 +187,7 @@ def train_client(
                 losses, extra = _train_plain(model, loader, loss_fn, optimizer, local.steps)
             else:
                 losses, extra = _train_private(
-                    model, loader, loss_fn, optimizer, local.steps, trainable, privacy, generator
+                    model, loader, loss_fn, optimizer, local.steps, trainable, privacy, generator, secret
                 )
     finally:
         for p, flag in flags.items():
@@ -221,13 +228,15 @@ def _train_private(
     trainable: list[nn.Parameter],
     privacy: ClientPrivacy,
     generator: torch.Generator,
+    secret: bool,
 ) -> tuple[list[float], dict[str, float]]:
     from opacus import PrivacyEngine
 
     with warnings.catch_warnings():
-        # Expected here: no secure RNG (seeded runs), and hooks on lora_B whose input needs no gradient.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        # Expected here: hooks on lora_B whose input needs no gradient, and (a seeded run) no secure RNG on purpose.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        if not secret:
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=privacy.dp.accountant)
         engine.accountant = privacy.accountant  # the hook make_private attaches steps this persistent accountant
         hooks, dp_optimizer, dp_loader = engine.make_private(

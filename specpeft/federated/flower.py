@@ -49,6 +49,7 @@ logger = logging.getLogger("specpeft.federated")
 
 _SEP = "::"  # layer key and factor name in ArrayRecord keys: "<layer>::A", "<layer>::dB"
 _PRIVACY_KEY = "specpeft-privacy"
+_PRIVATE_METRICS = ("loss", "clip_fraction")  # functions of the private examples that DP-SGD's ε does not cover
 _SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the sender id of server messages
 BUDGET_EXHAUSTED = 1001  # Error.code of a node that refuses a round its privacy budget cannot pay for (not Flower's)
 
@@ -161,8 +162,8 @@ class FedSVDStrategy(FedAvg):
         report = self.server.aggregate(updates)
         self.rejections[server_round] = dropped + report.rejected
         metrics = {"accepted": float(len(report.weights)), "rejected": float(len(self.rejections[server_round]))}
-        if report.weights:
-            losses = {u.client_id: u.metrics.get("loss", float("nan")) for u in updates}
+        if report.weights and all("loss" in u.metrics for u in updates):  # DP nodes keep their loss (see below)
+            losses = {u.client_id: u.metrics["loss"] for u in updates}
             metrics["train-loss"] = weighted_mean(losses, report.weights)
         epsilons = [u.metrics["epsilon"] for u in updates if u.client_id in report.weights and "epsilon" in u.metrics]
         if epsilons:
@@ -189,6 +190,7 @@ def make_client_app(
     participation: float = 1.0,
     seed: int = 0,
     adapter_name: str = "default",
+    private_metrics: bool = False,
 ) -> ClientApp:
     """A ClientApp whose `train` runs `train_client` on the node's partition.
 
@@ -199,8 +201,12 @@ def make_client_app(
         rounds, participation: the run's length and m/K, which DP calibration plans for (`rounds` is required with
             `dp`). A node whose next round would spend more than the target ε (`ClientPrivacy.refusal`) answers
             with an error of code `BUDGET_EXHAUSTED` instead of training.
-        seed: the run seed; local training uses `client_seed(seed, round, partition-id)`.
+        seed: the run seed; local training uses `client_seed(seed, round, partition-id)`. With `dp`, the Poisson
+            sampling and the noise come from `os.urandom` unless `dp.seeded_noise=True` (the server knows `seed`).
         adapter_name: the LoRA adapter to train.
+        private_metrics: with `dp`, also send the train loss and clip fraction. They are computed from the private
+            examples outside the DP guarantee, so by default they stay on the node (logged at INFO); the reply
+            carries ΔB, num-examples (spec §2.13), ε, σ, steps and timings.
     """
     if dp is not None and rounds is None:
         raise ValueError("make_client_app: rounds is required with dp: σ is calibrated so that the run's rounds spend "
@@ -229,7 +235,11 @@ def make_client_app(
             train_A=bool(config["train-A"]),
             privacy=privacy,
             seed=client_seed(seed, int(config["server-round"]), partition),
+            secret_noise=dp is not None and not dp.seeded_noise,
         )
+        if privacy is not None and not private_metrics:
+            kept = {name: update.metrics.pop(name) for name in _PRIVATE_METRICS if name in update.metrics}
+            logger.info("node %d, round %s (kept on the node under DP): %s", partition, config["server-round"], kept)
         if privacy is not None:
             history = privacy.accountant.history
             context.state[_PRIVACY_KEY] = ConfigRecord(

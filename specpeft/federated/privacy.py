@@ -33,6 +33,10 @@ class DPConfig:
             exceed ε is then left out of that round.
         noise_multiplier: a fixed σ instead of calibration (ε is still accounted and reported).
         epsilon_tolerance: precision of the σ search (Opacus' `get_noise_multiplier`).
+        seeded_noise: draw the Poisson sampling and the Gaussian noise from the round's seed (a run replays bit for
+            bit) instead of from a generator seeded by `os.urandom` (a server that knows the run seed cannot replay
+            the noise and cancel it out of ΔB). None (default): seeded in `simulate` (one process, nobody to hide
+            from), secret in `flower.make_client_app`. Neither is a CSPRNG; Opacus' `secure_mode` needs torchcsprng.
     """
 
     target_epsilon: float = 6.0
@@ -42,6 +46,7 @@ class DPConfig:
     calibrate_for: Literal["all_rounds", "expected"] = "all_rounds"
     noise_multiplier: Optional[float] = None
     epsilon_tolerance: float = 0.01
+    seeded_noise: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0 or not 0 < self.target_delta < 1:
@@ -61,6 +66,8 @@ class DPConfig:
 
 def sample_rate_for(num_examples: int, batch_size: int) -> float:
     """Poisson rate q = 1/⌈|D|/batch_size⌉, exactly what Opacus' `make_private` derives from the data loader."""
+    if num_examples < 1:
+        raise ValueError(f"sample_rate_for: a DP client needs ≥ 1 example (got {num_examples}); leave empty clients out.")
     return 1.0 / math.ceil(num_examples / batch_size)
 
 

@@ -113,10 +113,10 @@ def dirichlet_split(
         K sorted index arrays that partition range(len(labels)).
     """
     labels = np.asarray(labels)
-    if num_clients < 1 or not alpha > 0 or min_size * num_clients > len(labels):
+    if num_clients < 1 or not alpha > 0 or min_size < 1 or min_size * num_clients > len(labels):
         raise ValueError(
             f"dirichlet_split: need num_clients ≥ 1 (got {num_clients}), alpha > 0 (got {alpha}) and "
-            f"min_size·num_clients ≤ {len(labels)} examples (got {min_size}·{num_clients})."
+            f"1 ≤ min_size, min_size·num_clients ≤ {len(labels)} examples (got {min_size}·{num_clients})."
         )
     rng = np.random.default_rng(seed)
     for _ in range(100):
@@ -240,13 +240,16 @@ def simulate(
         dropout_rate: probability that a sampled client silently drops out of a round.
         update_hook: (round, client, update) -> update or None; sees every update before the server, to
             simulate a lossy or faulty network (None = the update never arrives).
-        seed: seeds client sampling, drop-outs, local shuffling and DP noise.
+        seed: seeds client sampling, drop-outs, local shuffling and DP noise (unless `dp.seeded_noise=False`).
         progress: show a progress bar.
     """
     num_clients = len(client_datasets)
-    m = clients_per_round or num_clients
+    m = num_clients if clients_per_round is None else clients_per_round
     if not 1 <= m <= num_clients:
         raise ValueError(f"simulate: clients_per_round={clients_per_round} must be in [1, {num_clients}].")
+    empty = [k for k, data in enumerate(client_datasets) if len(data) == 0]
+    if empty:
+        raise ValueError(f"simulate: clients {empty} have no examples; leave them out of client_datasets.")
     if rounds < 1 or eval_every < 1 or not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"simulate: rounds={rounds}, eval_every={eval_every} must be ≥ 1, dropout_rate in [0, 1).")
     require_active(model, adapter_name, "simulate")
@@ -275,6 +278,7 @@ def simulate(
                     update: Optional[ClientUpdate] = train_client(
                         model, factors, broadcast, client_datasets[k], loss_fn, local, client_id=k,
                         train_A=server.trains_A, privacy=privacy.get(k), seed=client_seed(seed, round_, k),
+                        secret_noise=dp is not None and dp.seeded_noise is False,
                     )
                     update = update_hook(round_, k, update) if update_hook is not None else update
                     reason = None if update is not None else "dropped out (no update received)"
