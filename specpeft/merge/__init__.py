@@ -5,9 +5,9 @@
     inspect_adapter(adapter_dir, base=base_dir)                   # `specpeft inspect`
 """
 
-from .checkpoint import match_keys
 from .export import MergeResult, merge_adapter
 from .inspection import AdapterSummary, LayerStats, inspect_adapter, plot_spectra
+from .key_matching import match_keys
 from .lora import ConversionReport, LayerConversion, convert_to_lora
 from .state_dict import LayerDelta, SavedAdapter, load_saved_adapter
 

@@ -1,4 +1,4 @@
-"""File access for export: lazy tensor files, a base model's shards, a streaming safetensors writer, key matching.
+"""File access for export: lazy tensor files, a base model's shards, a streaming safetensors writer.
 
 Memory is bounded by one tensor, not one shard: a tensor is read by reopening its shard (a kept-open handle keeps
 every page it touched resident), and the writer emits the header first (shapes and dtypes are known from the
@@ -10,16 +10,17 @@ bitsandbytes checkpoints (saved from a model loaded with `BitsAndBytesConfig`) a
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from safetensors import safe_open
-from torch import Tensor
+from torch import Tensor, nn
+
+from .key_matching import match_keys, meta_model, saved_names, stores_transposed, tied_embedding_keys
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -173,9 +174,18 @@ class BaseCheckpoint:
             raise ValueError(f"Cannot read tensor '{key}' from '{path}': {exc}. The file is corrupted.") from exc
 
     @functools.cached_property
+    def architecture(self) -> Optional[nn.Module]:
+        """config.json's model built on the meta device (`key_matching.meta_model`), or None."""
+        return meta_model(self.directory, self.config)
+
+    @functools.cached_property
     def tied_embeddings(self) -> Optional[tuple[str, str]]:
         """(output, input) word-embedding keys that config.json ties, or None (`tied_embedding_keys`)."""
-        return tied_embedding_keys(self.directory, self.config)
+        return tied_embedding_keys(self.architecture)
+
+    def stores_transposed(self, key: str) -> Optional[bool]:
+        """Whether the architecture stores weight `key` as (in, out) (transformers' Conv1D); None when unknown."""
+        return stores_transposed(self.architecture, key)
 
     @functools.cached_property
     def aliases(self) -> dict[str, str]:
@@ -198,7 +208,28 @@ class BaseCheckpoint:
             f" '{self.directory}' has no config.json: if the missing key is an output embedding tied to the input "
             "embedding (stored once, under the input embedding's key), copy the model's config.json next to its "
             "weights so the tie can be found.")
-        return match_keys(wanted, self.readable_keys, f"the base checkpoint '{self.directory}'", hint)
+        try:
+            return match_keys(wanted, self.readable_keys, f"the base checkpoint '{self.directory}'", hint)
+        except ValueError:
+            renamed = self._match_through_architecture(wanted)
+            if renamed is None:
+                raise
+            return renamed
+
+    def _match_through_architecture(self, wanted: Sequence[str]) -> Optional[dict[str, str]]:
+        """transformers ≥ 5 renames some architectures' weights on load and back on save (ViT, the Llava family):
+        match the training model's keys onto the architecture's in-memory names, then name each as it is saved."""
+        model = self.architecture
+        if model is None:
+            return None
+        try:
+            onto_model = match_keys(wanted, model.state_dict().keys())
+        except ValueError:
+            return None
+        saved = saved_names(model, onto_model.values())
+        mapping = {key: saved[onto_model[key]] for key in wanted}
+        readable = set(self.readable_keys)
+        return mapping if all(value in readable for value in mapping.values()) else None
 
     def dense_info(self, key: str) -> tuple[str, tuple[int, ...]]:
         """(dtype name, shape) of a logical tensor: the dequantized values for a bnb weight."""
@@ -325,77 +356,3 @@ def _numel(shape: Sequence[int]) -> int:
     for dim in shape:
         count *= int(dim)
     return count
-
-
-# -- key matching -----------------------------------------------------------------------------------------------
-
-
-def tied_embedding_keys(directory: str, config: dict[str, Any]) -> Optional[tuple[str, str]]:
-    """The (output, input) word-embedding weight keys a transformers model ties, or None.
-
-    Read from the model itself: config.json's `architectures[0]` built on the meta device from its own config class
-    (no weights, no remote code), asked for `get_output_embeddings` / `get_input_embeddings`, when the config ties
-    them. None for a directory transformers cannot build this way (no config, custom code, a config this
-    transformers cannot read): then no tie is known, and a merge that never touches the embeddings needs none.
-    """
-    architectures = config.get("architectures") or []
-    if not architectures:
-        return None
-    import transformers
-
-    model_cls = getattr(transformers, architectures[0], None)
-    if model_cls is None or getattr(model_cls, "config_class", None) is None:
-        return None
-    try:
-        model_config = model_cls.config_class.from_pretrained(directory)
-        if not getattr(model_config.get_text_config(), "tie_word_embeddings", False):
-            return None
-        with torch.device("meta"):
-            model = model_cls(model_config)
-    except Exception:  # any config or model this transformers cannot build: the tie stays unknown (docstring)
-        return None
-    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    names = {id(module): name for name, module in model.named_modules()}
-    if output is None or embedding is None or id(output) not in names:
-        return None
-    return f"{names[id(output)]}.weight", f"{names[id(embedding)]}.weight"
-
-
-def match_keys(wanted: Sequence[str], available: Collection[str], where: str = "the base checkpoint",
-               hint: str = "") -> dict[str, str]:
-    """Map state-dict keys of the training model onto keys of a saved checkpoint.
-
-    Keys match as they are, or under one prefix change applied to every key: the training model and the saved
-    checkpoint can differ by a head wrapper (`model.` of a *ForCausalLM, `bert.` of a BertFor*, ...).
-
-    Raises:
-        ValueError: naming the first key that matches under no single prefix change, with close checkpoint keys.
-    """
-    available = set(available)
-    missing = [key for key in wanted if key not in available]
-    if not missing:
-        return {key: key for key in wanted}
-    probe = missing[0]
-    candidates: list[Callable[[str], str]] = []
-    for key in sorted(available):
-        if key.endswith("." + probe):
-            head = key[: -len(probe)]
-            candidates.append(lambda k, head=head: head + k)
-        elif probe.endswith("." + key):
-            cut = len(probe) - len(key)
-            head = probe[:cut]
-            candidates.append(lambda k, head=head, cut=cut: k[cut:] if k.startswith(head) else k)
-    best, best_hits = {key: key for key in wanted}, len(wanted) - len(missing)
-    for transform in candidates:
-        mapped = {key: transform(key) for key in wanted}
-        hits = sum(value in available for value in mapped.values())
-        if hits == len(wanted):
-            return mapped
-        if hits > best_hits:
-            best, best_hits = mapped, hits
-    # name the first key that fails under the prefix change explaining the most keys
-    culprit = next(key for key, value in best.items() if value not in available)
-    close = difflib.get_close_matches(best[culprit], list(available), n=3, cutoff=0.5)
-    close_hint = f" Close keys there: {', '.join(close)}." if close else ""
-    raise ValueError(f"Adapter key '{culprit}' matches no tensor of {where} (neither as is nor under one prefix "
-                     f"change).{close_hint} Pass the base model the adapter was trained on.{hint}")

@@ -140,6 +140,9 @@ def merge_adapter(
                        len(checkpoint.files), total, dtype, time.perf_counter() - start, notes)
 
 
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")  # peft LoRA inits that subtract their start from W
+
+
 def _plan_keys(saved: SavedAdapter, checkpoint: BaseCheckpoint
                ) -> tuple[dict[str, LayerDelta], dict[str, Callable[[], Tensor]], list[str]]:
     """Map every adapted layer and saved module onto a base key, and check the shapes (before writing anything)."""
@@ -148,8 +151,17 @@ def _plan_keys(saved: SavedAdapter, checkpoint: BaseCheckpoint
     layer_for, notes = {}, []
     for layer in saved.layers.values():
         key = mapping[layer.weight_key]
-        layer.fit_storage(checkpoint.dense_info(key)[1], key)
+        layer.fit_storage(checkpoint, key)
         layer_for[key] = layer
+    init = str(saved.config.get("init_lora_weights")).lower()
+    if saved.peft_type == "LORA" and init.startswith(_BASE_REWRITING_INITS):
+        notes.append(
+            f"adapter_config.json has init_lora_weights={saved.config['init_lora_weights']!r}: peft rewrote the base "
+            "weights when it created this adapter, so ΔW is relative to that rewritten base. Merge onto the rewritten "
+            "base, or first save the adapter with peft's path_initial_model_for_weight_conversion (a plain LoRA "
+            "relative to the original base)."
+        )
+        warnings.warn(notes[-1])
     trained_quantized = [layer.name for layer in saved.layers.values() if layer.quantized]
     if trained_quantized and not checkpoint.quantized:
         notes.append(
@@ -166,7 +178,8 @@ def _plan_keys(saved: SavedAdapter, checkpoint: BaseCheckpoint
         shape = tuple(read().shape)
         if shape != stored:
             raise ValueError(f"Saved module tensor '{key}' in '{saved.path}' has shape {shape}, but base tensor "
-                             f"'{target}' has {stored}. Pass the base model the adapter was trained on.")
+                             f"'{target}' has {stored}. Pass the base model the adapter was trained on (if its "
+                             "vocabulary was resized for training, save the resized model and pass that).")
         override_for[target] = read
     return layer_for, override_for, notes
 

@@ -100,7 +100,7 @@ def inspect_adapter(adapter: str | os.PathLike, base: Optional[str | os.PathLike
         weight = None
         if checkpoint is not None:
             key = mapping[layer.weight_key]
-            layer.fit_storage(checkpoint.dense_info(key)[1], key)
+            layer.fit_storage(checkpoint, key)
             weight = layer.from_storage(checkpoint.read_dense(key).float())
         delta = layer.delta_weight(weight)
         matrix = delta.reshape(layer.matrix_shape)  # (out, in/g, *k) -> (out, in/g·prod(k))

@@ -18,7 +18,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -154,7 +154,8 @@ def factorize(layer: LayerDelta, delta: Tensor, rank: Optional[int], energy: Opt
         factors = [_block_factors(m, block_rank, svd) for m in blocks]
     else:
         full = [torch.linalg.svd(m.float(), full_matrices=False) for m in blocks]  # U (m, k), S (k,), Vᵀ (k, n)
-        block_rank = max(energy_rank(S, energy) if float(S.max()) > 0 else 1 for _, S, _ in full)
+        block_rank = max(energy_rank(S[:_numerical_rank(S, m.shape)], energy) if float(S.max()) > 0 else 1
+                         for m, (_, S, _) in zip(blocks, full))
         factors = [(Vh[:block_rank], U[:, :block_rank] * S[:block_rank]) for U, S, Vh in full]
     residual = sum(float((m.double() - b.double() @ a.double()).pow(2).sum()) for m, (a, b) in zip(blocks, factors))
     total = sum(float(m.double().pow(2).sum()) for m in blocks)
@@ -197,8 +198,15 @@ def _check_base(saved: SavedAdapter, base: Optional[str]) -> tuple[Optional[Base
     keys = [layer.weight_key for layer in saved.layers.values()]
     mapping = checkpoint.match(keys)
     for layer in saved.layers.values():
-        layer.fit_storage(checkpoint.dense_info(mapping[layer.weight_key])[1], mapping[layer.weight_key])
+        layer.fit_storage(checkpoint, mapping[layer.weight_key])
     return checkpoint, mapping
+
+
+def _numerical_rank(singular_values: Tensor, shape: Sequence[int]) -> int:
+    """Components above fp32 rounding (numpy's matrix_rank tolerance σ_max·max(m, n)·ε): `energy=1.0` then keeps
+    a low-rank ΔW's rank instead of its rounding noise."""
+    tolerance = float(singular_values[0]) * max(shape) * torch.finfo(torch.float32).eps
+    return max(1, int((singular_values > tolerance).sum()))
 
 
 def _lora_config(saved: SavedAdapter, report: ConversionReport, checkpoint: Optional[BaseCheckpoint],

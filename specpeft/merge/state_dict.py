@@ -25,7 +25,7 @@ from torch import Tensor
 from .._peft_compat import BufferDict
 from ..adapters.geometry import LayerGeometry
 from ..registry import get_method
-from .checkpoint import TensorFile
+from .checkpoint import BaseCheckpoint, TensorFile
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -94,17 +94,21 @@ class LayerDelta:
             raise ValueError(f"Layer '{self.name}': ΔW has shape {tuple(delta.shape)}, expected {self.weight_shape}.")
         return delta
 
-    def fit_storage(self, shape: Sequence[int], key: str) -> None:
-        """Check the base weight's stored shape; settle a LoRA layer's layout from it.
+    def fit_storage(self, checkpoint: BaseCheckpoint, key: str) -> None:
+        """Check the base weight `key`'s stored shape; settle a LoRA layer's layout against the base.
 
-        A LoRA file records `fan_in_fan_out` once per adapter, but peft flips it per layer (Conv1D vs Linear), so
-        for a non-square LoRA weight the base shape decides.
+        A LoRA file records `fan_in_fan_out` once per adapter, but peft flips it per layer (Conv1D vs Linear): the
+        base's architecture decides (`BaseCheckpoint.stores_transposed`), else a non-square weight's stored shape,
+        else (a square weight of an architecture that cannot be built) the file's flag.
         """
-        shape = tuple(shape)
-        if not self.layout_known and self.kind == "linear" and self.weight_shape[0] != self.weight_shape[1]:
-            if shape == self.weight_shape[::-1]:
+        shape = tuple(checkpoint.dense_info(key)[1])
+        if not self.layout_known and self.kind == "linear":
+            transposed = checkpoint.stores_transposed(key)
+            if transposed is not None:
+                self.fan_in_fan_out = transposed
+            elif shape == self.weight_shape[::-1] != self.weight_shape:
                 self.fan_in_fan_out = True
-            elif shape == self.weight_shape:
+            elif shape == self.weight_shape != self.weight_shape[::-1]:
                 self.fan_in_fan_out = False
         if shape != self.storage_shape:
             raise ValueError(f"Base tensor '{key}' has shape {shape}, but the adapter of layer '{self.name}' expects "
@@ -167,7 +171,12 @@ def load_saved_adapter(path: str | os.PathLike) -> SavedAdapter:
     path = os.fspath(path)
     config_file = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"No {ADAPTER_CONFIG} in '{path}': pass the directory written by save_pretrained.")
+        # save_pretrained of several adapters writes each non-default one into a subfolder named after it
+        named = sorted(name for name in (os.listdir(path) if os.path.isdir(path) else [])
+                       if os.path.isfile(os.path.join(path, name, ADAPTER_CONFIG)))
+        hint = f" It holds adapters in subfolders: {', '.join(named)}; pass one of those." if named else ""
+        raise FileNotFoundError(
+            f"No {ADAPTER_CONFIG} in '{path}': pass the directory written by save_pretrained.{hint}")
     try:
         with open(config_file) as fh:
             config = json.load(fh)
@@ -192,10 +201,23 @@ def load_saved_adapter(path: str | os.PathLike) -> SavedAdapter:
 # -- specpeft methods -------------------------------------------------------------------------------------------
 
 
-def _base_key(key: str) -> str:
-    """A saved full tensor's key in base-model naming: peft saves a wrapped layer's own weight (save_embedding_layers,
-    bias="all") under `<layer>.base_layer.<leaf>`."""
-    return key[len(MODEL_PREFIX):].replace(".base_layer.", ".")
+def _base_key(key: str) -> Optional[str]:
+    """A saved full tensor's key in base-model naming, or None for a copy of the untrained base tensor.
+
+    peft saves a wrapped layer's own weight (save_embedding_layers, bias="all") under `<layer>.base_layer.<leaf>`;
+    for a resized embedding in `modules_to_save` it writes `<layer>.modules_to_save.<leaf>` (the trained copy, also
+    saved as `<layer>.<leaf>`) and `<layer>.original_module.<leaf>` (the base's, skipped).
+    """
+    key = key[len(MODEL_PREFIX):]
+    if ".original_module." in key:
+        return None
+    return key.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+
+
+def _add_override(overrides: dict[str, Callable[[], Tensor]], files: TensorFile, key: str) -> None:
+    base_key = _base_key(key)
+    if base_key is not None:
+        overrides[base_key] = _reader(files, key)
 
 
 def _parse_method(config_file: str, peft_type: str, files: TensorFile) -> tuple[dict[str, LayerDelta], dict]:
@@ -217,7 +239,7 @@ def _parse_method(config_file: str, peft_type: str, files: TensorFile) -> tuple[
         elif key.startswith(shared_head):
             shared_keys.append(key)
         elif key.startswith(MODEL_PREFIX):
-            overrides[_base_key(key)] = _reader(files, key)
+            _add_override(overrides, files, key)
         else:
             raise ValueError(f"{files.path}: key '{key}' is neither an adapter tensor nor a saved module.")
     shared = None
@@ -287,7 +309,7 @@ def _parse_lora(config: dict, files: TensorFile) -> tuple[dict[str, LayerDelta],
             parts.setdefault(match["module"], {})[match["part"]] = key
         elif key.startswith(MODEL_PREFIX) and ".lora_" not in key:
             # a full base weight saved with the adapter (save_embedding_layers): it replaces the base tensor
-            overrides[_base_key(key)] = _reader(files, key)
+            _add_override(overrides, files, key)
         else:
             raise ValueError(f"{files.path}: key '{key}' is not a LoRA factor this exporter understands.")
     return {name: _lora_layer(name, found, config, files) for name, found in parts.items()}, overrides
