@@ -86,7 +86,7 @@ def test_a_failed_injection_leaves_the_model_as_it_was(failure: str) -> None:
             model.lin1.weight[0, 0] = float("nan")
         config = specpeft.SoKAConfig(target_modules=["lin0", "lin1"])
     else:
-        config = specpeft.SoKAConfig(target_modules=["lin0", "lin1"], param_budget=1)
+        config = specpeft.SoKAConfig(target_modules=["lin0", "lin1"], max_rank=None, param_budget=1)
     before = _structure(model)
     with pytest.raises(ValueError, match="NaN or Inf" if failure == "initializer" else "param_budget=1"):
         specpeft.get_adapter_model(model, config)
@@ -96,7 +96,7 @@ def test_a_failed_injection_leaves_the_model_as_it_was(failure: str) -> None:
     x = torch.randn(3, 24)
     expected, before = adapted(x), _structure(adapted)
     with pytest.raises(ValueError, match="param_budget=1"):
-        adapted.add_adapter("second", specpeft.SoKAConfig(target_modules=["lin0", "lin1"], param_budget=1))
+        adapted.add_adapter("second", specpeft.SoKAConfig(target_modules=["lin0", "lin1"], max_rank=None, param_budget=1))
     assert _structure(adapted) == before and "second" not in adapted.peft_config
     assert all("second" not in layer.adapters for _, layer in adapted_layers(adapted))
     torch.testing.assert_close(adapted(x), expected, atol=0, rtol=0)
@@ -121,7 +121,7 @@ def test_failed_fedsvd_and_modules_to_save_injections_are_rolled_back() -> None:
     before, keys = _structure(adapted), set(adapted.state_dict())
     with pytest.raises(ValueError, match="param_budget=1"):
         adapted.add_adapter("second", specpeft.SoKAConfig(target_modules=["lin0"], modules_to_save=["lin1"],
-                                                          param_budget=1))
+                                                          max_rank=None, param_budget=1))
     assert _structure(adapted) == before and set(adapted.state_dict()) == keys
 
 
@@ -319,6 +319,38 @@ def test_merge_of_a_float64_model_is_exact_in_float64(method: str) -> None:
     model.unmerge_adapter()
     for name, layer in layers:
         torch.testing.assert_close(layer.get_base_layer().weight, before[name], atol=1e-15, rtol=1e-15)
+
+
+@pytest.mark.parametrize("method", ["svfit", "soka", "flora"])
+def test_merge_writes_through_a_weight_norm_parametrization(method: str) -> None:
+    """A weight-normed conv (wav2vec2's positional conv) recomputes its weight from (g, v) on every read: merge
+    writes W + ΔW through the parametrization (a plain write was lost while the layer counted as merged)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from method_configs import small_config
+
+    class PositionalConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = weight_norm(nn.Conv1d(8, 8, 5, padding=2), name="weight", dim=2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    adapted = specpeft.get_adapter_model(PositionalConv(), small_config(method, ["conv"]))
+    perturb(adapted, 0.3)
+    x = torch.randn(2, 8, 11, generator=torch.Generator().manual_seed(1))
+    expected = adapted(x)
+    (_, layer), = adapted_layers(adapted)
+    before = layer.get_base_layer().weight.detach().clone()
+    adapted.merge_adapter()
+    torch.testing.assert_close(layer.get_base_layer().weight, before + layer.get_delta_weight("default"),
+                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(adapted(x), expected, atol=1e-5, rtol=1e-5)
+    adapted.unmerge_adapter()
+    torch.testing.assert_close(layer.get_base_layer().weight, before, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(adapted.merge_and_unload()(x), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("compress_statistics", [False, True])

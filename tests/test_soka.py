@@ -270,6 +270,9 @@ def test_bad_options_name_the_field() -> None:
         SoKAConfig(target_modules=["x"], energy_threshold=0.0)
     with pytest.raises(ValueError, match="param_budget"):
         SoKAConfig(target_modules=["x"], param_budget=0)
+    with pytest.raises(ValueError, match="param_budget=100 has no effect with max_rank=1.*max_rank=None"):
+        SoKAConfig(target_modules=["x"], param_budget=100)  # the default max_rank would clamp every layer to 1
+    SoKAConfig(target_modules=["x"], r=2, param_budget=100)  # fixed ranks: the budget can drop components
     with pytest.raises(TypeError, match="rank_rule"):
         SoKAConfig(target_modules=["x"], rank_rule="median")
     with pytest.raises(ValueError, match="exceeds"):
@@ -337,3 +340,27 @@ def test_triton_backend_runs_the_kronecker_kernel(monkeypatch: pytest.MonkeyPatc
     for name, expected in eager.items():
         assert expected.norm() > 0, name
         assert _rel_err(fused[name], expected) <= 1e-5, f"{name}: {_rel_err(fused[name], expected):.2e}"
+
+
+def test_delta_of_a_float64_adapter_is_float64() -> None:
+    """After model.double(), ΔW = Σ A_k⊗B_k − Σ A⁰_k⊗B⁰_k is built in fp64 (an fp32 build is off by ~1e-7)."""
+    torch.manual_seed(0)
+    model = specpeft.get_adapter_model(PrimeMLP(), SoKAConfig(target_modules=["p0", "p1"], r=2)).double()
+    for _, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            p.data.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=F64))
+    for _, layer in adapted(model):
+        adapter = layer.adapters["default"]
+        d_out, d_in = layer.geometry.matrix_shape
+        reference = sum(torch.kron(a, b) for a, b in zip(adapter.A, adapter.B)) - sum(
+            torch.kron(a, b) for a, b in zip(adapter.A0, adapter.B0))  # fp64 (m1·m2, n1·n2), padded
+        delta = adapter.delta_weight()
+        assert delta.dtype == F64
+        torch.testing.assert_close(delta, reference[:d_out, :d_in], atol=1e-14, rtol=0)
+
+
+def test_a_too_large_rank_names_the_option_that_set_it() -> None:
+    with pytest.raises(ValueError, match=r"set by SoKAConfig.rank_pattern\['p0'\]"):
+        specpeft.get_adapter_model(PrimeMLP(), SoKAConfig(target_modules=["p0", "p1"], rank_pattern={"p0": 99}))
+    with pytest.raises(ValueError, match=r"set by SoKAConfig.r\."):
+        specpeft.get_adapter_model(PrimeMLP(), SoKAConfig(target_modules=["p0", "p1"], r=99))

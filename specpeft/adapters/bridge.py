@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .._peft_compat import (
@@ -153,7 +154,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
                         f"NaN or Inf in the merged weight of layer '{self.key}' for adapter '{name}'; the adapter "
                         "is broken (check the learning rate). Nothing was merged into this layer."
                     )
-                self.set_base_weight(merged)
+                self._store_base_weight(merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -165,7 +166,24 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
             with torch.no_grad():
                 weight = self.get_base_weight()
                 delta = self.get_delta_weight(name).to(weight.device)
-                self.set_base_weight((widened(weight) - delta).to(weight.dtype))
+                self._store_base_weight((widened(weight) - delta).to(weight.dtype))
+
+    def _store_base_weight(self, weight: Tensor) -> None:
+        """Write W back. A parametrized weight (weight_norm, as in wav2vec2's positional conv) is recomputed from its
+        originals on every read, so it is written through the parametrization's right_inverse (a plain write
+        would be lost and the layer would look merged while computing the base)."""
+        base = self.get_base_layer()
+        if not parametrize.is_parametrized(base, "weight"):
+            self.set_base_weight(weight)
+            return
+        try:
+            base.weight = weight
+        except NotImplementedError as exc:
+            raise ValueError(
+                f"Layer '{self.key}': its weight is parametrized ({type(base.parametrizations.weight[0]).__name__}) "
+                "without a right_inverse, so a merged weight cannot be stored. Run it unmerged, or call "
+                "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') before adapting it."
+            ) from exc
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return self.geometry.kind == "linear"

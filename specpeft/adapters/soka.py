@@ -64,7 +64,7 @@ class SoKAConfig(SpecPeftConfig):
         max_rank: clamp on the selected rank (None: `spectrum_size`). The default 1 is the paper's budget: 0.99M
             parameters on LLaMA2-7B ≈ one 64×64 ⊗ 64×64 component (8,192) per q/k/v/o matrix (spec §2.5). On
             pretrained weights the clamp decides every layer (τ = 0.9 needs more than 64 σ; elbows fall at 5–30),
-            so raise it, or set `param_budget`, to let energy/elbow choose. Each component adds 2 stacked Kronecker
+            so raise it (None: no clamp) to let energy/elbow choose, with `param_budget` capping the total. Each component adds 2 stacked Kronecker
             products to the forward, about 2·(n1·m2·(n2 + m1))/(d_out·d_in) of the base layer's FLOPs (6 % for
             64×64 ⊗ 64×64 on 4096×4096, 21 % for 16×16 ⊗ 24×24 on 384×384): fwd+bwd ÷ frozen base is ≈ 1.1 at
             r = 1, 1.3 at r = 2 and 1.5 at r = 4 on 4096² (benchmarks/soka_speed.py).
@@ -99,16 +99,29 @@ class SoKAConfig(SpecPeftConfig):
             raise ValueError(f"SoKAConfig.spectrum_size={self.spectrum_size}: must be ≥ 1 (e.g. 64).")
         if self.param_budget is not None and self.param_budget < 1:
             raise ValueError(f"SoKAConfig.param_budget={self.param_budget}: must be ≥ 1 or None (no budget).")
+        if self.param_budget is not None and self.max_rank == 1 and self.r is None and not self.rank_pattern:
+            raise ValueError(
+                f"SoKAConfig.param_budget={self.param_budget} has no effect with max_rank=1: every selected rank is "
+                "clamped to 1 and the budget never drops a layer's last component. Set max_rank=None (or a cap > 1) "
+                "to let energy/elbow choose within the budget."
+            )
         for key, rank in self.rank_pattern.items():
             if rank < 1:
                 raise ValueError(f"SoKAConfig.rank_pattern[{key!r}]={rank}: ranks must be ≥ 1.")
 
     def rank_for(self, name: str) -> Optional[int]:
         """The fixed rank for module `name` (rank_pattern, then r), or None for per-layer selection."""
-        for key, rank in self.rank_pattern.items():
-            if name == key or name.endswith("." + key) or re.fullmatch(key, name):
-                return rank
-        return self.r
+        key = self._pattern_key(name)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def rank_source(self, name: str) -> str:
+        """The option that sets module `name`'s fixed rank, for error messages."""
+        key = self._pattern_key(name)
+        return "SoKAConfig.r" if key is None else f"SoKAConfig.rank_pattern[{key!r}]"
+
+    def _pattern_key(self, name: str) -> Optional[str]:
+        return next((key for key in self.rank_pattern
+                     if name == key or name.endswith("." + key) or re.fullmatch(key, name)), None)
 
 
 class SoKAAdapter(MethodAdapter):
@@ -159,8 +172,8 @@ class SoKAAdapter(MethodAdapter):
         if rank is not None and rank > shape.max_components:
             raise ValueError(
                 f"SoKA layer '{name}': r={rank} exceeds the {shape.max_components} Kronecker components of its "
-                f"{d_out}×{d_in} weight with factors {shape.a_shape}⊗{shape.b_shape}. Lower SoKAConfig.r or add a "
-                "rank_pattern entry for this layer."
+                f"{d_out}×{d_in} weight with factors {shape.a_shape}⊗{shape.b_shape}, set by "
+                f"{config.rank_source(name)}. Lower it, or add a rank_pattern entry for this layer."
             )
         if weight is None:
             if rank is None:
@@ -235,7 +248,7 @@ class SoKAAdapter(MethodAdapter):
 
     def delta_weight(self) -> Tensor:
         d_out, d_in = self.geometry.matrix_shape
-        delta = kron_sum(*self._stacked_factors(torch.float32))  # (m1·m2, n1·n2), padded
+        delta = kron_sum(*self._stacked_factors(torch.promote_types(self.A.dtype, torch.float32)))  # (m1·m2, n1·n2)
         return delta[:d_out, :d_in].reshape(self.geometry.weight_shape)  # crop, then (out, in/groups, *k)
 
     def _factored(self, x: Tensor, base_out: Tensor | None = None) -> Tensor:
