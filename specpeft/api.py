@@ -6,23 +6,21 @@ import copy
 import difflib
 import json
 import os
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from torch import nn
 
 from ._peft_compat import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig, PeftModel, get_peft_model
-from .adapters.config import CONFIG_NAME
+from .adapters.config import CONFIG_NAME, find_config_file
 from .registry import get_method
 
 ConfigLike = Union[Any, str, os.PathLike]
 
 
-def load_config(path: str | os.PathLike) -> Any:
-    """Read an adapter config from an `adapter_config.json` file or the directory holding one."""
-    path = os.fspath(path)
-    file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"No adapter config at '{path}': pass an adapter_config.json or its directory.")
+def load_config(path: str | os.PathLike, subfolder: Optional[str] = None, **hub_options: Any) -> Any:
+    """Read an adapter config from an `adapter_config.json` file, the directory holding one, or a Hub repo id
+    (`find_config_file`)."""
+    file = find_config_file(os.fspath(path), subfolder, **hub_options)
     with open(file) as fh:
         peft_type = json.load(fh).get("peft_type")
     if peft_type is None:
@@ -57,7 +55,14 @@ def get_adapter_model(model: nn.Module, config: ConfigLike, adapter_name: str = 
         `merge_and_unload`, ... all work as for LoRA.
     """
     if isinstance(config, (str, os.PathLike)):
-        config = load_config(config)
+        path, config = config, load_config(config)
+        if _is_stock_peft_type(config.peft_type):
+            raise ValueError(
+                f"'{os.fspath(path)}' holds a stock peft {getattr(config.peft_type, 'value', config.peft_type)} config "
+                "(FedSVD adapters are saved as plain LoRA, which does not record FedSVD). For a fresh FedSVD adapter "
+                f"pass FedSVDConfig(r={getattr(config, 'r', 8)}, target_modules=...); for peft's own method use "
+                "peft.get_peft_model."
+            )
     spec = get_method(config)
     # A saved adapter's config (read by path, load_config, from_json_file or from_pretrained: it carries the per-layer
     # records a fresh config never has) seeds a fresh, initialized, trainable adapter: peft saved it with
@@ -71,7 +76,7 @@ def get_adapter_model(model: nn.Module, config: ConfigLike, adapter_name: str = 
         return get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
     except ValueError as exc:
         if "not found in the base model" in str(exc) or "No modules were targeted" in str(exc):
-            raise ValueError(_no_match_message(model, config)) from exc
+            raise ValueError(_no_match_message(model, config, exc)) from exc
         raise
 
 
@@ -92,7 +97,7 @@ def load_adapter_model(
         **kwargs: forwarded to `peft.PeftModel.from_pretrained`.
     """
     path = os.fspath(path)
-    peft_type = load_config(path).peft_type
+    peft_type = load_config(path, **kwargs).peft_type
     if not _is_stock_peft_type(peft_type):
         get_method(peft_type)  # a specpeft method must be registered (an unknown one is named); peft loads it below
     try:
@@ -106,8 +111,13 @@ def load_adapter_model(
         raise
 
 
-def _no_match_message(model: nn.Module, config: Any) -> str:
+def _no_match_message(model: nn.Module, config: Any, exc: Exception) -> str:
     targets = config.target_modules
+    narrowed = [option for option in ("exclude_modules", "layers_to_transform", "layers_pattern")
+                if getattr(config, option, None) not in (None, [], "")]
+    if narrowed:  # the targets may well match, and these options remove every match: peft's message says which
+        return (f"{type(config).__name__}: no module of {type(model).__name__} is left to adapt: target_modules="
+                f"{targets!r} together with {' and '.join(narrowed)} selects nothing. peft says: {exc}")
     wanted = [targets] if isinstance(targets, str) else list(targets or [])
     leaf_names = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
     hints = sorted({m for t in wanted for m in difflib.get_close_matches(t.rsplit(".", 1)[-1], leaf_names, n=3)})

@@ -179,9 +179,71 @@ def test_unsupported_layer_type_names_module() -> None:
         specpeft.get_adapter_model(model, SVFitConfig(target_modules=["0"]))
 
 
-def test_adapter_name_with_prefix_is_rejected() -> None:
+def test_adapter_name_with_prefix_is_rejected(tmp_path) -> None:
     with pytest.raises(ValueError, match="contains the method prefix"):
         specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"]), adapter_name="svfit_run")
+    # a name that merely contains the method's name ("svfit", no underscore) saves and reloads
+    model = specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"]), adapter_name="svfitness")
+    perturb(model, 0.3)
+    model.save_pretrained(str(tmp_path))
+    reloaded = specpeft.load_adapter_model(_mlp(), tmp_path / "svfitness", adapter_name="svfitness")
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(reloaded(x), model(x), atol=0, rtol=0)
+
+
+def test_a_config_read_by_from_pretrained_must_get_its_checkpoint(tmp_path) -> None:
+    """`SVFitConfig.from_pretrained` describes a checkpoint (no initializer runs); an adapter built from it without
+    loading one is refused at its first forward or merge instead of training silently from zeros."""
+    import peft
+
+    specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"])).save_pretrained(str(tmp_path))
+    config = SVFitConfig.from_pretrained(str(tmp_path))
+    model = peft.get_peft_model(_mlp(), config)
+    with pytest.raises(ValueError, match="layer 'lin0'.*no checkpoint was loaded into it"):
+        model(torch.randn(3, 24))
+    with pytest.raises(ValueError, match="no checkpoint was loaded into it"):
+        model.merge_and_unload()
+    loaded = peft.PeftModel.from_pretrained(_mlp(), str(tmp_path))  # the same config class, then the tensors
+    loaded(torch.randn(3, 24))
+
+
+def test_adapters_load_from_a_subfolder_and_a_hub_repo_id(tmp_path) -> None:
+    """As peft's LoRA: `subfolder=` and a Hub repo id (here found in a local Hub cache, no network)."""
+    import shutil
+
+    model = specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"]))
+    perturb(model, 0.3)
+    model.save_pretrained(str(tmp_path / "saved" / "task"))
+    x = torch.randn(3, 24)
+    expected = model(x)
+    from_subfolder = specpeft.load_adapter_model(_mlp(), tmp_path / "saved", subfolder="task")
+    torch.testing.assert_close(from_subfolder(x), expected, atol=0, rtol=0)
+    commit = "0" * 40  # the cache layout hf_hub_download reads: models--{org}--{name}/snapshots/{commit}/...
+    repo = tmp_path / "cache" / "models--someone--svfit-adapter"
+    shutil.copytree(tmp_path / "saved" / "task", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    from_hub = specpeft.load_adapter_model(_mlp(), "someone/svfit-adapter", cache_dir=str(tmp_path / "cache"),
+                                           local_files_only=True)
+    torch.testing.assert_close(from_hub(x), expected, atol=0, rtol=0)
+    with pytest.raises(FileNotFoundError, match="not a local directory, and the Hugging Face Hub repo 'nobody/none'"):
+        specpeft.load_adapter_model(_mlp(), "nobody/none", cache_dir=str(tmp_path / "cache"), local_files_only=True)
+
+
+def test_mixed_batch_adapter_names_are_refused() -> None:
+    model = specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"]))
+    model.add_adapter("other", SVFitConfig(target_modules=["lin0"]))
+    with pytest.raises(ValueError, match="`adapter_names`.*set_adapter"):
+        model(torch.randn(2, 24), adapter_names=["default", "other"])
+
+
+def test_no_match_errors_name_the_option_that_removed_the_targets(tmp_path) -> None:
+    with pytest.raises(ValueError, match="target_modules=\\['lin0'\\] together with exclude_modules selects nothing"):
+        specpeft.get_adapter_model(_mlp(), SVFitConfig(target_modules=["lin0"], exclude_modules=["lin0"]))
+    lora = specpeft.get_adapter_model(_mlp(), specpeft.FedSVDConfig(target_modules=["lin0"], r=2))
+    lora.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="stock peft LORA config.*FedSVDConfig\\(r=2"):
+        specpeft.get_adapter_model(_mlp(), str(tmp_path))
 
 
 def test_wrong_shaped_checkpoint_names_key(tmp_path) -> None:

@@ -108,6 +108,9 @@ class MethodAdapter(nn.Module, metaclass=ABCMeta):
     triton_by_default: ClassVar[bool] = True
     # The config's `kernel_backend`, set by the bridge after `create`; read through `kernel_path`.
     kernel_backend: str = "auto"
+    # Built without its initializer for a checkpoint to fill (a config read by `from_pretrained`); cleared when a
+    # state dict loads into this adapter. The bridge refuses to run or merge an adapter still waiting.
+    awaiting_checkpoint: bool = False
 
     @classmethod
     def saves_shared_state(cls, config: Any) -> bool:
@@ -117,6 +120,11 @@ class MethodAdapter(nn.Module, metaclass=ABCMeta):
     def __init__(self, geometry: LayerGeometry) -> None:
         super().__init__()
         self.geometry = geometry
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.awaiting_checkpoint and any(key.startswith(prefix) for key in state_dict):
+            self.awaiting_checkpoint = False
 
     @classmethod
     @abstractmethod

@@ -99,6 +99,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
                     raise
                 raise ValueError(f"{type(config).__name__}, layer '{self.key}': {exc}") from exc
         adapter.kernel_backend = config.kernel_backend
+        adapter.awaiting_checkpoint = weight is None and not on_meta and base_weight is not None
         # The geometry rides along so exporters can rebuild ΔW from the files alone (merge/state_dict.py).
         config.layer_records[self.key] = {**adapter.record(), "layer": self.geometry.to_record()}
         if not on_meta and any(t.is_meta for t in adapter.parameters()):  # peft's init_empty_weights is on
@@ -126,6 +127,7 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
         active = [name for name in self.active_adapters if name in self.adapters]
         if not active:
             return self.base_layer(x, *args, **kwargs)
+        self._require_loaded(active)
         if len(active) == 1:
             return self.adapters[active[0]](x, self.frozen_base)
         out = self.base_layer(x, *args, **kwargs)
@@ -135,8 +137,19 @@ class AdapterLayer(nn.Module, BaseTunerLayer):
 
     # -- merge --------------------------------------------------------------------------------------------------
 
+    def _require_loaded(self, names: list[str]) -> None:
+        waiting = [name for name in names if self.adapters[name].awaiting_checkpoint]
+        if waiting:
+            raise ValueError(
+                f"Adapter '{waiting[0]}' of layer '{self.key}' was built from a config read by `from_pretrained`, "
+                "which describes a saved checkpoint (no initializer ran), but no checkpoint was loaded into it. Load "
+                "it with `specpeft.load_adapter_model` / `PeftModel.from_pretrained`, or build a fresh adapter with "
+                "`specpeft.get_adapter_model(model, config)` or a config from `from_json_file`."
+            )
+
     def get_delta_weight(self, adapter_name: str) -> Tensor:
         """ΔW of one adapter in the base layer's stored layout (fp32)."""
+        self._require_loaded([adapter_name])
         return self.geometry.to_storage(self.adapters[adapter_name].delta_weight())
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -248,6 +261,12 @@ class AdapterModel(BaseTuner):
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Entered by PeftModel around every forward and generate (`_peft_compat.PEFT_FORWARD_HOOK`): one pass."""
+        if kwargs.get("adapter_names") is not None:  # peft LoRA's mixed batches: one adapter name per row
+            raise ValueError(
+                f"{type(self).__name__}: `adapter_names` (a different adapter per row) is not supported; specpeft "
+                "methods run the active adapters on every row. Call `set_adapter(name)` and run each adapter's rows "
+                "as their own batch."
+            )
         with self.forward_pass():
             yield
 
@@ -277,7 +296,7 @@ class AdapterModel(BaseTuner):
         """
         config = copy.deepcopy(self.peft_config[adapter_name])
         self.peft_config[adapter_name] = config
-        if self.prefix.rstrip("_") in adapter_name:
+        if self.prefix in adapter_name:
             raise ValueError(
                 f"Adapter name '{adapter_name}' contains the method prefix '{self.prefix}', which peft uses to find "
                 "adapter keys in checkpoints. Choose another name."

@@ -17,6 +17,35 @@ CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
 
 
+_HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+
+
+def find_config_file(path: str, subfolder: Optional[str] = None, **hub_options: Any) -> str:
+    """The `adapter_config.json` of a saved adapter: a local directory (or the file itself), else a Hugging Face Hub
+    repo id, fetched (or found in the local cache, offline) by `huggingface_hub.hf_hub_download` as peft does.
+
+    Raises:
+        FileNotFoundError: neither exists, naming both places looked at.
+    """
+    local = os.path.join(path, subfolder) if subfolder else path
+    if os.path.isfile(local):
+        return local
+    if os.path.isfile(os.path.join(local, CONFIG_NAME)):
+        return os.path.join(local, CONFIG_NAME)
+    if os.path.isdir(local):
+        raise FileNotFoundError(f"No {CONFIG_NAME} in '{local}'. Pass the directory written by save_pretrained.")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        options = {key: value for key, value in hub_options.items() if key in _HUB_OPTIONS}
+        return hf_hub_download(path, CONFIG_NAME, subfolder=subfolder, **options)
+    except Exception as exc:  # an invalid repo id, no network, not in the cache: one message for all
+        raise FileNotFoundError(
+            f"No adapter at '{local}': not a local directory, and the Hugging Face Hub repo '{path}' gave no "
+            f"{CONFIG_NAME} ({type(exc).__name__}: {exc}). Pass the directory written by save_pretrained or a repo id."
+        ) from exc
+
+
 class MethodType(str):
     """A `peft_type` value for a specpeft method.
 
@@ -107,17 +136,14 @@ class SpecPeftConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
-        """Read `adapter_config.json` from a local directory (also used by `PeftModel.from_pretrained`).
+        """Read `adapter_config.json` from a local directory or a Hub repo id (`find_config_file`; also used by
+        `PeftModel.from_pretrained`).
 
         The result describes a saved checkpoint: adapters injected from it skip their initializer (the checkpoint
         supplies the tensors). `get_adapter_model` lifts that mark and initializes normally; to add a fresh adapter
         with `PeftModel.add_adapter`, read the settings with `from_json_file` instead.
         """
-        path = pretrained_model_name_or_path if subfolder is None else os.path.join(pretrained_model_name_or_path, subfolder)
-        config_file = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"No {CONFIG_NAME} in '{path}'. Pass the directory written by save_pretrained.")
-        config = cls.from_json_file(config_file)
+        config = cls.from_json_file(find_config_file(pretrained_model_name_or_path, subfolder, **kwargs))
         # Reached through PeftModel.from_pretrained / load_adapter: the checkpoint supplies the tensors, so
         # initializers must not run (see bridge.AdapterLayer.update_layer).
         config._loading_checkpoint = True
